@@ -1,0 +1,359 @@
+"""Typed configuration: one dataclass per component, YAML files plus dotted overrides, strict validation.
+
+Every component is built from its own section (``cfg.generator``, ``cfg.loss`` ...), never from the whole
+config. Unknown keys name the closest valid key; wrong types name the expected type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key, the value and the fix."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # run directory: config.yaml, metrics.jsonl, samples/, checkpoints/, export
+    seed: int = 0  # global seed; each rank and data worker derives its own from it
+    name: Optional[str] = None  # run name for trackers (default: the run dir's name)
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/fashion_mnist"  # folder of webdataset shards (with dataset.json) or a shard URL pattern
+    hflip: bool = False  # random horizontal flip
+    num_workers: int = 1  # DataLoader workers per process (0 = read in the training process)
+    shards_per_block: int = 4  # shards read and shuffled together in one block of the stream
+    skip_bad_samples: bool = False  # skip (and count) unreadable or misshapen samples instead of failing
+    allow_pipe: bool = False  # allow 'pipe:' shard URLs (they run shell commands)
+
+
+@dataclass
+class GeneratorConfig:
+    arch: Literal["dcgan", "mlp", "tf_dcgan"] = "dcgan"  # dcgan: strided transposed convs; mlp; tf_dcgan: the TF tutorial's G
+    z_dim: int = 100  # latent size
+    z_dist: Literal["normal", "uniform"] = "normal"  # latent distribution (uniform is on [-1, 1])
+    width: int = 64  # channels of the last conv block; doubles per block towards the input (dcgan)
+    max_width: int = 512  # cap on conv channels (dcgan)
+    norm: Literal["batch", "sync-batch", "none"] = "batch"  # normalisation in hidden layers
+    hidden: list[int] = field(default_factory=lambda: [128, 256, 512])  # hidden sizes (mlp)
+    leaky_slope: float = 0.0  # 0 = ReLU (DCGAN paper); > 0 = LeakyReLU with that slope
+
+
+@dataclass
+class DiscriminatorConfig:
+    arch: Literal["dcgan", "mlp", "maxout", "tf_dcgan"] = "dcgan"  # maxout: the 2014 paper's maxout MLP
+    width: int = 64  # channels of the first conv block; doubles per block (dcgan)
+    max_width: int = 512  # cap on conv channels (dcgan)
+    norm: Literal["none", "batch", "sync-batch", "layer", "spectral"] = "batch"  # normalisation in hidden layers
+    hidden: list[int] = field(default_factory=lambda: [512, 256])  # hidden sizes (mlp, maxout)
+    maxout_pieces: int = 5  # linear pieces per maxout unit
+    leaky_slope: float = 0.2  # LeakyReLU slope
+    dropout: float = 0.0  # dropout probability after each hidden block
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["minimax", "non-saturating", "hinge", "wasserstein", "least-squares"] = "non-saturating"
+    penalty: Literal["none", "wgan-gp", "r1", "r2"] = "none"  # gradient penalty on D
+    penalty_weight: float = 10.0  # gamma (R1/R2 use gamma/2 * |grad|^2; WGAN-GP lambda * (|grad|-1)^2)
+    penalty_interval: int = 1  # lazy regularisation: apply every k D steps, weight scaled by k
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])  # Adam/AdamW betas
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # SGD only
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 5000  # generator steps
+    batch_size: int = 64  # GLOBAL batch; each of N processes takes batch_size / N
+    d_steps: int = 1  # discriminator steps per generator step (each on a fresh real batch)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: what the launcher asks, else no; fp16/bf16 need a GPU
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # what a NaN/Inf loss does
+    max_grad_norm: float = 0.0  # clip gradient norms when > 0
+    collective_timeout_s: float = 600.0  # a rank that stops answering ends the job after this long
+    stop_check_every: int = 1  # steps between checks of the stop request (signal or STOP file)
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    half_life_kimg: float = 10.0  # thousands of (global) images over which G_ema's weight halves
+    rampup: float = 0.05  # half-life is at most rampup * images seen (0 disables ramp-up)
+    decay: Optional[float] = None  # a fixed per-step decay instead of the half-life (e.g. 0.999)
+    start_step: int = 0  # before this step G_ema copies G
+
+
+@dataclass
+class LogConfig:
+    every: int = 50  # steps between metrics.jsonl lines
+    sample_every: int = 500  # steps between sample grids
+    n_samples: int = 64  # images in a sample grid (fixed noise)
+    wandb: bool = True  # log to wandb through Accelerate (WANDB_MODE is respected; offline works)
+    wandb_project: str = "distgan"
+    gif: bool = True  # write progress.gif from the sample grids at the end
+    progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep: int = 3  # keep the last K checkpoints
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations during training (0 = only at the end, if metrics is set)
+    n: int = 10000  # generated images per evaluation
+    metrics: list[str] = field(default_factory=list)  # e.g. [fd, kid, pr, coverage, parzen]
+    features: str = "auto"  # auto (classifier beside the shards) | classifier | inception
+    inception_weights: Optional[str] = None  # local Inception-v3 weights file for standard FID
+    best_metric: Optional[str] = None  # keep the best checkpoint by this figure (lower is better for fd/kid)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    g_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    d_optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _closest(key: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid keys: {', '.join(options)})"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints widen to floats, nothing else is converted."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg, key)
+                except ConfigError:
+                    pass
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (item_tp,) = typing.get_args(tp)
+            return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"config key '{key}' = {value!r}: expected {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            options = [f"{prefix}.{n}" if prefix else n for n in names]
+            raise ConfigError(f"unknown config key '{full}'{_closest(full, options)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full)
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``section.key=value`` -> nested dict; the value is parsed as YAML (so 1e-4, true, [1, 2] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    out: dict = {}
+    node = out
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path as given, else configs/NAME (with or without .yaml)."""
+    candidates = [Path(name_or_path), CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    available = sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    raise ConfigError(f"config '{name_or_path}' not found as a file or in configs/ (available: {', '.join(available)})")
+
+
+def from_dict(data: dict) -> Config:
+    cfg = _build(Config, data or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(name_or_path: Optional[str], overrides: list[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when None) and apply dotted overrides, then validate."""
+    data: dict = {}
+    if name_or_path:
+        path = resolve_config_path(name_or_path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for text in overrides:
+        data = _merge(data, parse_override(text))
+    return from_dict(data)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Refuse configurations that cannot work, saying why and what to change."""
+    t, loss, d = cfg.train, cfg.loss, cfg.discriminator
+    positive = {
+        "train.steps": t.steps, "train.batch_size": t.batch_size, "train.d_steps": t.d_steps,
+        "loss.penalty_interval": loss.penalty_interval, "log.every": cfg.log.every,
+        "log.sample_every": cfg.log.sample_every, "log.n_samples": cfg.log.n_samples,
+        "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep": cfg.checkpoint.keep,
+        "generator.z_dim": cfg.generator.z_dim, "generator.width": cfg.generator.width,
+        "discriminator.width": d.width, "train.stop_check_every": t.stop_check_every,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' = {value}: must be at least 1")
+    if not 0.0 <= d.dropout < 1.0:
+        raise ConfigError(f"config key 'discriminator.dropout' = {d.dropout}: must be in [0, 1)")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"config key 'data.num_workers' = {cfg.data.num_workers}: must be 0 or more")
+    if cfg.ema.decay is not None and not 0.0 <= cfg.ema.decay < 1.0:
+        raise ConfigError(f"config key 'ema.decay' = {cfg.ema.decay}: must be in [0, 1)")
+    if loss.penalty == "wgan-gp" and d.norm in ("batch", "sync-batch"):
+        raise ConfigError(
+            f"loss.penalty=wgan-gp with discriminator.norm={d.norm}: the penalty is defined per sample, "
+            "but batch norm mixes samples, so the gradient of one output w.r.t. one input is not the critic's "
+            "gradient. Use discriminator.norm=layer or none (as the WGAN-GP paper does)."
+        )
+    if loss.kind == "wasserstein" and loss.penalty == "none" and d.norm != "spectral":
+        raise ConfigError(
+            "loss.kind=wasserstein without a Lipschitz constraint diverges: set loss.penalty=wgan-gp "
+            "or discriminator.norm=spectral"
+        )
+    for key, opt in (("g_optim", cfg.g_optim), ("d_optim", cfg.d_optim)):
+        if opt.momentum < 0 or opt.weight_decay < 0:
+            raise ConfigError(f"config key '{key}.momentum'/'{key}.weight_decay' must be 0 or more")
+        if opt.lr <= 0:
+            raise ConfigError(f"config key '{key}.lr' = {opt.lr}: must be positive")
+        if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
+            raise ConfigError(f"config key '{key}.betas' = {opt.betas}: must be two numbers in [0, 1)")
+    for metric in cfg.eval.metrics:
+        if metric not in EVAL_METRICS:
+            raise ConfigError(f"eval.metrics has '{metric}'{_closest(metric, list(EVAL_METRICS))}")
+
+
+EVAL_METRICS = ("fd", "kid", "pr", "coverage", "parzen")
+
+
+# ---------------------------------------------------------------- --help
+
+
+def describe() -> str:
+    """Every key with its default and its meaning, read from this file's comments."""
+    source = Path(__file__).read_text().splitlines()
+    comments: dict[tuple[str, str], str] = {}
+    current = None
+    for line in source:
+        stripped = line.strip()
+        if stripped.startswith("class ") and stripped.endswith("Config:"):
+            current = stripped[len("class "):-1]
+        elif current and ":" in stripped and not stripped.startswith(("#", '"', "def", "@")):
+            name = stripped.split(":", 1)[0].strip()
+            note = stripped.split("#", 1)[1].strip() if "  # " in stripped else ""
+            comments[(current, name)] = note
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = section.type if isinstance(section.type, type) else typing.get_type_hints(Config)[section.name]
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            note = comments.get((cls.__name__, f.name), "")
+            lines.append(f"  {section.name}.{f.name} = {default!r}" + (f"  # {note}" if note else ""))
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""``python -m distgan.sample --run DIR | --export FILE --n N --out DIR [--grid] [--interpolate] [--shards]``
+
+Images from a trained generator (the run's exported G_ema): PNG files, one grid, a latent interpolation
+between two seeds, or webdataset shards (to augment another data set).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .checkpoint import load_generator_export
+from .nn import sample_latent
+from .tracking import image_grid, save_grid
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m distgan.sample", description=__doc__.split("\n\n")[1])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, help="a run dir (uses its generator_ema.safetensors)")
+    src.add_argument("--export", type=Path, help="an exported generator .safetensors file")
+    p.add_argument("--n", type=int, default=64, help="number of images (interpolation: steps between the seeds)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="latent seed (interpolation goes from --seed to --seed2)")
+    p.add_argument("--seed2", type=int, default=1)
+    p.add_argument("--batch", type=int, default=256)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--grid", action="store_true", help="write one grid.png instead of single images")
+    mode.add_argument("--interpolate", action="store_true", help="spherical interpolation between two seeds, as a grid")
+    mode.add_argument("--shards", action="store_true", help="write webdataset shards + dataset.json")
+    p.add_argument("--force", action="store_true", help="with --shards: replace an existing output")
+    return p.parse_args(argv)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation (Gaussian latents keep their norm along the path)."""
+    a_n, b_n = a / a.norm(), b / b.norm()
+    omega = torch.acos((a_n * b_n).sum().clamp(-1, 1))
+    if omega.abs() < 1e-6:
+        return (1 - t)[:, None] * a + t[:, None] * b
+    so = torch.sin(omega)
+    return (torch.sin((1 - t) * omega) / so)[:, None] * a + (torch.sin(t * omega) / so)[:, None] * b
+
+
+@torch.no_grad()
+def generate(model, n: int, z_dim: int, z_dist: str, seed: int, batch: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    z = sample_latent(n, z_dim, z_dist, gen)
+    return torch.cat([model(z[i:i + batch]).float() for i in range(0, n, batch)])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    export = args.export or args.run / "generator_ema.safetensors"
+    model, meta = load_generator_export(export)
+    g = meta["generator"]
+    if args.interpolate:
+        za = sample_latent(1, g["z_dim"], g["z_dist"], torch.Generator().manual_seed(args.seed))[0]
+        zb = sample_latent(1, g["z_dim"], g["z_dist"], torch.Generator().manual_seed(args.seed2))[0]
+        with torch.no_grad():
+            images = model(slerp(za, zb, torch.linspace(0, 1, args.n))).float()
+        print(save_grid(images, args.out / "interpolation.png", nrow=args.n))
+        return 0
+    images = generate(model, args.n, g["z_dim"], g["z_dist"], args.seed, args.batch)
+    if args.grid:
+        print(save_grid(images, args.out / "grid.png"))
+    elif args.shards:
+        from .data.shards import write_shards
+
+        uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        write_shards(uint8, None, args.out, force=args.force, source=f"distgan.sample:{export}")
+        print(args.out)
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            grid = image_grid(img[None], nrow=1, pad=0)
+            Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(args.out / f"{i:06d}.png")
+        print(f"{args.n} images in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""What a run shows: metrics.jsonl, the progress bar, sample grids, progress.gif, and wandb (via Accelerate).
+
+Everything here runs on the main process only; other ranks never call into it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def image_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> one uint8 grid image [H', W', C] (C = 1 or 3), nrow images per row."""
+    n, c, h, w = images.shape
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    rows = int(math.ceil(n / nrow))
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if rows * nrow > n:  # blank cells to fill the last row
+        x = torch.cat([x, torch.zeros(rows * nrow - n, c, h, w, dtype=torch.uint8)])
+    x = torch.nn.functional.pad(x, (pad, 0, pad, 0))
+    grid = rearrange(x, "(r k) c h w -> (r h) (k w) c", r=rows, k=nrow)
+    grid = torch.nn.functional.pad(grid, (0, 0, 0, pad, 0, pad))
+    return grid.numpy()
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: Optional[int] = None) -> Path:
+    grid = image_grid(images, nrow)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    return path
+
+
+def save_gif(frames: list[Path], path: Path, duration_ms: int = 200) -> Optional[Path]:
+    """A GIF of the sample grids in order; the last frame is held longer."""
+    if not frames:
+        return None
+    images = [Image.open(f).convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE) for f in frames]
+    durations = [duration_ms] * (len(images) - 1) + [duration_ms * 5]
+    tmp = path.with_suffix(".gif.tmp")
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
+    os.replace(tmp, path)
+    return path
+
+
+def wandb_mode_for_environment() -> str:
+    """WANDB_MODE if set; else offline when no credentials exist (never block on a network login)."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or Path(os.path.expanduser("~/.netrc")).is_file()
+    return "online" if has_key else "offline"
+
+
+class RunLog:
+    """metrics.jsonl lines, a tqdm bar, and the wandb tracker (when the accelerator has one)."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, accelerator: Any, progress_bar: bool):
+        self.run_dir = run_dir
+        self.accelerator = accelerator
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+            disable=not progress_bar, mininterval=1.0,
+        )
+        self.last_time = time.perf_counter()
+        self.last_images = None
+
+    def images_per_second(self, images_seen: int) -> float:
+        now = time.perf_counter()
+        rate = 0.0
+        if self.last_images is not None and now > self.last_time:
+            rate = (images_seen - self.last_images) / (now - self.last_time)
+        self.last_time, self.last_images = now, images_seen
+        return rate
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
+        self.metrics_file.write(json.dumps(record) + "\n")
+        shown = {k: f"{v:.3g}" for k, v in record.items() if k in ("loss_d", "loss_g", "images_per_s")}
+        self.bar.set_postfix(shown, refresh=False)
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def log_images(self, step: int, images: dict[str, Path]) -> None:
+        if not self.accelerator.trackers:
+            return
+        tracker = self.accelerator.get_tracker("wandb", unwrap=True)
+        if tracker is None:
+            return
+        import wandb  # lazy: about a second at import
+
+        tracker.log({k: wandb.Image(str(p)) for k, p in images.items()}, step=step)
+
+    def write(self, message: str) -> None:
+        self.bar.write(message)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics_file.close()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

@@ -1,0 +1,59 @@
+"""``python -m distgan.train --config NAME_OR_PATH [--resume auto|PATH] [section.key=value ...]``
+
+The same command runs under ``accelerate launch`` for any number of processes.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import ConfigError, describe, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m distgan.train",
+        description="Train a GAN. Config keys (override any with section.key=value):\n\n" + describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="a YAML file, or a name in configs/ (e.g. fashion_mnist)")
+    parser.add_argument("--resume", help="'auto' (latest checkpoint in run.dir, or a fresh start) or a checkpoint path")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=1000 run.dir=runs/a")
+    return parser.parse_args(argv)
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("accelerate", "wandb", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from .trainer import NonFiniteError, Trainer  # torch and accelerate load only after the config is valid
+
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+        trainer.fit()
+        trainer.close()
+    except (ConfigError, NonFiniteError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
