@@ -35,6 +35,7 @@ class DataConfig:
     hflip: bool = False  # random horizontal flip
     num_workers: int = 1  # DataLoader workers per process (0 = read in the training process)
     shards_per_block: int = 4  # shards read and shuffled together in one block of the stream
+    cache_mb: int = 256  # decoded shards kept in memory per data worker (MB)
     skip_bad_samples: bool = False  # skip (and count) unreadable or misshapen samples instead of failing
     allow_pipe: bool = False  # allow 'pipe:' shard URLs (they run shell commands)
 

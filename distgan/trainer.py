@@ -60,7 +60,7 @@ class ShardSource:
         from .data.pipeline import read_dataset_info
 
         self.cfg = data_cfg
-        self.info = read_dataset_info(data_cfg.path)
+        self.info = read_dataset_info(data_cfg.path, allow_pipe=data_cfg.allow_pipe)
         self.resolution, self.channels, self.classes = self.info.resolution, self.info.channels, self.info.classes
 
     def batches(self, batch_size, rank, world_size, seed, start_batch):
@@ -393,6 +393,8 @@ class Trainer:
                 (stopped,) = self._any_rank(self.stop.local())
                 if stopped:
                     break
+        if hasattr(data, "close"):
+            data.close()
         self._finish(stopped, time.perf_counter() - t_start)
         return st
 

@@ -1,0 +1,333 @@
+"""Readers for raw datasets: IDX (MNIST, Fashion-MNIST), the CIFAR-10 python archive, image folders, npz.
+
+Each reader gives uint8 HxWxC images (C = 1 or 3) in a fixed order, labels when known, and class names.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+from PIL import Image
+
+from distgan.data.shards import DataError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("fashion-mnist", "mnist", "cifar10", "folder", "npz")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+MNIST_CLASSES = [str(i) for i in range(10)]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "F"}
+
+
+@dataclass
+class Source:
+    """A dataset ready to be written: lazy images (HxWxC uint8) and labels, in order."""
+
+    images: Iterable[np.ndarray]
+    labels: Optional[Iterable[int]]
+    classes: Optional[list[str]]
+    count: int
+    resolution: int
+    channels: int
+
+
+# ---------------------------------------------------------------- image fitting
+
+
+def fit_image(image: Image.Image | np.ndarray, resolution: Optional[int], channels: int) -> np.ndarray:
+    """Convert to grayscale/RGB, resize the shorter side to ``resolution`` and center-crop a square."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+    mode = "L" if channels == 1 else "RGB"
+    if image.mode != mode:
+        image = image.convert(mode)
+    if resolution and image.size != (resolution, resolution):
+        width, height = image.size
+        scale = resolution / min(width, height)
+        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
+        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def _from_array(images: np.ndarray, labels: Optional[np.ndarray], classes: Optional[list[str]],
+                resolution: Optional[int], channels: Optional[int], limit: Optional[int]) -> Source:
+    """A Source over an N,H,W,C uint8 array; images are converted only when resolution/channels differ."""
+    if limit is not None:
+        images, labels = images[:limit], (labels[:limit] if labels is not None else None)
+    n, height, width, have = images.shape
+    channels = channels or have
+    if height != width and not resolution:
+        raise DataError(f"images are {height}x{width}; pass --resolution R to resize and center-crop them")
+    resolution = resolution or height
+    if (resolution, channels) == (height, have):
+        stream: Iterable[np.ndarray] = iter(images)
+    else:
+        stream = (fit_image(image, resolution, channels) for image in images)
+    return Source(stream, labels.tolist() if labels is not None else None, classes, n, resolution, channels)
+
+
+# ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
+
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (gzipped or not) as a numpy array."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        data = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: cannot read: {err}") from None
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_TYPES:
+        raise DataError(f"{path}: not an IDX file (magic bytes {data[:4].hex()})")
+    ndim = data[3]
+    dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_TYPES[data[2]])
+    expected = 4 + 4 * ndim + int(np.prod(dims)) * dtype.itemsize
+    if len(data) != expected:
+        raise DataError(f"{path}: {len(data)} bytes, but its header ({dims}, {dtype}) needs {expected}; truncated?")
+    array = np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim).reshape(dims)
+    return array.astype(dtype.newbyteorder("="))
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(f"{folder}: no {stem} or {stem}.gz")
+
+
+def load_idx_split(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images N,H,W uint8, labels N int64) of an MNIST-style folder; split is train or test (t10k files)."""
+    folder, prefix = Path(folder), {"train": "train", "test": "t10k"}[split]
+    images = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"))
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise DataError(f"{folder}: {prefix} images are {images.dtype} {images.shape}, expected uint8 N,H,W")
+    if labels.shape != (len(images),):
+        raise DataError(f"{folder}: {len(images)} {prefix} images but labels of shape {labels.shape}")
+    return images, labels.astype(np.int64)
+
+
+# ---------------------------------------------------------------- CIFAR-10 python archive
+
+CIFAR_DIR = "cifar-10-batches-py"
+CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+_PICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a pickle can run any code, distgan never lets it."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} (only numpy arrays are allowed)")
+        if module.startswith("numpy.core") and hasattr(np, "_core"):
+            module = "numpy._core" + module[len("numpy.core"):]
+        return super().find_class(module, name)
+
+
+def _unpickle(data: bytes, name: str) -> dict:
+    try:
+        record = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as err:  # any unpickling failure means "not a CIFAR-10 batch"
+        raise DataError(f"{name}: not a CIFAR-10 python batch: {err}") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{name}: not a CIFAR-10 python batch (a {type(record).__name__}, not a dict)")
+    return record
+
+
+def _cifar_files(src: Path, names: list[str]) -> dict[str, bytes]:
+    """The named batch files from the .tar.gz archive or from an extracted cifar-10-batches-py folder."""
+    if src.is_dir():
+        if (src / CIFAR_DIR).is_dir():
+            src = src / CIFAR_DIR
+        elif (src / CIFAR_ARCHIVE).is_file():
+            src = src / CIFAR_ARCHIVE
+    if src.is_dir():
+        missing = [n for n in names if not (src / n).is_file()]
+        if missing:
+            raise DataError(f"{src}: missing CIFAR-10 batch files {missing}")
+        return {n: (src / n).read_bytes() for n in names}
+    if not src.is_file():
+        raise DataError(f"{src}: no CIFAR-10 archive ({CIFAR_ARCHIVE}) or {CIFAR_DIR} folder; use --download or --src")
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(src, "r:*") as archive:  # read members into memory; nothing is extracted to disk
+            for member in archive:
+                base = member.name.rsplit("/", 1)[-1]
+                if member.isfile() and base in names and base not in found:
+                    found[base] = archive.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise DataError(f"{src}: cannot read the CIFAR-10 archive: {err}") from None
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise DataError(f"{src}: archive has no {missing} (expected {CIFAR_DIR}/data_batch_1..5, test_batch, batches.meta)")
+    return found
+
+
+def load_cifar10(src: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images N,32,32,3 uint8, labels int64, class names) from the official CIFAR-10 python version."""
+    batches = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    files = _cifar_files(Path(src), batches + ["batches.meta"])
+    classes = [c.decode() for c in _unpickle(files["batches.meta"], "batches.meta").get(b"label_names", [])]
+    images, labels = [], []
+    for name in batches:
+        record = _unpickle(files[name], name)
+        data, batch_labels = record.get(b"data"), record.get(b"labels")
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise DataError(f"{name}: b'data' should be a uint8 array N x 3072, got {getattr(data, 'shape', type(data))}")
+        if batch_labels is None or len(batch_labels) != len(data):
+            raise DataError(f"{name}: b'labels' missing or not one per image")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # rows are R, G, B planes (CHW)
+        labels.append(np.asarray(batch_labels, dtype=np.int64))
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), classes or None
+
+
+# ---------------------------------------------------------------- npz
+
+
+def load_npz(path: str | Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(images N,H,W,C uint8, labels or None) from arrays 'images'/'x' (+ 'labels'/'y').
+
+    Accepts N,H,W / N,H,W,C / N,C,H,W, uint8 (or integers in 0..255) or floats in [0, 1] or, when any
+    value is negative, [-1, 1].
+    """
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            key = next((k for k in ("images", "x") if k in arrays), None)
+            if key is None:
+                raise DataError(f"{path}: no 'images' or 'x' array (it has {sorted(arrays.files)})")
+            images = arrays[key]
+            label_key = next((k for k in ("labels", "y") if k in arrays), None)
+            labels = arrays[label_key] if label_key else None
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read npz: {err}") from None
+    if images.ndim == 3:
+        images = images[..., None]
+    elif images.ndim == 4 and images.shape[-1] not in (1, 3) and images.shape[1] in (1, 3):
+        images = images.transpose(0, 2, 3, 1)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DataError(f"{path}: '{key}' has shape {images.shape}; expected N,H,W / N,H,W,C / N,C,H,W with C 1 or 3")
+    if np.issubdtype(images.dtype, np.floating):
+        if not np.isfinite(images).all():
+            raise DataError(f"{path}: '{key}' has NaN or Inf values")
+        low, high = float(images.min()), float(images.max())
+        if low < 0:
+            if low < -1.0001 or high > 1.0001:
+                raise DataError(f"{path}: float '{key}' spans [{low:.3g}, {high:.3g}]; expected [0, 1] or [-1, 1]")
+            images = (images.astype(np.float64) + 1.0) * 127.5
+        elif high > 1.0001:
+            raise DataError(f"{path}: float '{key}' spans [{low:.3g}, {high:.3g}]; expected [0, 1] or [-1, 1]")
+        else:
+            images = images.astype(np.float64) * 255.0
+        images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+    elif np.issubdtype(images.dtype, np.integer):
+        if images.dtype != np.uint8 and (images.min() < 0 or images.max() > 255):
+            raise DataError(f"{path}: integer '{key}' has values outside 0..255")
+        images = images.astype(np.uint8)
+    else:
+        raise DataError(f"{path}: '{key}' has dtype {images.dtype}; expected uint8 or float")
+    if labels is not None:
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{path}: labels of shape {labels.shape} {labels.dtype}; expected {len(images)} integers")
+        labels = labels.astype(np.int64)
+    return np.ascontiguousarray(images), labels
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def scan_folder(root: str | Path) -> tuple[list[Path], Optional[list[int]], Optional[list[str]]]:
+    """Image files under ``root`` (sorted, hidden ones skipped); labels from first-level sub-folder names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"--src {root}: not a folder")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise DataError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
+    parts = [p.relative_to(root).parts for p in files]
+    if not all(len(part) > 1 for part in parts):
+        if any(len(part) > 1 for part in parts):
+            log.warning("%s: some images are not in a class sub-folder; writing no labels", root)
+        return files, None, None
+    classes = sorted({part[0] for part in parts})
+    index = {name: i for i, name in enumerate(classes)}
+    return files, [index[part[0]] for part in parts], classes
+
+
+def _folder_source(root: str | Path, resolution: Optional[int], channels: Optional[int], limit: Optional[int]) -> Source:
+    files, labels, classes = scan_folder(root)
+    if limit is not None:
+        files, labels = files[:limit], (labels[:limit] if labels is not None else None)
+    sizes, modes = set(), set()
+    for path in files:  # headers only: Image.open does not decode pixels
+        try:
+            with Image.open(path) as image:
+                sizes.add(image.size)
+                modes.add(image.mode)
+        except Exception as err:  # PIL raises many types for bad files
+            raise DataError(f"{path}: cannot open image: {err}") from None
+    if resolution is None:
+        width, height = next(iter(sizes))
+        if len(sizes) != 1 or width != height:
+            example = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3])
+            raise DataError(f"{root}: images are not all one square size ({example}); pass --resolution R")
+        resolution = width
+    channels = channels or (1 if modes <= GRAY_MODES else 3)
+
+    def images() -> Iterator[np.ndarray]:
+        for path in files:
+            try:
+                with Image.open(path) as image:
+                    yield fit_image(image, resolution, channels)
+            except OSError as err:
+                raise DataError(f"{path}: cannot decode image: {err}") from None
+
+    return Source(images(), labels, classes, len(files), resolution, channels)
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def open_source(name: str, src: str | Path, *, split: str = "train", resolution: Optional[int] = None,
+                channels: Optional[int] = None, limit: Optional[int] = None) -> Source:
+    """The named source read from ``src`` (a folder, archive or file, as the source needs)."""
+    if split not in ("train", "test"):
+        raise DataError(f"split {split!r}: expected train or test")
+    src = Path(src)
+    if name in ("fashion-mnist", "mnist"):
+        if not src.is_dir():
+            hint = (" Install it with `apt-get install dataset-fashion-mnist`," if name == "fashion-mnist" else "")
+            raise DataError(f"{name}: no folder {src}.{hint} pass --download to fetch it, or --src DIR with the IDX files")
+        images, labels = load_idx_split(src, split)
+        classes = FASHION_MNIST_CLASSES if name == "fashion-mnist" else MNIST_CLASSES
+        return _from_array(images[..., None], labels, classes, resolution, channels, limit)
+    if name == "cifar10":
+        images, labels, classes = load_cifar10(src, split)
+        return _from_array(images, labels, classes, resolution, channels, limit)
+    if name == "npz":
+        images, labels = load_npz(src)
+        return _from_array(images, labels, None, resolution, channels, limit)
+    if name == "folder":
+        return _folder_source(src, resolution, channels, limit)
+    raise DataError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")

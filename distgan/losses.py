@@ -1,0 +1,110 @@
+"""Adversarial losses and gradient penalties as pure functions: logits in, scalar out (fp32).
+
+Losses (D logits are raw scores; sigmoid(l) is D's probability of "real" for the BCE-based kinds):
+
+- minimax: D minimises BCE; G minimises the paper's saturating E[log(1 - D(G(z)))] = -softplus(l).
+- non-saturating: D as minimax; G minimises -log D(G(z)) = softplus(-l).
+- hinge: D minimises relu(1 - l_real) + relu(1 + l_fake); G minimises -l_fake.
+- wasserstein: D minimises l_fake - l_real; G minimises -l_fake.
+- least-squares (LSGAN, a=0, b=1, c=1): D minimises 0.5 (l_real - 1)^2 + 0.5 l_fake^2; G 0.5 (l_fake - 1)^2.
+
+Penalties are unweighted means; :func:`penalty_weight` gives the factor the trainer multiplies them by.
+They follow the PyTorch AMP gradient-penalty recipe: the outputs are multiplied by the GradScaler's
+scale before ``autograd.grad`` (so fp16 gradients do not underflow), the gradients are divided by it
+afterwards, and the penalty is computed in fp32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+LOSS_KINDS = ("minimax", "non-saturating", "hinge", "wasserstein", "least-squares")
+PENALTY_KINDS = ("none", "r1", "r2", "wgan-gp")
+
+
+def _fp32(x: Tensor) -> Tensor:
+    """At least fp32: half and bfloat16 are promoted, fp64 stays fp64 (for gradient checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"config key 'loss.kind' = {kind!r}: expected one of {', '.join(LOSS_KINDS)}")
+
+
+def discriminator_loss(kind: str, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """D's loss on a batch of real and a batch of fake logits (each averaged over its batch)."""
+    _check_kind(kind)
+    real, fake = _fp32(real_logits), _fp32(fake_logits)
+    if kind in ("minimax", "non-saturating"):  # BCE: -log sigmoid(r) - log(1 - sigmoid(f))
+        return F.softplus(-real).mean() + F.softplus(fake).mean()
+    if kind == "hinge":
+        return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+    if kind == "wasserstein":
+        return fake.mean() - real.mean()
+    return 0.5 * (real - 1.0).square().mean() + 0.5 * fake.square().mean()
+
+
+def generator_loss(kind: str, fake_logits: Tensor) -> Tensor:
+    """G's loss on the logits D gives its samples."""
+    _check_kind(kind)
+    fake = _fp32(fake_logits)
+    if kind == "minimax":  # log(1 - sigmoid(l)) = -softplus(l)
+        return -F.softplus(fake).mean()
+    if kind == "non-saturating":  # -log sigmoid(l) = softplus(-l)
+        return F.softplus(-fake).mean()
+    if kind in ("hinge", "wasserstein"):
+        return -fake.mean()
+    return 0.5 * (fake - 1.0).square().mean()
+
+
+def _input_grads(outputs: Tensor, inputs: Tensor, grad_scale: Union[float, Tensor]) -> Tensor:
+    """d outputs.sum() / d inputs as (at least) fp32 [B, prod(rest)], differentiable (create_graph=True)."""
+    if not inputs.requires_grad:
+        raise ValueError("gradient penalty: the inputs must require grad (call inputs.requires_grad_(True) before D)")
+    (grad,) = torch.autograd.grad(outputs=_fp32(outputs).sum() * grad_scale, inputs=inputs, create_graph=True)
+    grad = _fp32(grad) / grad_scale
+    return rearrange(grad, "b ... -> b (...)")
+
+
+def input_grad_sq_norm(outputs: Tensor, inputs: Tensor, grad_scale: Union[float, Tensor] = 1.0) -> Tensor:
+    """Per-sample squared norm |d outputs.sum() / d inputs_i|^2, shape [B], fp32, differentiable."""
+    return _input_grads(outputs, inputs, grad_scale).square().sum(dim=1)
+
+
+def r1_penalty(logits: Tensor, inputs: Tensor, grad_scale: Union[float, Tensor] = 1.0) -> Tensor:
+    """E|grad_x D(x)|^2 (Mescheder et al. 2018), unweighted. On real inputs it is R1, on fakes R2."""
+    return input_grad_sq_norm(logits, inputs, grad_scale).mean()
+
+
+def wgan_gp_penalty(logits_hat: Tensor, x_hat: Tensor, grad_scale: Union[float, Tensor] = 1.0) -> Tensor:
+    """E(|grad_x D(x_hat)| - 1)^2 at interpolates x_hat (Gulrajani et al. 2017), unweighted."""
+    norms = torch.linalg.vector_norm(_input_grads(logits_hat, x_hat, grad_scale), dim=1)  # norm's grad is 0 at 0
+    return (norms - 1.0).square().mean()
+
+
+def interpolate(real: Tensor, fake: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """alpha * real + (1 - alpha) * fake with one alpha ~ U[0, 1) per sample; detached, requires grad."""
+    if real.shape != fake.shape:
+        raise ValueError(f"interpolate: real {tuple(real.shape)} and fake {tuple(fake.shape)} differ in shape")
+    shape = (real.shape[0],) + (1,) * (real.dim() - 1)
+    draw_device = generator.device if generator is not None else real.device
+    alpha = torch.rand(shape, generator=generator, device=draw_device).to(device=real.device, dtype=real.dtype)
+    return (alpha * real.detach() + (1.0 - alpha) * fake.detach()).requires_grad_(True)
+
+
+def penalty_weight(kind: str, weight: float, interval: int) -> float:
+    """The factor for the unweighted penalty: gamma/2 for R1/R2, lambda for WGAN-GP, times the lazy interval."""
+    if interval < 1:
+        raise ValueError(f"config key 'loss.penalty_interval' = {interval}: must be at least 1")
+    if kind in ("r1", "r2"):
+        return weight / 2.0 * interval
+    if kind == "wgan-gp":
+        return weight * interval
+    if kind == "none":
+        return 0.0
+    raise ValueError(f"config key 'loss.penalty' = {kind!r}: expected one of {', '.join(PENALTY_KINDS)}")

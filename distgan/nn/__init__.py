@@ -1,0 +1,72 @@
+"""Generator and discriminator builders, latent sampling and distgan's synchronized batch norm.
+
+Every generator has ``.z_dim`` and maps z [B, z_dim] to images [B, C, R, R] in [-1, 1]; every
+discriminator maps images [B, C, R, R] to raw logits [B].
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from distgan.config import DiscriminatorConfig, GeneratorConfig
+from distgan.nn.dcgan import DCGANDiscriminator, DCGANGenerator
+from distgan.nn.mlp import MaxoutDiscriminator, MLPDiscriminator, MLPGenerator
+from distgan.nn.syncbn import SyncBatchNorm, convert_sync_batchnorm
+from distgan.nn.tf_dcgan import TFDCGANDiscriminator, TFDCGANGenerator
+
+GENERATORS: dict[str, Callable[..., nn.Module]] = {
+    "dcgan": DCGANGenerator, "mlp": MLPGenerator, "tf_dcgan": TFDCGANGenerator,
+}
+DISCRIMINATORS: dict[str, Callable[..., nn.Module]] = {
+    "dcgan": DCGANDiscriminator, "mlp": MLPDiscriminator, "maxout": MaxoutDiscriminator,
+    "tf_dcgan": TFDCGANDiscriminator,
+}
+LATENT_DISTRIBUTIONS = ("normal", "uniform")
+
+__all__ = [
+    "build_generator", "build_discriminator", "sample_latent", "SyncBatchNorm", "convert_sync_batchnorm",
+    "GENERATORS", "DISCRIMINATORS", "LATENT_DISTRIBUTIONS",
+]
+
+
+def _lookup(table: dict[str, Callable[..., nn.Module]], arch: str, key: str) -> Callable[..., nn.Module]:
+    if arch not in table:
+        raise ValueError(f"config key '{key}' = {arch!r}: expected one of {', '.join(table)}")
+    return table[arch]
+
+
+def _check_image(resolution: int, channels: int, who: str) -> None:
+    if resolution < 1 or channels < 1:
+        raise ValueError(f"{who}: resolution and channels must be positive, got {resolution} and {channels}")
+
+
+def build_generator(cfg: GeneratorConfig, resolution: int, channels: int) -> nn.Module:
+    """The generator ``cfg.arch`` for ``channels`` x ``resolution`` x ``resolution`` images."""
+    _check_image(resolution, channels, "generator")
+    return _lookup(GENERATORS, cfg.arch, "generator.arch")(cfg, resolution, channels)
+
+
+def build_discriminator(cfg: DiscriminatorConfig, resolution: int, channels: int) -> nn.Module:
+    """The discriminator ``cfg.arch`` for ``channels`` x ``resolution`` x ``resolution`` images."""
+    _check_image(resolution, channels, "discriminator")
+    return _lookup(DISCRIMINATORS, cfg.arch, "discriminator.arch")(cfg, resolution, channels)
+
+
+def sample_latent(
+    n: int, z_dim: int, dist: str, generator: Optional[torch.Generator] = None, device: Any = None
+) -> torch.Tensor:
+    """``n`` latent vectors: N(0, 1) for 'normal', uniform on [-1, 1] for 'uniform'.
+
+    Numbers are drawn on the generator's device (so a CPU generator gives the same z whatever
+    ``device`` is) and then moved to ``device``.
+    """
+    if dist not in LATENT_DISTRIBUTIONS:
+        raise ValueError(f"config key 'generator.z_dist' = {dist!r}: expected one of {', '.join(LATENT_DISTRIBUTIONS)}")
+    draw_device = generator.device if generator is not None else device
+    if dist == "normal":
+        z = torch.randn(n, z_dim, generator=generator, device=draw_device)
+    else:
+        z = torch.rand(n, z_dim, generator=generator, device=draw_device) * 2.0 - 1.0
+    return z.to(device) if device is not None else z

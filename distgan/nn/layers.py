@@ -1,0 +1,121 @@
+"""Building blocks shared by the architectures: norms, activations, spectral norm, initialisation."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from distgan.nn.syncbn import SyncBatchNorm
+
+G_NORMS = ("batch", "sync-batch", "none")
+D_NORMS = ("none", "batch", "sync-batch", "layer", "spectral")
+_WEIGHTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+
+def check_norm(norm: str, valid: tuple[str, ...], key: str) -> None:
+    if norm not in valid:
+        raise ValueError(f"config key '{key}' = {norm!r}: expected one of {', '.join(valid)}")
+
+
+def norm_layer(kind: str, features: int, spatial: bool) -> Optional[nn.Module]:
+    """The normalisation after a hidden layer; None where the kind adds no layer (none, spectral).
+
+    ``spatial`` is True after a conv ([B, C, H, W]) and False after a linear layer ([B, F]).
+    """
+    if kind == "batch":
+        return nn.BatchNorm2d(features) if spatial else nn.BatchNorm1d(features)
+    if kind == "sync-batch":
+        return SyncBatchNorm(features)
+    if kind == "layer":  # per-sample, so it keeps per-sample gradient penalties meaningful
+        return nn.GroupNorm(1, features) if spatial else nn.LayerNorm(features)
+    if kind in ("none", "spectral"):
+        return None
+    raise ValueError(f"unknown norm {kind!r}: expected one of {', '.join(D_NORMS)}")
+
+
+def has_norm_layer(kind: str) -> bool:
+    """Whether ``kind`` adds a layer with its own shift (then the preceding layer needs no bias)."""
+    return kind in ("batch", "sync-batch", "layer")
+
+
+def activation(slope: float) -> nn.Module:
+    """ReLU for slope 0 (the DCGAN paper's generator), else LeakyReLU(slope)."""
+    return nn.ReLU() if slope == 0 else nn.LeakyReLU(slope)
+
+
+def block(layer: nn.Module, norm: str, features: int, spatial: bool, act: nn.Module, dropout: float = 0.0) -> list[nn.Module]:
+    """``layer -> [norm] -> act -> [dropout]`` as a list of modules."""
+    modules = [layer]
+    norm_module = norm_layer(norm, features, spatial)
+    if norm_module is not None:
+        modules.append(norm_module)
+    modules.append(act)
+    if dropout > 0:
+        modules.append(nn.Dropout(dropout))
+    return modules
+
+
+def apply_spectral_norm(module: nn.Module) -> nn.Module:
+    """Spectral-normalise the weight of every conv, transposed conv and linear layer in ``module``."""
+    for child in list(module.modules()):
+        if isinstance(child, _WEIGHTED):
+            spectral_norm(child)
+    return module
+
+
+@torch.no_grad()
+def dcgan_init_(module: nn.Module) -> nn.Module:
+    """DCGAN initialisation: weights N(0, 0.02), norm scales N(1, 0.02), all biases 0."""
+    for child in module.modules():
+        if isinstance(child, _WEIGHTED):
+            nn.init.normal_(child.weight, 0.0, 0.02)
+            if child.bias is not None:
+                nn.init.zeros_(child.bias)
+        elif isinstance(child, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+            if child.weight is not None:
+                nn.init.normal_(child.weight, 1.0, 0.02)
+            if child.bias is not None:
+                nn.init.zeros_(child.bias)
+    return module
+
+
+@torch.no_grad()
+def glorot_init_(module: nn.Module) -> nn.Module:
+    """Keras' default initialisation (glorot_uniform weights, zero biases), for the TF tutorial's models."""
+    for child in module.modules():
+        if isinstance(child, _WEIGHTED):
+            nn.init.xavier_uniform_(child.weight)
+            if child.bias is not None:
+                nn.init.zeros_(child.bias)
+    return module
+
+
+class Unflatten(nn.Module):
+    """[B, C*H*W] -> [B, C, H, W]."""
+
+    def __init__(self, channels: int, height: int, width: int) -> None:
+        super().__init__()
+        self.channels, self.height, self.width = channels, height, width
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rearrange(x, "b (c h w) -> b c h w", c=self.channels, h=self.height, w=self.width)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, height={self.height}, width={self.width}"
+
+
+class Flatten(nn.Module):
+    """[B, ...] -> [B, prod(...)]."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rearrange(x, "b ... -> b (...)")
+
+
+class Squeeze(nn.Module):
+    """[B, 1] -> [B]: the discriminator's logits."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rearrange(x, "b 1 -> b")

@@ -1,0 +1,83 @@
+"""``python -m distgan.prepare SOURCE --out DIR``: convert a raw dataset to webdataset shards + dataset.json.
+
+SOURCE is fashion-mnist, mnist (IDX files), cifar10 (the official python archive or its extracted folder),
+folder (images, class sub-folders give labels) or npz (arrays 'images'/'x', optional 'labels'/'y').
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from distgan.data.download import REMOTES, default_cache_dir, download
+from distgan.data.shards import DataError, write_shards
+from distgan.data.sources import FASHION_MNIST_DIR, SOURCES, open_source
+
+log = logging.getLogger("distgan.prepare")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m distgan.prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", choices=SOURCES, help="what kind of data to read")
+    parser.add_argument("--out", required=True, help="output folder for shard-*.tar and dataset.json")
+    parser.add_argument("--src", help=f"input folder/archive/file (fashion-mnist: {FASHION_MNIST_DIR}; "
+                                      "mnist, cifar10: ~/.cache/distgan/SOURCE)")
+    parser.add_argument("--split", choices=("train", "test"), default="train")
+    parser.add_argument("--limit", type=int, help="keep only the first N images")
+    parser.add_argument("--shard-size", type=int, default=5000, help="images per shard (default 5000)")
+    parser.add_argument("--resolution", type=int, help="resize the shorter side to R and center-crop RxR")
+    parser.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: the source's)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--download", action="store_true",
+                        help=f"fetch {', '.join(REMOTES)} from the official address into --src or the cache "
+                             "(checksums verified)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def default_src(source: str, downloading: bool) -> Optional[Path]:
+    if source == "fashion-mnist" and not downloading:
+        return Path(FASHION_MNIST_DIR)
+    if source in REMOTES:
+        return default_cache_dir(source)
+    return None
+
+
+def prepare(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise DataError(f"--out {out} already exists; pass --force to replace it")
+    for name in ("limit", "shard_size", "resolution"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "limit" else 1):
+            raise DataError(f"--{name.replace('_', '-')} {value}: must be {'0 or more' if name == 'limit' else 'positive'}")
+    src = Path(args.src) if args.src else default_src(args.source, args.download)
+    if src is None:
+        raise DataError(f"{args.source}: pass --src with the {'image folder' if args.source == 'folder' else '.npz file'}")
+    if args.download:
+        src = download(args.source, src, progress=not args.no_progress)
+    data = open_source(args.source, src, split=args.split, resolution=args.resolution,
+                       channels=args.channels, limit=args.limit)
+    info = write_shards(data.images, data.labels, out, classes=data.classes, source=args.source,
+                        split=args.split, shard_size=args.shard_size, force=args.force, total=data.count,
+                        progress=not args.no_progress)
+    log.info("%s: %d images, %dx%d, %d channel(s), %d shards", out, info.count, info.resolution,
+             info.resolution, info.channels, len(info.shards))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return prepare(args)
+    except DataError as err:
+        print(f"distgan.prepare: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Sources -> shards: IDX, CIFAR-10 archives, image folders, npz, the shard writer, download, and the CLI."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import threading
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distgan import prepare
+from distgan.data import download as dl
+from distgan.data.pipeline import read_dataset_info
+from distgan.data.shards import DataError, read_shard, write_shards
+from distgan.data.sources import FASHION_MNIST_DIR, load_idx_split, open_source, read_idx
+
+REPO = Path(__file__).resolve().parents[1]
+HAVE_FASHION = Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file()
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file of a uint8 array: magic 0,0,8,ndim then big-endian dims."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_folder(folder: Path, images: np.ndarray, labels: np.ndarray, prefix: str = "train", gz: bool = True) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, array, dims in (("images", images, 3), ("labels", labels, 1)):
+        data = idx_bytes(array)
+        name = f"{prefix}-{kind}-idx{dims}-ubyte"
+        if gz:
+            (folder / (name + ".gz")).write_bytes(gzip.compress(data))
+        else:
+            (folder / name).write_bytes(data)
+
+
+def read_all(info) -> tuple[np.ndarray, np.ndarray]:
+    parts = [read_shard(s, resolution=info.resolution, channels=info.channels) for s in info.shards]
+    return np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts])
+
+
+# ---------------------------------------------------------------- IDX
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_reader(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (7, 5, 6), dtype=np.uint8)
+    labels = rng.integers(0, 10, 7).astype(np.uint8)
+    write_idx_folder(tmp_path, images, labels, "t10k", gz=gz)
+    suffix = ".gz" if gz else ""
+    np.testing.assert_array_equal(read_idx(tmp_path / f"t10k-images-idx3-ubyte{suffix}"), images)
+    got_images, got_labels = load_idx_split(tmp_path, "test")
+    np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, labels.astype(np.int64))
+    (tmp_path / "cut").write_bytes(idx_bytes(images)[:-3])
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(tmp_path / "cut")
+
+
+@pytest.mark.skipif(not HAVE_FASHION, reason="Debian package dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_reads():
+    images, labels = load_idx_split(FASHION_MNIST_DIR, "train")
+    assert images.shape == (60000, 28, 28) and images.dtype == np.uint8
+    assert sorted(set(labels.tolist())) == list(range(10))
+    assert np.bincount(labels).tolist() == [6000] * 10
+    assert load_idx_split(FASHION_MNIST_DIR, "test")[0].shape == (10000, 28, 28)
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+
+def cifar_pickle(record: dict) -> bytes:
+    """Protocol 2 with numpy.core names, like the official (Python 2) CIFAR-10 batches."""
+    return pickle.dumps(record, protocol=2).replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def make_cifar(root: Path, per_batch: int = 3) -> tuple[Path, dict[str, np.ndarray]]:
+    """A tiny CIFAR-10 in the real python format; returns (archive path, expected HWC images per split)."""
+    rng = np.random.default_rng(1)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    expected = {"train": [], "test": []}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        record = {b"batch_label": name.encode(), b"labels": rng.integers(0, 10, per_batch).tolist(),
+                  b"data": data, b"filenames": [f"img_{i}.png".encode() for i in range(per_batch)]}
+        (folder / name).write_bytes(cifar_pickle(record))
+        split = "test" if name == "test_batch" else "train"
+        expected[split].append((data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), record[b"labels"]))
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    (folder / "batches.meta").write_bytes(cifar_pickle({b"label_names": names, b"num_cases_per_batch": per_batch}))
+    archive = root / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    return archive, {k: (np.concatenate([i for i, _ in v]), np.concatenate([l for _, l in v])) for k, v in expected.items()}
+
+
+@pytest.mark.parametrize("use_archive", [True, False])
+def test_cifar10_round_trip(tmp_path, use_archive):
+    archive, expected = make_cifar(tmp_path / "raw")
+    src = archive if use_archive else tmp_path / "raw" / "cifar-10-batches-py"
+    for split in ("train", "test"):
+        out = tmp_path / f"out-{split}"
+        assert prepare.main(["cifar10", "--src", str(src), "--out", str(out), "--split", split, "--no-progress"]) == 0
+        record = json.loads((out / "dataset.json").read_text())
+        assert record["classes"][:2] == ["airplane", "automobile"] and record["channels"] == 3
+        images, labels = read_all(read_dataset_info(str(out)))
+        np.testing.assert_array_equal(images.transpose(0, 2, 3, 1), expected[split][0])  # exact pixels, HWC order
+        np.testing.assert_array_equal(labels, expected[split][1])
+    assert record["count"] == 3 and json.loads((tmp_path / "out-train" / "dataset.json").read_text())["count"] == 15
+
+
+def test_cifar10_refuses_arbitrary_pickles(tmp_path):
+    make_cifar(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
+    with pytest.raises(DataError, match="refusing to unpickle io.open"):
+        open_source("cifar10", tmp_path / "cifar-10-batches-py", split="test")
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- folder and npz
+
+
+def test_folder_source(tmp_path):
+    root = tmp_path / "images"
+    (root / "cat" / "nested").mkdir(parents=True)
+    (root / "dog").mkdir()
+    wide = np.zeros((8, 16, 3), np.uint8)
+    wide[:, :4], wide[:, 4:12], wide[:, 12:] = (255, 0, 0), (0, 200, 0), (0, 0, 255)
+    Image.fromarray(wide).save(root / "cat" / "a_wide.png")  # 16x8: cropped to its green center
+    Image.fromarray(np.full((8, 8), 77, np.uint8)).save(root / "cat" / "nested" / "b_gray.png")
+    Image.fromarray(np.full((32, 24, 3), (255, 0, 0), np.uint8)).save(root / "dog" / "c_red.png")  # downscaled
+    (root / ".hidden").mkdir()
+    Image.fromarray(np.zeros((3, 3), np.uint8)).save(root / ".hidden" / "skip.png")
+
+    with pytest.raises(DataError, match="--resolution"):
+        open_source("folder", root)
+    out = tmp_path / "rgb"
+    assert prepare.main(["folder", "--src", str(root), "--out", str(out), "--resolution", "8", "--no-progress"]) == 0
+    record = json.loads((out / "dataset.json").read_text())
+    assert (record["classes"], record["count"], record["channels"], record["resolution"]) == (["cat", "dog"], 3, 3, 8)
+    images, labels = read_all(read_dataset_info(str(out)))
+    assert labels.tolist() == [0, 0, 1]
+    assert (images[0].transpose(1, 2, 0) == (0, 200, 0)).all()  # the center crop of the wide image
+    assert (images[1] == 77).all()  # grayscale -> RGB repeats the gray value
+    assert np.abs(images[2].astype(int).transpose(1, 2, 0) - (255, 0, 0)).max() <= 1
+
+    gray = open_source("folder", root, resolution=8, channels=1)
+    gray_images = list(gray.images)
+    assert gray.channels == 1 and gray_images[2].shape == (8, 8, 1)
+    assert abs(int(gray_images[2][4, 4, 0]) - 76) <= 1  # ITU-R 601 luma of pure red
+
+
+def test_npz_source(tmp_path):
+    rng = np.random.default_rng(2)
+    u8 = rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
+    np.savez(tmp_path / "nchw.npz", images=(u8.transpose(0, 3, 1, 2) / 127.5 - 1).astype(np.float32), labels=np.arange(6))
+    np.savez(tmp_path / "nhwc.npz", x=(u8 / 255.0), y=np.arange(6) % 2)
+    np.savez(tmp_path / "nhw.npz", x=u8[..., 0])
+    np.savez(tmp_path / "bad.npz", pixels=u8)
+    a = open_source("npz", tmp_path / "nchw.npz")
+    np.testing.assert_array_equal(np.stack(list(a.images)), u8)
+    assert a.labels == list(range(6))
+    b = open_source("npz", tmp_path / "nhwc.npz", limit=4)
+    np.testing.assert_array_equal(np.stack(list(b.images)), u8[:4])
+    assert b.labels == [0, 1, 0, 1] and b.count == 4
+    c = open_source("npz", tmp_path / "nhw.npz", channels=3)
+    assert c.labels is None and np.stack(list(c.images)).shape == (6, 4, 4, 3)
+    with pytest.raises(DataError, match="no 'images' or 'x'"):
+        open_source("npz", tmp_path / "bad.npz")
+
+
+# ---------------------------------------------------------------- writer
+
+
+def test_shard_round_trip_and_dataset_json(tmp_path):
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (23, 5, 5, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, 23)
+    info = write_shards(iter(images), labels, tmp_path / "ds", classes=list("abcd"), source="test", split="train",
+                        shard_size=10, progress=False)
+    record = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert record == {"format_version": 1, "count": 23, "resolution": 5, "channels": 3, "classes": list("abcd"),
+                      "shards": ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"],
+                      "source": "test", "split": "train"}
+    got_images, got_labels = read_all(info)
+    np.testing.assert_array_equal(got_images.transpose(0, 2, 3, 1), images)
+    np.testing.assert_array_equal(got_labels, labels)
+    with tarfile.open(info.shards[0]) as tar:
+        assert tar.getnames()[:2] == ["000000000.cls", "000000000.png"]
+    assert oct(os.stat(tmp_path / "ds").st_mode & 0o777) != oct(0o700)
+
+
+def test_write_shards_takes_a_torch_batch(tmp_path):
+    """distgan.sample --shards passes generated images as a uint8 [N, C, H, W] tensor."""
+    batch = torch.randint(0, 256, (5, 3, 6, 6), dtype=torch.uint8)
+    info = write_shards(batch, None, tmp_path / "gen", source="distgan.sample", progress=False)
+    images, labels = read_all(info)
+    np.testing.assert_array_equal(images, batch.numpy())
+    assert labels.tolist() == [-1] * 5 and info.classes is None
+
+
+def test_refuses_overwrite_without_force(tmp_path, capsys):
+    images = np.zeros((3, 4, 4), np.uint8)
+    write_shards(images, None, tmp_path / "ds", progress=False)
+    with pytest.raises(DataError, match="already exists; pass --force"):
+        write_shards(images, None, tmp_path / "ds", progress=False)
+    info = write_shards(np.ones((5, 4, 4), np.uint8), None, tmp_path / "ds", force=True, progress=False)
+    assert info.count == 5 and json.loads((tmp_path / "ds" / "dataset.json").read_text())["count"] == 5
+    assert prepare.main(["npz", "--src", "x.npz", "--out", str(tmp_path / "ds")]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_write_is_atomic_on_failure(tmp_path):
+    def images():
+        for i in range(12):
+            yield np.zeros((4, 4), np.uint8) if i != 9 else np.zeros((5, 5), np.uint8)
+
+    with pytest.raises(DataError, match="image 9"):
+        write_shards(images(), None, tmp_path / "ds", shard_size=4, progress=False)
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary folder left behind
+
+
+# ---------------------------------------------------------------- download
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A threaded http.server on 127.0.0.1 serving tmp_path/www; yields (folder, base URL)."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.timeout(60)
+def test_download_verifies_checksums(tmp_path, http_folder, monkeypatch):
+    www, url = http_folder
+    rng = np.random.default_rng(4)
+    write_idx_folder(www, rng.integers(0, 256, (5, 6, 6), dtype=np.uint8), np.arange(5) % 3, "train")
+    write_idx_folder(www, rng.integers(0, 256, (2, 6, 6), dtype=np.uint8), np.arange(2), "t10k")
+    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in www.iterdir()}
+    monkeypatch.setitem(dl.REMOTES, "mnist", dl.Remote("https://unused.invalid/", md5))
+    monkeypatch.setenv(dl.MIRROR_ENV, url)
+    cache = tmp_path / "cache"
+    out = tmp_path / "shards"
+    assert prepare.main(["mnist", "--download", "--src", str(cache), "--out", str(out), "--no-progress"]) == 0
+    assert sorted(p.name for p in cache.iterdir()) == sorted(md5)  # no temporary files left
+    assert json.loads((out / "dataset.json").read_text())["count"] == 5
+
+    (cache / "t10k-labels-idx1-ubyte.gz").write_bytes(b"damaged")  # re-fetched because the checksum differs
+    dl.download("mnist", cache, progress=False)
+    assert dl.md5_of(cache / "t10k-labels-idx1-ubyte.gz") == md5["t10k-labels-idx1-ubyte.gz"]
+
+    bad = dict(md5, **{"train-images-idx3-ubyte.gz": "0" * 32})
+    monkeypatch.setitem(dl.REMOTES, "mnist", dl.Remote("https://unused.invalid/", bad))
+    with pytest.raises(DataError, match="MD5 .* differs from the official 0{32}"):
+        dl.download("mnist", tmp_path / "cache2", mirror=url, progress=False)
+    assert not any(p.name.startswith("train-images") for p in (tmp_path / "cache2").iterdir())
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        open_source("fashion-mnist", tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------- CLI end to end
+
+
+@pytest.mark.skipif(not HAVE_FASHION, reason="Debian package dataset-fashion-mnist not installed")
+@pytest.mark.timeout(120)
+def test_cli_fashion_mnist(tmp_path):
+    out = tmp_path / "fm"
+    result = subprocess.run(
+        [sys.executable, "-m", "distgan.prepare", "fashion-mnist", "--out", str(out), "--limit", "1000",
+         "--shard-size", "300"], cwd=REPO, capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "dataset.json").read_text())
+    assert record["count"] == 1000 and record["resolution"] == 28 and record["channels"] == 1
+    assert record["shards"] == [f"shard-{i:06d}.tar" for i in range(4)]
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json"] + record["shards"]
+    images, labels = read_all(read_dataset_info(str(out)))
+    expected, expected_labels = load_idx_split(FASHION_MNIST_DIR, "train")
+    np.testing.assert_array_equal(images[:, 0], expected[:1000])
+    np.testing.assert_array_equal(labels, expected_labels[:1000])
+    again = subprocess.run([sys.executable, "-m", "distgan.prepare", "fashion-mnist", "--out", str(out)],
+                           cwd=REPO, capture_output=True, text=True, timeout=110)
+    assert again.returncode == 2 and "--force" in again.stderr
