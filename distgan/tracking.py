@@ -90,7 +90,8 @@ class RunLog:
     def log(self, step: int, values: dict[str, Any]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         self.metrics_file.write(json.dumps(record) + "\n")
-        shown = {k: f"{v:.3g}" for k, v in record.items() if k in ("loss_d", "loss_g", "images_per_s")}
+        shown = {k: f"{v:.3g}" for k, v in record.items()
+                 if k in ("loss_d", "loss_g", "images_per_s") and isinstance(v, float)}
         self.bar.set_postfix(shown, refresh=False)
         if self.accelerator.trackers:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)

@@ -378,10 +378,8 @@ class Trainer:
                 real, _labels = next(data)
                 st.batches_consumed += 1
                 real = real.to(acc.device, non_blocking=True)
-                for k, v in self.d_step(real, step, sub).items():
-                    window.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32))
-            for k, v in self.g_step(step).items():
-                window.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32))
+                self._record(window, self.d_step(real, step, sub))
+            self._record(window, self.g_step(step))
             st.step += 1
             st.images_seen += images_per_step
             if self.ema is not None:
@@ -398,11 +396,19 @@ class Trainer:
         self._finish(stopped, time.perf_counter() - t_start)
         return st
 
+    @staticmethod
+    def _record(window: dict[str, list[torch.Tensor]], out: dict) -> None:
+        """Keep a phase's figures for the next log line; a skipped phase's (non-finite) figures are left out."""
+        if out.pop("skip"):
+            return
+        for k, v in out.items():
+            window.setdefault(k, []).append(v.detach().float())
+
     def _periodic(self, step: int, window: dict) -> None:
         cfg, acc = self.cfg, self.accelerator
         last = step == cfg.train.steps
         if acc.is_main_process and (step % cfg.log.every == 0 or last):
-            values = {k: torch.stack(v).mean().item() for k, v in window.items() if k != "skip"}
+            values = {k: torch.stack(v).mean().item() for k, v in window.items()}
             values.update(images_seen=self.state.images_seen, kimg=self.state.images_seen / 1000,
                           lr_g=self.opt_g.param_groups[0]["lr"], lr_d=self.opt_d.param_groups[0]["lr"],
                           images_per_s=self.run_log.images_per_second(self.state.images_seen),
