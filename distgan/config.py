@@ -128,6 +128,8 @@ class EvalConfig:
     features: str = "auto"  # auto (classifier beside the shards) | classifier | inception
     inception_weights: Optional[str] = None  # local Inception-v3 weights file for standard FID
     best_metric: Optional[str] = None  # keep the best checkpoint by this figure (lower is better for fd/kid)
+    test_path: Optional[str] = None  # test-split shards for real-vs-real references and Parzen (default: DATA_test)
+    batch: int = 250  # images per generator/feature batch during evaluation
 
 
 @dataclass
