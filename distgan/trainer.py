@@ -12,33 +12,27 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 import os
 import socket
 import time
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 from typing import Iterator, Optional, Protocol
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from . import losses
 from .checkpoint import (
     StopRequest, TrainState, export_generator, find_resume_path, load_checkpoint, save_checkpoint,
 )
-from .config import Config, ConfigError, OptimizerConfig, dump_yaml
+from .config import Config, OptimizerConfig, dump_yaml
+from .distributed import any_rank, make_accelerator, set_cpu_threads
 from .ema import EMA
 from .nn import build_discriminator, build_generator, sample_latent
 from .tracking import RunLog, save_gif, save_grid, wandb_mode_for_environment
 
 log = logging.getLogger(__name__)
-# torch 2.13 deprecates broadcast_buffers in favour of forward_sync_buffers, which Accelerate cannot pass yet;
-# broadcast_buffers=False is what we need (DESIGN: in-place buffer broadcast breaks two D forwards on CUDA).
-warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
 
 PHASE_D, PHASE_G, PHASE_GP = 0, 1, 2
 
@@ -88,61 +82,6 @@ def make_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
     return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-
-
-def resolve_precision(requested: str, launcher: str) -> str:
-    """The precision to train in: the config's, or with ``auto`` the launcher's; never a silent change."""
-    if requested == "auto":
-        requested = launcher
-    elif launcher not in ("no", requested):
-        raise ConfigError(
-            f"the launcher asks for mixed precision '{launcher}' but train.mixed_precision='{requested}': "
-            f"make them agree (train.mixed_precision={launcher} or auto)"
-        )
-    if requested != "no" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"mixed precision '{requested}' needs a GPU (none here): fp16 is ignored on CPU and bf16 autocast is "
-            "many times slower than fp32 on CPUs without bf16 units. Use train.mixed_precision=no (or auto) and "
-            "launch without --mixed_precision"
-        )
-    return requested
-
-
-def make_accelerator(cfg: Config) -> Accelerator:
-    """An Accelerator for this config, refusing launches that would silently do something else."""
-    precision = resolve_precision(cfg.train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
-    accelerator = Accelerator(
-        mixed_precision=precision,
-        log_with="wandb" if cfg.log.wandb else None,
-        project_dir=cfg.run.dir,
-        kwargs_handlers=[
-            DistributedDataParallelKwargs(broadcast_buffers=False),
-            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s)),
-        ],
-    )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and accelerator.num_processes == 1:
-        raise RuntimeError(
-            f"WORLD_SIZE={world} but Accelerate set up a single non-distributed process, so each process would "
-            "train an independent replica. Launch with `accelerate launch --multi_gpu --num_processes N -m "
-            "distgan.train ...`, on CPU with ACCELERATE_USE_CPU=1 in the environment (a MULTI_CPU config or "
-            "torchrun alone does not give DDP); see the launch/ config files."
-        )
-    if cfg.train.batch_size % accelerator.num_processes:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} does not divide over {accelerator.num_processes} processes: "
-            "choose a multiple of the process count"
-        )
-    return accelerator
-
-
-def set_cpu_threads(accelerator: Accelerator) -> None:
-    """One process per core group: N processes x all cores oversubscribes the CPU."""
-    if accelerator.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:  # the user or launcher decided
-        return
-    cores = len(os.sched_getaffinity(0))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    torch.set_num_threads(max(1, cores // max(1, local)))
 
 
 class Trainer:
@@ -230,13 +169,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ phases
 
-    def _any_rank(self, *flags: bool) -> list[bool]:
-        """OR of each flag over ranks, with one small all-reduce (none on one process)."""
-        t = torch.tensor([float(f) for f in flags], device=self.accelerator.device)
-        if self.world > 1:
-            t = self.accelerator.reduce(t, reduction="sum")
-        return [bool(v > 0) for v in t.tolist()]
-
     def _grad_norm(self, model, optimizer) -> torch.Tensor:
         max_norm = self.cfg.train.max_grad_norm or math.inf
         return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
@@ -306,7 +238,7 @@ class Trainer:
         values = [loss.float()]
         if self.accelerator.scaler is None:  # under fp16 an inf gradient is an overflow the scaler skips
             values.append(grad_norm.float())
-        (bad,) = self._any_rank(not bool(torch.isfinite(torch.stack(values)).all()))
+        (bad,) = any_rank(self.accelerator, not bool(torch.isfinite(torch.stack(values)).all()))
         if not bad:
             return False
         if self.cfg.train.on_nonfinite == "skip":
@@ -388,7 +320,7 @@ class Trainer:
                 self.run_log.advance()
             self._periodic(st.step, window)
             if st.step % cfg.train.stop_check_every == 0 and st.step < cfg.train.steps:
-                (stopped,) = self._any_rank(self.stop.local())
+                (stopped,) = any_rank(self.accelerator, self.stop.local())
                 if stopped:
                     break
         if hasattr(data, "close"):

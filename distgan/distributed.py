@@ -1,0 +1,83 @@
+"""Processes and precision: the Accelerator for a config, and the launches it refuses.
+
+Every distribution and precision decision that is not part of the GAN step lives here; only this module
+and the trainer touch Accelerate.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+from .config import Config, ConfigError
+
+# torch 2.13 deprecates broadcast_buffers in favour of forward_sync_buffers, which Accelerate cannot pass yet;
+# broadcast_buffers=False is what we need (DESIGN: in-place buffer broadcast breaks two D forwards on CUDA).
+warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+
+
+def resolve_precision(requested: str, launcher: str) -> str:
+    """The precision to train in: the config's, or with ``auto`` the launcher's; never a silent change."""
+    if requested == "auto":
+        requested = launcher
+    elif launcher not in ("no", requested):
+        raise ConfigError(
+            f"the launcher asks for mixed precision '{launcher}' but train.mixed_precision='{requested}': "
+            f"make them agree (train.mixed_precision={launcher} or auto)"
+        )
+    if requested != "no" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"mixed precision '{requested}' needs a GPU (none here): fp16 is ignored on CPU and bf16 autocast is "
+            "many times slower than fp32 on CPUs without bf16 units. Use train.mixed_precision=no (or auto) and "
+            "launch without --mixed_precision"
+        )
+    return requested
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """An Accelerator for this config, refusing launches that would silently do something else."""
+    precision = resolve_precision(cfg.train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        log_with="wandb" if cfg.log.wandb else None,
+        project_dir=cfg.run.dir,
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s)),
+        ],
+    )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"WORLD_SIZE={world} but Accelerate set up a single non-distributed process, so each process would "
+            "train an independent replica. Launch with `accelerate launch --multi_gpu --num_processes N -m "
+            "distgan.train ...`, on CPU with ACCELERATE_USE_CPU=1 in the environment (a MULTI_CPU config or "
+            "torchrun alone does not give DDP); see the launch/ config files."
+        )
+    if cfg.train.batch_size % accelerator.num_processes:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} does not divide over {accelerator.num_processes} processes: "
+            "choose a multiple of the process count"
+        )
+    return accelerator
+
+
+def set_cpu_threads(accelerator: Accelerator) -> None:
+    """One process per core group: N processes x all cores oversubscribes the CPU."""
+    if accelerator.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:  # the user or launcher decided
+        return
+    cores = len(os.sched_getaffinity(0))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    torch.set_num_threads(max(1, cores // max(1, local)))
+
+
+def any_rank(accelerator: Accelerator, *flags: bool) -> list[bool]:
+    """OR of each flag over ranks, with one small all-reduce (none on one process)."""
+    t = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="sum")
+    return [bool(v > 0) for v in t.tolist()]

@@ -1,0 +1,43 @@
+"""A real local Slurm cluster (slurm/cluster.py), started once per session for the slurm tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_cluster_module() -> ModuleType:
+    """slurm/cluster.py is a script folder, not a package: load it by path, once."""
+    name = "distgan_slurm_cluster"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "slurm" / "cluster.py")
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[name] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def cluster_lib() -> ModuleType:
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root (slurmd runs jobs as any user, apt-get installs it)")
+    lib = load_cluster_module()
+    try:
+        lib.ensure_slurm_installed()
+    except lib.SlurmUnavailable as err:
+        pytest.skip(f"Slurm is not installed and cannot be: {err}")
+    return lib
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(cluster_lib: ModuleType, tmp_path_factory: pytest.TempPathFactory):
+    """Two nodes, n1 and n2, both on this machine; stopped (every PID it started) at the session's end."""
+    with cluster_lib.LocalSlurmCluster(tmp_path_factory.mktemp("slurm-cluster"), nodes=2) as cluster:
+        yield cluster
