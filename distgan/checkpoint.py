@@ -35,7 +35,8 @@ class TrainState:
     images_seen: int = 0  # real images shown to D, global
     batches_consumed: int = 0  # per-rank real batches drawn from the data stream
     world_size: int = 1
-    skipped_steps: int = 0  # steps skipped for non-finite values or fp16 overflow
+    skipped_steps: int = 0  # phases skipped for non-finite losses or gradients (train.on_nonfinite=skip)
+    overflow_steps: int = 0  # optimizer steps the fp16 loss scaler skipped after an overflow
 
 
 def _fsync_dir(path: Path) -> None:
@@ -163,6 +164,20 @@ class StopRequest:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def save_best(run_dir: Path, state: TrainState, modules: dict[str, torch.nn.Module], best: dict) -> Path:
+    """``checkpoints/best/step-N`` (weights only) and ``best.json``: the best evaluation so far."""
+    path = save_checkpoint(run_dir / "checkpoints" / "best", state, modules, {}, keep=1)
+    tmp = run_dir / "checkpoints" / "best" / "best.json.tmp"
+    tmp.write_text(json.dumps({**best, "checkpoint": path.name}, indent=2))
+    os.replace(tmp, tmp.with_suffix(""))
+    return path
+
+
+def read_best(run_dir: Path) -> Optional[dict]:
+    path = run_dir / "checkpoints" / "best" / "best.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # ---------------------------------------------------------------- the exported generator

@@ -327,12 +327,18 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}.lr' = {opt.lr}: must be positive")
         if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
             raise ConfigError(f"config key '{key}.betas' = {opt.betas}: must be two numbers in [0, 1)")
+    best = cfg.eval.best_metric
+    if best is not None and best not in EVAL_FIGURES:
+        raise ConfigError(f"eval.best_metric = '{best}'{_closest(best, list(EVAL_FIGURES))}")
     for metric in cfg.eval.metrics:
         if metric not in EVAL_METRICS:
             raise ConfigError(f"eval.metrics has '{metric}'{_closest(metric, list(EVAL_METRICS))}")
 
 
 EVAL_METRICS = ("fd", "kid", "pr", "coverage", "parzen")
+# the figures each metric produces; for best_metric, lower is better except for these
+EVAL_FIGURES = ("fd", "kid", "precision", "recall", "modes_covered", "kl_to_real", "parzen_ll")
+HIGHER_IS_BETTER = ("precision", "recall", "modes_covered", "parzen_ll")
 
 
 # ---------------------------------------------------------------- --help

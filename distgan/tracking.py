@@ -68,7 +68,7 @@ class RunLog:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, accelerator: Any, progress_bar: bool):
         self.run_dir = run_dir
         self.accelerator = accelerator
-        self.metrics_file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.metrics_file = _open_metrics(run_dir / "metrics.jsonl", start_step)
         self.bar = tqdm(
             total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
             disable=not progress_bar, mininterval=1.0,
@@ -112,6 +112,17 @@ class RunLog:
     def close(self) -> None:
         self.bar.close()
         self.metrics_file.close()
+
+
+def _open_metrics(path: Path, start_step: int):
+    """Append from ``start_step``: lines logged after the checkpoint a run resumes from are dropped."""
+    kept = []
+    if start_step > 0 and path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= start_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return open(path, "a", buffering=1)
 
 
 def _plain(value: Any) -> Any:

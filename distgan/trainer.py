@@ -24,9 +24,10 @@ import torch
 
 from . import losses
 from .checkpoint import (
-    StopRequest, TrainState, export_generator, find_resume_path, load_checkpoint, save_checkpoint,
+    StopRequest, TrainState, export_generator, find_resume_path, list_checkpoints, load_checkpoint, read_best,
+    save_best, save_checkpoint,
 )
-from .config import Config, OptimizerConfig, dump_yaml
+from .config import HIGHER_IS_BETTER, Config, ConfigError, OptimizerConfig, dump_yaml
 from .distributed import any_rank, make_accelerator, set_cpu_threads
 from .ema import EMA
 from .nn import build_discriminator, build_generator, sample_latent
@@ -112,6 +113,12 @@ class Trainer:
 
         self.state = TrainState(world_size=self.world)
         self.resumed_from = find_resume_path(resume, self.run_dir)
+        existing = list_checkpoints(self.run_dir / "checkpoints")
+        if resume is None and existing:
+            raise ConfigError(
+                f"run dir {self.run_dir} already has checkpoints (latest {existing[-1].name}): pass --resume auto "
+                "to continue it, or choose another run.dir (nothing is overwritten)"
+            )
         if self.resumed_from is not None:
             self._load(self.resumed_from)
         self.stop = StopRequest(self.run_dir)
@@ -120,6 +127,16 @@ class Trainer:
             torch.Generator().manual_seed(cfg.run.seed),
         ).to(acc.device)
         self.run_log: Optional[RunLog] = None
+        self.evaluator = None
+        if cfg.eval.metrics:
+            from .evaluation import Evaluator  # the metrics stack loads only when asked for
+
+            info = getattr(self.source, "info", None)
+            if info is None:
+                raise ConfigError("eval.metrics needs shards with dataset.json (data.path); this data source has none")
+            self.evaluator = Evaluator(cfg.eval, cfg.data, info, acc.device, cfg.run.seed, cfg.generator.z_dist)
+        self.best = read_best(self.run_dir)
+        self.logged_reference = False
         self.ema_beta = 0.0
 
     # ------------------------------------------------------------------ state
@@ -211,7 +228,7 @@ class Trainer:
         out["grad_norm_d"] = self._grad_norm(self.D, self.opt_d)
         out["skip"] = self._check_finite("D", step, out["loss_d"], out["grad_norm_d"])
         if not out["skip"]:
-            self.opt_d.step()
+            self._optimizer_step(self.opt_d)
         self.opt_d.zero_grad(set_to_none=True)
         return out
 
@@ -229,9 +246,14 @@ class Trainer:
         out = {"loss_g": loss.detach(), "grad_norm_g": self._grad_norm(self.G, self.opt_g)}
         out["skip"] = self._check_finite("G", step, out["loss_g"], out["grad_norm_g"])
         if not out["skip"]:
-            self.opt_g.step()
+            self._optimizer_step(self.opt_g)
         self.opt_g.zero_grad(set_to_none=True)
         return out
+
+    def _optimizer_step(self, optimizer) -> None:
+        optimizer.step()
+        if self.accelerator.scaler is not None and optimizer.step_was_skipped:  # fp16 overflow: scale lowered
+            self.state.overflow_steps += 1
 
     def _check_finite(self, phase: str, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """True when the step must be skipped; raises when the run must stop. One host sync per phase."""
@@ -252,8 +274,6 @@ class Trainer:
         )
 
     def _last_checkpoint(self) -> str:
-        from .checkpoint import list_checkpoints
-
         found = list_checkpoints(self.run_dir / "checkpoints")
         return str(found[-1]) if found else "none yet"
 
@@ -344,7 +364,7 @@ class Trainer:
             values.update(images_seen=self.state.images_seen, kimg=self.state.images_seen / 1000,
                           lr_g=self.opt_g.param_groups[0]["lr"], lr_d=self.opt_d.param_groups[0]["lr"],
                           images_per_s=self.run_log.images_per_second(self.state.images_seen),
-                          skipped_steps=self.state.skipped_steps)
+                          skipped_steps=self.state.skipped_steps, overflow_steps=self.state.overflow_steps)
             if self.ema is not None:
                 values["ema_beta"] = self.ema_beta
             if acc.scaler is not None:
@@ -355,8 +375,34 @@ class Trainer:
             window.clear()
         if acc.is_main_process and (step % cfg.log.sample_every == 0 or last):
             self.run_log.log_images(step, self.write_samples(step))
+        if self.evaluator is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or last):
+            self.evaluate(step)
         if step % cfg.checkpoint.every == 0 and not last:
             self.save()
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """All ranks generate their share of G_ema's images; rank 0 logs the figures and keeps the best."""
+        figures = self.evaluator.evaluate(self.sample_model(), self.rank, self.world, self.accelerator.gather)
+        if self.accelerator.is_main_process:
+            if not self.logged_reference:  # the real-vs-real floor, once per run
+                reference = self.evaluator.reference()
+                self.logged_reference = True
+                if reference:
+                    self.run_log.log(step, {f"eval_ref/{k}": v for k, v in reference.items()})
+            self.run_log.log(step, {f"eval/{k}": v for k, v in figures.items()})
+            self._keep_best(figures)
+            self.run_log.images_per_second(self.state.images_seen)  # evaluation time is not training time
+        return figures
+
+    def _keep_best(self, figures: dict[str, float]) -> None:
+        name = self.cfg.eval.best_metric
+        if not name or not math.isfinite(figures.get(name, math.nan)):
+            return
+        better = (lambda a, b: a > b) if name in HIGHER_IS_BETTER else (lambda a, b: a < b)
+        if self.best is None or better(figures[name], self.best["value"]):
+            self.best = {"metric": name, "value": figures[name], "step": self.state.step}
+            save_best(self.run_dir, self.state, self._modules(), self.best)
+            log.info("best %s so far: %.4g at step %d", name, figures[name], self.state.step)
 
     def _finish(self, stopped: bool, seconds: float) -> None:
         acc, st = self.accelerator, self.state
@@ -368,6 +414,9 @@ class Trainer:
                 self.stop.clear()
             else:
                 self._export()
+                from .plots import plot_run
+
+                plot_run(self.run_dir)
                 if self.cfg.log.gif:
                     frames = sorted((self.run_dir / "samples").glob("g_ema-step-*.png")) or sorted(
                         (self.run_dir / "samples").glob("g-step-*.png"))

@@ -172,3 +172,19 @@ def test_help_lists_keys():
     proc = subprocess.run([sys.executable, "-m", "distgan.train", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "train.batch_size = 64" in proc.stdout and "GLOBAL batch" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_fresh_start_never_overwrites_a_run(tmp_path):
+    from distgan.config import ConfigError
+    from tests.distributed.support import MemorySource
+
+    cfg = load_config("smoke", [f"run.dir={tmp_path}", "train.steps=4", "log.every=1", "checkpoint.every=2"])
+    Trainer(cfg, source=MemorySource()).fit()
+    with pytest.raises(ConfigError, match=r"already has checkpoints \(latest step-00000004\): pass --resume auto"):
+        Trainer(cfg, source=MemorySource())
+    # a resume from step 2 drops the log lines written after that checkpoint
+    Trainer(load_config("smoke", [f"run.dir={tmp_path}", "train.steps=3", "log.every=1"]), source=MemorySource(),
+            resume=str(tmp_path / "checkpoints" / "step-00000002")).fit()
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]

@@ -1,0 +1,286 @@
+"""Evaluation on real Fashion-MNIST: the Evaluator, its 1 vs 2 process equality, and the eval CLIs."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from conftest import require_fashion_mnist
+from distgan.checkpoint import load_generator_export
+from distgan.config import ConfigError, DataConfig, EvalConfig
+from distgan.data.pipeline import read_dataset_info
+from distgan.data.shards import write_shards
+from distgan.eval import main as eval_main
+from distgan.evaluation import CACHE_DIR, Evaluator, read_images, to_float
+from distgan.metrics.features import CLASSIFIER_FILE
+
+REPO = Path(__file__).resolve().parent.parent
+ALL = ["fd", "kid", "pr", "coverage", "parzen"]
+FIGURES = {"fd", "kid", "kid_std", "precision", "recall", "modes_covered", "kl_to_real", "parzen_ll", "parzen_se",
+           "parzen_sigma"}
+
+
+def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{module} {args} failed\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """2,000 train images (4 shards), 500 test images beside them as DIR_test, and a classifier (CLI)."""
+    require_fashion_mnist()
+    root = tmp_path_factory.mktemp("eval_data")
+    run_cli("distgan.prepare", "fashion-mnist", "--limit", "2000", "--shard-size", "500", "--out", str(root / "fm"),
+            "--no-progress")
+    run_cli("distgan.prepare", "fashion-mnist", "--split", "test", "--limit", "500", "--out", str(root / "fm_test"),
+            "--no-progress")
+    return root / "fm"
+
+
+@pytest.fixture(scope="module")
+def classifier_report(shards) -> dict:
+    return json.loads(run_cli("distgan.eval", "train-features", "--data", str(shards), "--steps", "150").stdout)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(shards, classifier_report, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "smoke"
+    run_cli("distgan.train", "--config", "smoke", f"data.path={shards}", f"run.dir={run}", "log.wandb=false",
+            "eval.metrics=[fd,coverage]", "eval.every=10", "eval.n=200", "eval.best_metric=fd")
+    return run
+
+
+def test_training_evaluates_logs_and_keeps_the_best(smoke_run):
+    records = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/fd" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert all(r["eval/fd"] > 0 and 1 <= r["eval/modes_covered"] <= 10 for r in evals)
+    reference = [r for r in records if "eval_ref/fd" in r]
+    assert len(reference) == 1 and reference[0]["eval_ref/fd"] < min(r["eval/fd"] for r in evals)
+    best = json.loads((smoke_run / "checkpoints" / "best" / "best.json").read_text())
+    best_step = min(evals, key=lambda r: r["eval/fd"])["step"]
+    assert best["metric"] == "fd" and best["step"] == best_step
+    assert (smoke_run / "checkpoints" / "best" / best["checkpoint"] / "G_ema.safetensors").is_file()
+    assert {p.name for p in (smoke_run / "plots").glob("*.png")} >= {"losses.png", "eval.png"}
+
+
+def make_evaluator(data: Path, n: int = 300, metrics=("fd", "kid", "pr", "coverage"), seed: int = 0) -> Evaluator:
+    cfg = EvalConfig(n=n, batch=100, metrics=list(metrics))
+    return Evaluator(cfg, DataConfig(path=str(data), num_workers=0), read_dataset_info(str(data)), torch.device("cpu"),
+                     seed)
+
+
+def identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class ImageBank(nn.Module):
+    """A 'generator' returning real images: each latent picks one image of the bank (deterministically)."""
+
+    z_dim = 8
+
+    def __init__(self, images: torch.Tensor):
+        super().__init__()
+        self.register_buffer("images", images)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.images[(z[:, 0] * 1e4).floor().long() % len(self.images)]
+
+
+class Noise(nn.Module):
+    """A 'generator' of noise images: a fixed random projection of the latent."""
+
+    z_dim = 8
+
+    def __init__(self, shape=(1, 28, 28)):
+        super().__init__()
+        self.shape = shape
+        self.register_buffer("w", torch.randn(self.z_dim, int(np.prod(shape)), generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z @ self.w).view(len(z), *self.shape)
+
+
+def test_train_features_cli_reaches_stated_accuracy(shards, classifier_report):
+    assert classifier_report["accuracy_on"].startswith("test split") and classifier_report["accuracy_images"] == 500
+    # measured 0.77 (150 steps of 64 on 2,000 images, 500 test images)
+    assert classifier_report["accuracy"] >= 0.65 and classifier_report["num_classes"] == 10
+    assert (shards / CLASSIFIER_FILE).is_file() and (shards / CLASSIFIER_FILE).with_suffix(".json").is_file()
+
+
+def test_real_images_beat_noise_and_one_class_collapses(shards, classifier_report, caplog):
+    test_images, _ = read_images(read_dataset_info(str(shards) + "_test"), DataConfig(), 500, seed=0)
+    real = to_float(torch.from_numpy(test_images))
+    evaluator = make_evaluator(shards)
+    with caplog.at_level(logging.WARNING, logger="distgan.evaluation"):
+        good = evaluator.evaluate(ImageBank(real), 0, 1, identity)
+        assert not [r for r in caplog.records if "mode collapse" in r.message]
+        noise = evaluator.evaluate(Noise(), 0, 1, identity)
+        one = evaluator.evaluate(ImageBank(real[:1]), 0, 1, identity)
+    assert good["fd"] < 0.1 * noise["fd"] and good["kid"] < 0.1 * noise["kid"]
+    assert good["precision"] > 0.7 and good["recall"] > 0.7 and noise["precision"] < 0.1
+    assert good["modes_covered"] == 10 and good["kl_to_real"] < 0.1
+    assert one["modes_covered"] == 1 and one["kl_to_real"] > 2.0
+    warnings = [r.message for r in caplog.records if "mode collapse?" in r.message]
+    assert warnings and "1 of 10 classes" in warnings[-1]
+    reference = evaluator.reference()  # train vs test: the floor, close to the real-image generator
+    assert reference["modes_covered"] == 10 and reference["fd"] < 0.1 * noise["fd"]
+
+
+def test_latent_slices_cover_the_same_images_for_any_process_count(shards, classifier_report):
+    evaluator = make_evaluator(shards, n=250)
+    z1, per1, batch = evaluator.latents(16, 1)
+    for world in (2, 3):
+        z, per, b = evaluator.latents(16, world)
+        assert b == batch and per % batch == 0 and len(z) == world * per >= 250
+        assert torch.equal(z[:250], z1[:250])  # rank r's slice starts at r * per: whole batches of the same set
+
+
+def test_same_seed_same_figures_and_disk_cache(smoke_run, shards, monkeypatch):
+    model, meta = load_generator_export(smoke_run / "generator_ema.safetensors")
+    first = make_evaluator(shards, n=200, metrics=ALL, seed=5)
+    a = first.evaluate(model, 0, 1, identity)
+    assert first.evaluate(model, 0, 1, identity) == a and set(a) == FIGURES
+    cached = list((shards / CACHE_DIR).glob("real-classifier-n200-*.safetensors"))
+    assert len(cached) == 1
+    import distgan.evaluation as evaluation
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("real images read again although they are cached")
+
+    monkeypatch.setattr(evaluation, "read_images", no_reading)
+    second = make_evaluator(shards, n=200, metrics=ALL, seed=5)
+    assert second.evaluate(model, 0, 1, identity) == a  # a fresh Evaluator, from the disk cache
+    assert make_evaluator(shards, n=200, metrics=["fd"], seed=6).evaluate(model, 0, 1, identity)["fd"] != a["fd"]
+
+
+DISTRIBUTED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    from accelerate import Accelerator
+    from distgan.checkpoint import load_generator_export
+    from distgan.config import DataConfig, EvalConfig
+    from distgan.data.pipeline import read_dataset_info
+    from distgan.evaluation import Evaluator
+
+    export, data, out = sys.argv[1:4]
+    acc = Accelerator(cpu=True)
+    model, meta = load_generator_export(Path(export))
+    cfg = EvalConfig(n=200, batch=64, metrics=["fd", "kid", "pr", "coverage", "parzen"])
+    evaluator = Evaluator(cfg, DataConfig(path=data, num_workers=0), read_dataset_info(data), acc.device, seed=3,
+                          z_dist=meta["generator"]["z_dist"])
+    figures = evaluator.evaluate(model, acc.process_index, acc.num_processes, acc.gather)
+    assert (figures != {}) == acc.is_main_process
+    if acc.is_main_process:
+        Path(out).write_text(json.dumps({"world": acc.num_processes, "figures": figures}))
+    acc.wait_for_everyone()
+    acc.end_training()
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_give_the_single_process_figures(smoke_run, shards, tmp_path):
+    script = tmp_path / "eval_dist.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    results = {}
+    for world in (1, 2):
+        out = tmp_path / f"world{world}.json"
+        launcher = [sys.executable] if world == 1 else [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port())]
+        proc = subprocess.run([*launcher, str(script), str(smoke_run / "generator_ema.safetensors"), str(shards),
+                               str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        results[world] = json.loads(out.read_text())
+    assert results[1]["world"] == 1 and results[2]["world"] == 2
+    assert set(results[1]["figures"]) == FIGURES
+    assert results[2]["figures"] == results[1]["figures"]  # the same images, batches and features: equal figures
+
+
+def test_eval_cli_on_a_trained_run(smoke_run):
+    proc = run_cli("distgan.eval", "--run", str(smoke_run), "--n", "200", "--metrics", *ALL)
+    record = json.loads(proc.stdout)
+    assert FIGURES <= set(record) and FIGURES <= set(record["reference"])
+    assert all(np.isfinite(record[k]) for k in FIGURES)
+    assert record["meta"]["n"] == 200 and record["meta"]["features"] == "classifier" and record["meta"]["step"] == 20
+    # a 20-step generator is far from the data; the test split is close to the train split
+    assert record["fd"] > 5 * record["reference"]["fd"] and record["reference"]["modes_covered"] == 10
+    assert json.loads((smoke_run / "eval.json").read_text()) == record
+
+
+def test_plot_cli_draws_losses_and_eval_figures(smoke_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = (smoke_run / "metrics.jsonl").read_text().splitlines()
+    evals = [json.dumps({"step": s, "eval/fd": 100.0 / s, "eval/modes_covered": 10}) for s in (10, 20)]
+    evals.append(json.dumps({"step": 20, "eval_ref/fd": 0.5}))
+    (run / "metrics.jsonl").write_text("\n".join(lines + evals) + "\n")
+    written = json.loads(run_cli("distgan.eval", "plot", "--run", str(run)).stdout)["plots"]
+    names = sorted(Path(p).name for p in written)
+    assert names == ["discriminator.png", "eval.png", "gradients.png", "losses.png"]
+    for path in written:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size[0] >= 600 and image.size[1] >= 300
+            pixels = np.asarray(image.convert("L"), dtype=np.float32)
+            assert pixels.std() > 5  # axes, lines and labels were drawn
+
+
+def test_missing_feature_net_and_test_split_are_named(shards, classifier_report, tmp_path, caplog):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in list(shards.glob("*.tar")) + [shards / "dataset.json"]:
+        shutil.copy(f, bare / f.name)
+    with pytest.raises(ConfigError, match="python -m distgan.eval train-features --data"):
+        make_evaluator(bare)
+    for f in (CLASSIFIER_FILE, CLASSIFIER_FILE.replace(".safetensors", ".json")):
+        shutil.copy(shards / f, bare / f)
+    with caplog.at_level(logging.WARNING, logger="distgan.evaluation"):
+        evaluator = make_evaluator(bare, n=100, metrics=["fd", "parzen"])
+        figures = evaluator.evaluate(Noise(), 0, 1, identity)
+    assert set(figures) == {"fd"} and evaluator.reference() == {}
+    assert any("Parzen log-likelihood skipped" in r.message and "--split test" in r.message for r in caplog.records)
+
+
+def test_train_features_refuses_unlabeled_shards(tmp_path, capsys):
+    images = np.random.default_rng(0).integers(0, 256, size=(40, 28, 28, 1), dtype=np.uint8)
+    write_shards(list(images), None, tmp_path / "unlabeled", shard_size=20, progress=False)
+    assert eval_main(["train-features", "--data", str(tmp_path / "unlabeled"), "--steps", "5"]) == 2
+    assert "without labels" in capsys.readouterr().err
+
+
+class Diverged(Noise):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return super().forward(z) * float("nan")
+
+
+def test_diverged_generator_gives_nan_figures_not_an_exception(shards, classifier_report, caplog):
+    evaluator = make_evaluator(shards, n=100, metrics=ALL)
+    with caplog.at_level(logging.ERROR, logger="distgan.evaluation"):
+        figures = evaluator.evaluate(Diverged(), 0, 1, identity)
+    assert set(figures) == FIGURES and all(np.isnan(v) for v in figures.values())
+    assert any("not finite" in r.message for r in caplog.records)
