@@ -87,6 +87,7 @@ def make_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
 
 class Trainer:
     def __init__(self, cfg: Config, source: Optional[DataSource] = None, resume: Optional[str] = None):
+        self.started_at = time.time()
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         self.accelerator = acc = make_accelerator(cfg)
@@ -186,7 +187,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ phases
 
-    def _grad_norm(self, model, optimizer) -> torch.Tensor:
+    def _grad_norm(self, model) -> torch.Tensor:
         max_norm = self.cfg.train.max_grad_norm or math.inf
         return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
@@ -225,7 +226,7 @@ class Trainer:
             loss = loss + losses.penalty_weight(penalty, cfg.loss.penalty_weight, cfg.loss.penalty_interval) * value
             out["penalty"] = value.detach()
         acc.backward(loss)
-        out["grad_norm_d"] = self._grad_norm(self.D, self.opt_d)
+        out["grad_norm_d"] = self._grad_norm(self.D)
         out["skip"] = self._check_finite("D", step, out["loss_d"], out["grad_norm_d"])
         if not out["skip"]:
             self._optimizer_step(self.opt_d)
@@ -243,7 +244,7 @@ class Trainer:
             acc.backward(loss)
         finally:
             self.D_plain.requires_grad_(True)
-        out = {"loss_g": loss.detach(), "grad_norm_g": self._grad_norm(self.G, self.opt_g)}
+        out = {"loss_g": loss.detach(), "grad_norm_g": self._grad_norm(self.G)}
         out["skip"] = self._check_finite("G", step, out["loss_g"], out["grad_norm_g"])
         if not out["skip"]:
             self._optimizer_step(self.opt_g)
@@ -303,7 +304,8 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-            self.stop.clear()  # a stale request must not stop a fresh start
+            if self.stop.file.exists() and self.stop.file.stat().st_mtime < self.started_at:
+                self.stop.clear()  # only a request older than this process is stale
             if cfg.log.wandb:
                 os.environ["WANDB_MODE"] = wandb_mode_for_environment()
                 acc.init_trackers(cfg.log.wandb_project, config=asdict(cfg), init_kwargs={"wandb": {

@@ -23,212 +23,27 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import psutil
 
+# Siblings in slurm/ (on sys.path when run as a script; tests/slurm/conftest.py puts it there).
+from job_processes import alive, cluster_processes, send, stop_cluster
+from slurm_conf import SlurmUnavailable, ensure_slurm_installed, free_ports, write_config
+
+__all__ = ["LocalSlurmCluster", "SlurmUnavailable", "ensure_slurm_installed", "FINAL_STATES"]
+
 log = logging.getLogger(__name__)
 
-PACKAGES = ("slurmctld", "slurmd", "slurm-client")
-BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "scancel")
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "PREEMPTED", "BOOT_FAIL", "DEADLINE")
 STATE_FILE = "cluster.json"  # daemon PIDs, for `cluster.py stop` from another process
-
-
-class SlurmUnavailable(RuntimeError):
-    """Slurm cannot be installed or started here (not root, no apt, no package)."""
-
-
-def ensure_slurm_installed() -> None:
-    """Install Debian's slurmctld, slurmd and slurm-client with apt-get when a binary is missing."""
-    if all(shutil.which(b) for b in BINARIES):
-        return
-    if os.geteuid() != 0:
-        raise SlurmUnavailable(f"Slurm binaries missing and not root: install {' '.join(PACKAGES)} "
-                               "(apt-get install) or run as root")
-    if not shutil.which("apt-get"):
-        raise SlurmUnavailable(f"Slurm binaries missing and no apt-get: install {' '.join(PACKAGES)}")
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
-    apt = dict(env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, capture_output=True, text=True)
-    done = subprocess.run(install, **apt)
-    if done.returncode != 0:  # stale or missing package lists: refresh once and retry
-        subprocess.run(["apt-get", "update"], **apt)
-        done = subprocess.run(install, **apt)
-    missing = [b for b in BINARIES if not shutil.which(b)]
-    if done.returncode != 0 or missing:
-        raise SlurmUnavailable(f"`{' '.join(install)}` failed (rc={done.returncode}, missing {missing}):\n"
-                               f"{done.stderr[-2000:]}")
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel reports free now (all bound at once, so they are distinct)."""
-    socks = [socket.socket() for _ in range(count)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def node_hardware() -> str:
-    """The CPU layout slurmd itself detects (`slurmd -C`), so nodes register without INVAL."""
-    out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
-    keys = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore")
-    found = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[0]))
-    return " ".join(f"{k}={found[k]}" for k in keys if k in found)
-
-
-def write_config(root: Path, names: Sequence[str], ctld_port: int, node_ports: Sequence[int],
-                 slurmd_timeout: int = 10, kill_wait: int = 10, requeue_delay: int = 10) -> Path:
-    """Write slurm.conf for nodes ``names``, all on localhost; return its path.
-
-    ``slurmd_timeout``: seconds before a silent slurmd is DOWN (a killed node is noticed after 2-3x this).
-    ``kill_wait``: seconds between SIGTERM and SIGKILL at the time limit or on scancel.
-    ``requeue_delay``: a requeued job waits this long (plus ~1 s) before it may start again; it is
-    Slurm's step credential lifetime (cred_expire, 120 s by default), hence not much below 10.
-    """
-    for sub in ("state", "log", "run", *(f"spool/{n}" for n in names)):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    hardware = node_hardware()
-    nodes = "\n".join(f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={p} {hardware} State=UNKNOWN"
-                      for n, p in zip(names, node_ports))
-    first_job_id = 1000 + int(time.time()) % 900_000  # a fresh cluster must not reuse runs/<name>-<job id>
-    conf = f"""\
-# Written by slurm/cluster.py: a {len(names)}-node cluster on this one machine.
-ClusterName=distgan
-FirstJobId={first_job_id}
-SlurmctldHost=localhost
-SlurmctldPort={ctld_port}
-SlurmUser=root
-AuthType=auth/none
-CredType=cred/none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-# Schedule every second, not every 30-60 s: a requeued job would otherwise wait for the next pass.
-SchedulerParameters=sched_interval=1,bf_interval=1
-StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool/%n
-SlurmctldPidFile={root}/run/slurmctld.pid
-SlurmdPidFile={root}/run/slurmd-%n.pid
-SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd-%n.log
-# Requeue and preemption: requeue allowed and restarted soon, SIGTERM->SIGKILL grace,
-# finished jobs stay visible to `scontrol show job` (there is no accounting daemon).
-JobRequeue=1
-AuthInfo=cred_expire={requeue_delay}
-KillWait={kill_wait}
-MinJobAge=3600
-# A dead slurmd is noticed quickly and comes back on its own when restarted.
-SlurmdTimeout={slurmd_timeout}
-ReturnToService=2
-{nodes}
-PartitionName=debug Nodes={','.join(names)} Default=YES MaxTime=INFINITE State=UP
-"""
-    path = root / "slurm.conf"
-    path.write_text(conf)
-    return path
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, exited but not yet collected by its parent, does not)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _kill(pids: Iterable[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def terminate(pids: Iterable[int], grace: float = 10.0) -> None:
-    """SIGTERM the PIDs, wait up to ``grace`` seconds, then SIGKILL the survivors."""
-    pids = [p for p in pids if _alive(p)]
-    _kill(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.1)
-    survivors = [p for p in pids if _alive(p)]
-    if survivors:
-        log.warning("pids %s ignored SIGTERM for %.0f s: SIGKILL", survivors, grace)
-        _kill(survivors, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(_alive(p) for p in survivors):
-        time.sleep(0.05)
-
-
-def cluster_processes(root: Path, job_id: int | None = None, node: str | None = None) -> list[int]:
-    """PIDs of the job processes of the cluster whose state folder is ``root``.
-
-    Job processes carry the cluster's SLURM_CONF, SLURM_JOB_ID and SLURMD_NODENAME in their
-    environment. slurmstepd clears its own environment, so it is known by its title
-    (``slurmstepd: [JOB.STEP]``) and by the slurmd log of its node that it keeps open.
-    ``job_id`` and ``node`` narrow the result to one job and one node.
-    """
-    conf, logs = str(root / "slurm.conf"), root / "log"
-    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if proc.pid in me:
-            continue
-        try:
-            title = " ".join(proc.info["cmdline"] or [])
-            step = re.match(r"slurmstepd: \[(\d+)\.", title)
-            if step:
-                job = step.group(1)
-                opened = [Path(f.path) for f in proc.open_files()]
-                on = next((f.stem.removeprefix("slurmd-") for f in opened if f.parent == logs), None)
-                if on is None:
-                    continue
-            else:
-                env = proc.environ()
-                if env.get("SLURM_CONF") != conf or "SLURM_JOB_ID" not in env:
-                    continue  # another cluster's, or a daemon or client command
-                job, on = env["SLURM_JOB_ID"], env.get("SLURMD_NODENAME")
-        except (psutil.Error, OSError):
-            continue
-        if (job_id is None or job == str(job_id)) and (node is None or on == node):
-            found.append(proc.pid)
-    return found
-
-
-def stop_cluster(root: Path, daemons: Iterable[int], grace: float = 10.0, cancel: bool = True) -> None:
-    """Cancel every job, wait for its processes, end the ``daemons`` by PID, then kill job leftovers.
-
-    The daemons go last but one: a slurmd whose slurmstepd are still running waits for them, and a
-    slurmstepd whose slurmd is gone lingers (it ignores SIGTERM).
-    """
-    env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
-    try:  # without a slurmctld (``cancel`` False) scancel would retry for a while: skip it
-        if cancel:
-            subprocess.run(["scancel", "--quiet", "--user", str(os.getuid())], env=env,
-                           capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        log.warning("scancel failed while stopping %s: %s", root, err)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and cluster_processes(root):
-        time.sleep(0.2)
-    terminate(daemons, grace)
-    leftovers = cluster_processes(root)
-    if leftovers:
-        log.warning("killing job processes left behind: %s", leftovers)
-        terminate(leftovers, grace=1)
 
 
 class LocalSlurmCluster:
@@ -306,7 +121,7 @@ class LocalSlurmCluster:
         requeued job runs on it, it gets Slurm's queued signal for the old step, which has the same
         job and step ids, and kills the new one (measured: ~40 s after it returned).
         """
-        _kill([self.pids[name], *(cluster_processes(self.root, node=name) if kill_jobs else [])], signal.SIGKILL)
+        send([self.pids[name], *(cluster_processes(self.root, node=name) if kill_jobs else [])], signal.SIGKILL)
         self._procs[name].wait(timeout=10)
 
     def start_node(self, name: str) -> None:
@@ -401,9 +216,17 @@ class LocalSlurmCluster:
         """Send a signal as Slurm's --signal would: to the batch shell only (``batch``) or to every step."""
         self.run("scancel", f"--signal={sig}", *(["--batch"] if batch else []), str(job_id))
 
-    def job_pids(self, job_id: int, node: str | None = None) -> list[int]:
-        """PIDs of the job's processes (batch shell, steps, slurmstepd), optionally on one node."""
-        return cluster_processes(self.root, job_id=job_id, node=node)
+    def job_pids(self, job_id: int, node: str | None = None, env: dict[str, str] | None = None) -> list[int]:
+        """PIDs of the job's processes (batch shell, steps, slurmstepd), optionally on one node, or only
+        those whose environment holds ``env`` (``{"RANK": "1"}``: the training process of rank 1)."""
+        return cluster_processes(self.root, job_id=job_id, node=node, env=env)
+
+    def wait_job_gone(self, job_id: int, timeout: float) -> list[int]:
+        """Wait until none of the job's processes runs on any node; return those still running after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while (left := self.job_pids(job_id)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return left
 
 
 # -- CLI -----------------------------------------------------------------------------------------
@@ -413,14 +236,14 @@ def _running_daemons(root: Path) -> dict[str, int]:
     if not path.is_file():
         return {}
     state = json.loads(path.read_text())
-    alive = {}
+    running = {}
     for name, pid in state["pids"].items():
         try:
-            if state["conf"] in psutil.Process(pid).cmdline() and _alive(pid):
-                alive[name] = pid
+            if state["conf"] in psutil.Process(pid).cmdline() and alive(pid):
+                running[name] = pid
         except psutil.Error:
             pass
-    return alive
+    return running
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@
 #   THREADS_PER_PROC CPU threads per process                    (CPUs of the task / PROCS_PER_NODE)
 #   MASTER_ADDR      address of the main node                   (NodeAddr of the first node)
 #   MASTER_PORT      rendezvous port                            (20000 + job id % 20000)
+#   MIXED_PRECISION  what the launcher asks for: no, fp16, bf16 (no: the config's train.mixed_precision decides)
 #
 #SBATCH --job-name=distgan
 #SBATCH --nodes=1
@@ -85,7 +86,8 @@ MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
 
 LAUNCH_ARGS=(--num_machines "$NNODES" --num_processes "$NUM_PROCESSES"
              --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT"
-             --num_cpu_threads_per_process "$THREADS_PER_PROC")
+             --num_cpu_threads_per_process "$THREADS_PER_PROC"
+             --mixed_precision "${MIXED_PRECISION:-no}" --dynamo_backend no)
 if (( NUM_PROCESSES > 1 )); then
     LAUNCH_ARGS+=(--multi_gpu)                         # DDP; on CPU too, given ACCELERATE_USE_CPU=1
 elif (( GPUS_PER_NODE == 0 )); then
@@ -95,22 +97,34 @@ TRAIN_ARGS=(--config "$CONFIG" --resume auto "run.dir=$RUN_DIR" "$@")
 
 mkdir -p "$RUN_DIR"
 rm -f "$STOP_FILE"                                     # a stale STOP must not stop a fresh start
-log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $NNODES node(s) x" \
-    "$PROCS_PER_NODE process(es), $GPUS_PER_NODE GPU(s)/node, main $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
 
 # On USR1 (the time-limit warning, --signal=B:USR1@T) or TERM: ask training to checkpoint and stop.
 # Only the batch shell gets USR1: sent to the job step it would kill the accelerate launcher.
-REQUEUE=0
+# Set before the first log line, so a signal is never lost to bash's default action (exit).
+STOP_SIGNAL=""
 # shellcheck disable=SC2317  # invoked by the traps below
 on_signal() {
     log "got SIG$1: asking training to checkpoint and stop ($STOP_FILE)"
+    STOP_SIGNAL=$1
     touch "$STOP_FILE"
-    if [[ $1 == USR1 ]]; then REQUEUE=1; fi
 }
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
+log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $NNODES node(s) x" \
+    "$PROCS_PER_NODE process(es), $GPUS_PER_NODE GPU(s)/node, main $MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR"
+
+# How this script tells "finished" from "stopped on request" (both exit 0): a finished run writes
+# (replaces) its exported generator, a stopped one does not. Inode and mtime: no clock comparison.
+EXPORT="$RUN_DIR/generator_ema.safetensors"
+export_stamp() { stat -c '%i %y' "$EXPORT" 2>/dev/null || echo none; }
+last_checkpoint() {
+    local found=("$RUN_DIR"/checkpoints/step-*/state.json)      # zero-padded steps: sorted by the glob
+    if [[ -e ${found[-1]} ]]; then echo "${found[-1]%/state.json}"; else echo "none"; fi
+}
+EXPORT_BEFORE=$(export_stamp)
 
 # One launcher per node; --machine_rank must expand per task, hence the single quotes.
+# --kill-on-bad-exit: a task that fails (a crashed or killed rank) ends the whole step at once.
 # shellcheck disable=SC2016
 srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS_PER_TASK" \
     --kill-on-bad-exit=1 \
@@ -118,16 +132,44 @@ srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$
     "${LAUNCH_ARGS[@]}" -m distgan.train "${TRAIN_ARGS[@]}" &
 SRUN_PID=$!
 
-# A trapped signal ends `wait` early: wait again until srun has really exited, then take its status.
-while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID" || true; done
+# A trapped signal ends `wait` early: wait again until srun has really exited. Once a stop is asked
+# for, keep STOP in place until then: training deletes a STOP file it finds while it starts (to it,
+# one left from an earlier run), so a signal in the first seconds would otherwise be lost.
+while kill -0 "$SRUN_PID" 2>/dev/null; do
+    if [[ -n $STOP_SIGNAL ]]; then
+        [[ -e $STOP_FILE ]] || touch "$STOP_FILE"
+        sleep 1
+    else
+        wait "$SRUN_PID" || true
+    fi
+done
 STATUS=0
 wait "$SRUN_PID" || STATUS=$?
+rm -f "$STOP_FILE"
+STOPPED_EARLY=0
+if [[ $(export_stamp) == "$EXPORT_BEFORE" ]]; then STOPPED_EARLY=1; fi
+CHECKPOINT=$(last_checkpoint)
+RESUBMIT="to continue: RUN_DIR=$RUN_DIR CONFIG=$CONFIG sbatch ... slurm/train.sh (same overrides)"
 
-if (( REQUEUE )) && (( STATUS == 0 )) && [[ ! -e $STOP_FILE ]]; then
-    log "training checkpointed and stopped: requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
+if (( STATUS == 0 && STOPPED_EARLY )) && [[ $STOP_SIGNAL == USR1 ]]; then
+    log "training checkpointed and stopped ($CHECKPOINT): requeueing job $SLURM_JOB_ID"
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+        log "scontrol requeue failed (is requeueing allowed on this cluster? JobRequeue, --requeue); $RESUBMIT"
+        exit 1
+    fi
     exit 0
+elif (( STATUS == 0 && STOPPED_EARLY )); then
+    log "training stopped on request${STOP_SIGNAL:+ (SIG$STOP_SIGNAL)} at checkpoint $CHECKPOINT; not requeued; $RESUBMIT"
+elif (( STATUS == 0 )); then
+    log "training finished; run dir $RUN_DIR"
+elif [[ -n $STOP_SIGNAL ]]; then
+    # scancel and the time limit send TERM to the job step too: the launcher passes it on to training,
+    # which checkpoints, and then exits non-zero itself. The job ends CANCELLED or TIMEOUT.
+    log "stopped by SIG$STOP_SIGNAL (scancel, time limit or preemption): launcher status $STATUS; last checkpoint" \
+        "$CHECKPOINT; not requeued; $RESUBMIT"
+else
+    log "training FAILED (srun exit status $STATUS): a training process exited with an error or was killed" \
+        "(the 'srun: error:' lines above name its node and task; --kill-on-bad-exit ended the others)." \
+        "Not requeued. Last checkpoint: $CHECKPOINT; $RESUBMIT"
 fi
-rm -f "$STOP_FILE"                                     # finished or failed before it saw the STOP file
-log "training exited with status $STATUS"
 exit "$STATUS"

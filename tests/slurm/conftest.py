@@ -14,9 +14,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def load_cluster_module() -> ModuleType:
-    """slurm/cluster.py is a script folder, not a package: load it by path, once."""
+    """slurm/ is a folder of scripts, not a package: load cluster.py by path, once, with its siblings
+    (slurm_conf.py, job_processes.py) importable as they are when it runs as a script."""
     name = "distgan_slurm_cluster"
     if name not in sys.modules:
+        if str(REPO / "slurm") not in sys.path:
+            sys.path.insert(0, str(REPO / "slurm"))
         spec = importlib.util.spec_from_file_location(name, REPO / "slurm" / "cluster.py")
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
         sys.modules[name] = module

@@ -1,12 +1,15 @@
-"""The local Slurm cluster, and slurm/train.sh's wiring on it: ranks per node, preemption, requeue.
+"""The local Slurm cluster (slurm/cluster.py), and slurm/train.sh's wiring on it: ranks per node.
 
-train.sh always runs ``accelerate launch -m distgan.train``; these tests submit it from a folder
+train.sh always runs ``accelerate launch -m distgan.train``; the wiring test submits it from a folder
 holding a stand-in ``distgan/train.py`` (``python -m`` looks in the working folder first), which
-keeps train.sh's contract: it reports its ranks and an all_reduce, and honours ``RUN_DIR/STOP``.
+keeps train.sh's contract: it reports its ranks and an all_reduce, honours ``RUN_DIR/STOP`` and
+writes ``generator_ema.safetensors`` when it finishes. That isolates the script from the trainer; test_train_sh.py runs it with the real trainer
+(a whole run, preemption and requeue, scancel, a killed rank).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -60,6 +63,8 @@ if acc.is_main_process:
     ckpt.write_text(str(step))
     if step < steps:
         (run_dir / "STOP").unlink()
+    else:  # a finished run exports its generator; train.sh tells "finished" from "stopped" by it
+        (run_dir / "generator_ema.safetensors").write_text("stand-in")
     print(f"stopped at step {step}" if step < steps else f"finished at step {step}", flush=True)
 acc.wait_for_everyone()
 dist.destroy_process_group()
@@ -133,37 +138,10 @@ def test_train_sh_launches_one_rank_per_node_over_gloo(slurm_cluster, submit_dir
     assert {r["sum"] for r in ranks} == {"3"}  # all_reduce of 1 + 2 across the two nodes
     assert {r["threads"] for r in ranks} == {"1"}  # --cpus-per-task=1, one process per node
     assert {(r["config"], r["run_dir"], r["start"]) for r in ranks} == {("smoke.yaml", str(run_dir), "0")}
-    assert "finished at step 5" in log  # the stale STOP file did not stop it
+    assert "finished at step 5" in log and "training finished" in log  # the stale STOP file did not stop it
     assert (run_dir / "checkpoints" / "step.txt").read_text() == "5"
     assert not (run_dir / "STOP").exists()
     assert f"main 127.0.0.1:{20000 + job % 20000}" in log
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(200)
-def test_train_sh_checkpoints_on_usr1_and_requeues(slurm_cluster, submit_dir):
-    job = slurm_cluster.sbatch(TRAIN_SH, "--nodes=2", "--cpus-per-task=1", env=job_env(), cwd=submit_dir,
-                               script_args=["train.steps=100", "fake.step_time=0.1"])
-    log_path = submit_dir / "logs" / f"distgan-{job}.out"
-    deadline = time.monotonic() + 90
-    while len(results(log_path.read_text() if log_path.exists() else "")) < 2:
-        assert time.monotonic() < deadline, f"training did not start:\n{slurm_cluster.logs()}"
-        assert slurm_cluster.job_state(job) in ("PENDING", "RUNNING"), log_path.read_text()
-        time.sleep(0.2)
-    slurm_cluster.signal_job(job, "USR1")  # as --signal=B:USR1@120 does before the time limit
-
-    state = slurm_cluster.wait(job, timeout=150)
-    log = log_path.read_text()
-    assert state == "COMPLETED", log
-    assert slurm_cluster.job_info(job)["Restarts"] == "1", log
-    stopped = [int(n) for n in re.findall(r"stopped at step (\d+)", log)]
-    assert len(stopped) == 1 and 0 < stopped[0] < 100, log
-    assert "got SIGUSR1" in log and f"requeueing job {job}" in log
-    starts = sorted(int(r["start"]) for r in results(log))
-    assert starts == [0, 0, stopped[0], stopped[0]], log  # the second run resumed where the first stopped
-    run_dir = submit_dir / "runs" / f"distgan-{job}"  # the same run folder before and after requeue
-    assert (run_dir / "checkpoints" / "step.txt").read_text() == "100"
-    assert "finished at step 100" in log and not (run_dir / "STOP").exists()
 
 
 @pytest.mark.timeout(90)
@@ -187,7 +165,7 @@ def test_cli_starts_and_stops_a_cluster(cluster_lib, tmp_path):
     started = subprocess.run([*cli, "start", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert started.returncode == 0, started.stderr
     conf = re.fullmatch(r"export SLURM_CONF=(\S+)\n", started.stdout).group(1)
-    state = cluster_lib.json.loads((tmp_path / "cluster.json").read_text())
+    state = json.loads((tmp_path / "cluster.json").read_text())
     try:
         sinfo = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%N %t"], capture_output=True,
                                text=True, env={**os.environ, "SLURM_CONF": conf}, timeout=30)

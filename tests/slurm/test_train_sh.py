@@ -1,0 +1,207 @@
+"""slurm/train.sh with the real trainer on the local 2-node cluster: a whole run, preemption and requeue,
+scancel (SIGTERM), and a training process killed mid-run.
+
+Every job is ``CONFIG=smoke sbatch --nodes=2 --cpus-per-task=1 slurm/train.sh`` on 1,000 real Fashion-MNIST
+images, submitted from a fresh folder (``python -m distgan.train`` is the installed package). The tests
+read what the run wrote: the job log, metrics.jsonl (``log.every=1``: one line per step) and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from distgan.checkpoint import load_generator_export
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN_SH = REPO / "slurm" / "train.sh"
+GLOBAL_BATCH = 16  # configs/smoke.yaml: train.batch_size
+RANK_LINE = re.compile(r"rank (\d+)/(\d+) on host \S+ \(node (\d+)\), device (\w+)\S*, (\d+) threads")
+
+
+@dataclass
+class Job:
+    id: int
+    log: Path
+    run_dir: Path
+
+    def text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+def submit(cluster, folder: Path, shards: Path, steps: int, *overrides: str) -> Job:
+    """Submit train.sh on 2 nodes x 1 CPU process from ``folder``, training ``steps`` steps on ``shards``."""
+    (folder / "logs").mkdir(exist_ok=True)
+    args = [f"data.path={shards}", f"train.steps={steps}", *overrides]
+    job = cluster.sbatch(TRAIN_SH, "--nodes=2", "--cpus-per-task=1", env={"CONFIG": "smoke"}, cwd=folder,
+                         script_args=args)
+    return Job(job, folder / "logs" / f"distgan-{job}.out", folder / "runs" / f"distgan-{job}")
+
+
+def metrics(job: Job) -> list[dict]:
+    """The lines of metrics.jsonl written so far (a line being written, without its newline yet, is left out)."""
+    path = job.run_dir / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
+
+
+def wait_for_steps(cluster, job: Job, steps: int, timeout: float = 60) -> None:
+    """Wait until both ranks are training: ``steps`` lines in metrics.jsonl (each step is a collective)."""
+    deadline = time.monotonic() + timeout
+    while len(metrics(job)) < steps:
+        assert time.monotonic() < deadline, f"no training after {timeout} s:\n{job.text()}\n{cluster.logs()}"
+        assert cluster.job_state(job.id) in ("PENDING", "RUNNING"), job.text()
+        time.sleep(0.1)
+
+
+def checkpoint_states(job: Job) -> dict[int, dict]:
+    """Step -> state.json of each complete checkpoint in the run dir."""
+    states = [json.loads(p.read_text()) for p in (job.run_dir / "checkpoints").glob("step-*/state.json")]
+    return {s["step"]: s for s in states}
+
+
+def assert_ended_cleanly(cluster, job: Job, submit_dir: Path) -> None:
+    """One run dir, no STOP file left, and no process of the job left on any node."""
+    assert sorted((submit_dir / "runs").iterdir()) == [job.run_dir]
+    assert not (job.run_dir / "STOP").exists()
+    assert cluster.wait_job_gone(job.id, timeout=20) == []
+
+
+@pytest.mark.timeout(150)
+def test_two_node_run_completes_with_every_file_in_one_run_dir(slurm_cluster, fashion_shards, tmp_path):
+    steps = 20  # smoke: checkpoints and samples every 10, metrics every 5
+    job = submit(slurm_cluster, tmp_path, fashion_shards, steps)
+    state = slurm_cluster.wait(job.id, timeout=120)
+    log = job.text()
+    assert state == "COMPLETED", log
+    info = slurm_cluster.job_info(job.id)
+    assert (info["ExitCode"], info["Restarts"], info["NodeList"]) == ("0:0", "0", "n[1-2]"), info
+
+    # rank, world size, node id, device, threads: one process on each node, one thread each (--cpus-per-task=1)
+    ranks = sorted(RANK_LINE.findall(log))
+    assert ranks == [("0", "2", "0", "cpu", "1"), ("1", "2", "1", "cpu", "1")], log
+    assert f"done: {steps} steps, {steps * GLOBAL_BATCH} images" in log
+    assert "training finished" in log and "requeue" not in log
+
+    run = job.run_dir
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000010", "step-00000020"]
+    final = checkpoint_states(job)[steps]
+    assert (final["world_size"], final["images_seen"], final["batches_consumed"]) == (2, steps * GLOBAL_BATCH, steps)
+    assert [m["step"] for m in metrics(job)] == [5, 10, 15, 20]
+    assert {p.name for p in (run / "samples").iterdir()} >= {"g_ema-step-00000010.png", "g_ema-step-00000020.png"}
+    assert (run / "progress.gif").stat().st_size > 0
+    assert f"path: {fashion_shards}" in (run / "config.yaml").read_text()
+    generator, meta = load_generator_export(run / "generator_ema.safetensors")
+    assert (meta["step"], meta["resolution"], meta["channels"]) == (steps, 28, 1)
+    assert sum(p.numel() for p in generator.parameters()) > 0
+    assert_ended_cleanly(slurm_cluster, job, tmp_path)
+
+
+@pytest.mark.timeout(200)
+def test_usr1_checkpoints_requeues_and_resumes_without_losing_a_step(slurm_cluster, fashion_shards, tmp_path):
+    steps = 150
+    job = submit(slurm_cluster, tmp_path, fashion_shards, steps, "log.every=1", "log.sample_every=50",
+                 "checkpoint.every=50")
+    wait_for_steps(slurm_cluster, job, 3)
+    slurm_cluster.signal_job(job.id, "USR1")  # what --signal=B:USR1@120 does before the time limit
+
+    state = slurm_cluster.wait(job.id, timeout=130)
+    log = job.text()
+    assert state == "COMPLETED", log
+    assert slurm_cluster.job_info(job.id)["Restarts"] == "1", log
+    assert "got SIGUSR1" in log and f"requeueing job {job.id}" in log
+    stopped = [int(n) for n in re.findall(r"stopped at step (\d+) on request", log)]
+    assert len(stopped) == 1 and 3 <= stopped[0] < steps, log
+    n = stopped[0]
+    # both ranks of the requeued job resumed from the checkpoint written on the stop, in the same run dir
+    resumed = re.findall(r"resumed from (\S+) at step (\d+)", log)
+    assert resumed == [(str(job.run_dir / "checkpoints" / f"step-{n:08d}"), str(n))] * 2, log
+    assert log.count(f"run dir {job.run_dir}") >= 2  # train.sh's start line, before and after the requeue
+
+    # one metrics line per step, each exactly once: nothing lost, the counter never went back
+    lines = metrics(job)
+    assert [m["step"] for m in lines] == list(range(1, steps + 1))
+    assert [m["images_seen"] for m in lines] == [s * GLOBAL_BATCH for s in range(1, steps + 1)]
+    final = checkpoint_states(job)[steps]  # the data stream continued where it stopped: one batch per step
+    assert (final["images_seen"], final["batches_consumed"], final["world_size"]) == (steps * GLOBAL_BATCH, steps, 2)
+    assert f"done: {steps} steps" in log and (job.run_dir / "generator_ema.safetensors").is_file()
+    assert_ended_cleanly(slurm_cluster, job, tmp_path)
+
+
+@pytest.mark.timeout(150)
+def test_scancel_checkpoints_and_ends_without_requeue(slurm_cluster, fashion_shards, tmp_path):
+    steps = 5000  # never reached: the job is cancelled
+    job = submit(slurm_cluster, tmp_path, fashion_shards, steps, "log.every=1", "log.sample_every=1000")
+    wait_for_steps(slurm_cluster, job, 3)
+    slurm_cluster.run("scancel", str(job.id))  # TERM to the batch shell and the job step, as at the time limit
+
+    state = slurm_cluster.wait(job.id, timeout=60)
+    log = job.text()
+    assert state == "CANCELLED", log
+    assert slurm_cluster.job_info(job.id)["Restarts"] == "0", log
+    stopped = [int(n) for n in re.findall(r"stopped at step (\d+) on request \(signal SIGTERM\)", log)]
+    assert len(stopped) == 1 and stopped[0] >= 3, log
+    n = stopped[0]
+    assert checkpoint_states(job)[n]["images_seen"] == n * GLOBAL_BATCH
+    assert [m["step"] for m in metrics(job)] == list(range(1, n + 1))  # every step up to the checkpoint, no more
+    assert "got SIGTERM" in log and "requeueing" not in log
+    assert "stopped by SIGTERM" in log and f"last checkpoint {job.run_dir}/checkpoints/step-{n:08d}" in log
+    assert not (job.run_dir / "generator_ema.safetensors").exists()
+    assert_ended_cleanly(slurm_cluster, job, tmp_path)
+
+
+@pytest.mark.timeout(150)
+def test_killed_rank_fails_the_job_quickly_without_requeue(slurm_cluster, fashion_shards, tmp_path):
+    job = submit(slurm_cluster, tmp_path, fashion_shards, 5000, "log.every=1", "log.sample_every=1000")
+    wait_for_steps(slurm_cluster, job, 3)
+    rank1 = slurm_cluster.job_pids(job.id, node="n2", env={"RANK": "1"})
+    assert len(rank1) == 1, f"rank 1's training process on n2: {rank1}"
+    os.kill(rank1[0], signal.SIGKILL)  # the process dies, the node stays up
+    killed = time.monotonic()
+
+    state = slurm_cluster.wait(job.id, timeout=90)
+    took = time.monotonic() - killed
+    log = job.text()
+    assert state == "FAILED", log
+    assert took < 60, f"the job took {took:.0f} s to end after rank 1 died"
+    info = slurm_cluster.job_info(job.id)
+    assert info["Restarts"] == "0" and info["ExitCode"] != "0:0", info
+    assert "srun: error: n2: task 1: Exited with exit code" in log, log
+    assert "Signal 9 (SIGKILL) received by PID" in log  # the launcher on n2 names the dead rank
+    assert "training FAILED (srun exit status 1)" in log and "Not requeued" in log
+    assert "requeueing" not in log and "got SIG" not in log
+    assert_ended_cleanly(slurm_cluster, job, tmp_path)
+
+
+@pytest.mark.timeout(150)
+def test_stop_asked_for_while_training_starts_is_not_lost(slurm_cluster, fashion_shards, tmp_path):
+    """The trainer deletes a STOP file it finds at start-up (a stale one, to it); train.sh keeps the request."""
+    job = submit(slurm_cluster, tmp_path, fashion_shards, 5000, "log.every=1", "log.sample_every=1000")
+    deadline = time.monotonic() + 60
+    while "train.sh" not in job.text():
+        assert time.monotonic() < deadline and slurm_cluster.job_state(job.id) in ("PENDING", "RUNNING"), job.text()
+        time.sleep(0.05)
+    slurm_cluster.signal_job(job.id, "TERM")  # to the batch shell only, as some preemption set-ups do
+    assert not RANK_LINE.search(job.text()), "the trainer had started: too late to test its start-up"
+
+    state = slurm_cluster.wait(job.id, timeout=60)
+    log = job.text()
+    assert state == "COMPLETED", log  # training stopped on request and exited 0
+    assert slurm_cluster.job_info(job.id)["Restarts"] == "0", log
+    stopped = [int(n) for n in re.findall(r"stopped at step (\d+) on request", log)]
+    assert len(stopped) == 1 and 1 <= stopped[0] < 5000, log
+    n = stopped[0]
+    assert [m["step"] for m in metrics(job)] == list(range(1, n + 1))
+    assert checkpoint_states(job)[n]["images_seen"] == n * GLOBAL_BATCH
+    assert f"training stopped on request (SIGTERM) at checkpoint {job.run_dir}/checkpoints/step-{n:08d}" in log
+    assert "requeueing" not in log and not (job.run_dir / "generator_ema.safetensors").exists()
+    assert_ended_cleanly(slurm_cluster, job, tmp_path)
