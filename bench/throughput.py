@@ -19,7 +19,8 @@ import torch
 from distgan import losses
 from distgan.config import load_config
 from distgan.nn import build_discriminator, build_generator, sample_latent
-from distgan.trainer import ShardSource, Trainer, make_optimizer
+from distgan.data.source import ShardSource
+from distgan.trainer import Trainer, make_optimizer
 
 
 def plain_loop(cfg, source, steps: int) -> float:

@@ -17,7 +17,7 @@ import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, Optional, Protocol
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from .checkpoint import (
     save_best, save_checkpoint,
 )
 from .config import HIGHER_IS_BETTER, Config, ConfigError, OptimizerConfig, dump_yaml
+from .data.source import DataSource, ShardSource
 from .distributed import any_rank, make_accelerator, set_cpu_threads
 from .ema import EMA
 from .nn import build_discriminator, build_generator, sample_latent
@@ -36,32 +37,6 @@ from .tracking import RunLog, save_gif, save_grid, wandb_mode_for_environment
 log = logging.getLogger(__name__)
 
 PHASE_D, PHASE_G, PHASE_GP = 0, 1, 2
-
-
-class DataSource(Protocol):
-    """Where real batches come from: the shard stream, or an in-memory source in tests."""
-
-    resolution: int
-    channels: int
-    classes: Optional[list[str]]
-
-    def batches(self, batch_size: int, rank: int, world_size: int, seed: int, start_batch: int) -> Iterator: ...
-
-
-class ShardSource:
-    """The webdataset shards named by ``data.path``."""
-
-    def __init__(self, data_cfg):
-        from .data.pipeline import read_dataset_info
-
-        self.cfg = data_cfg
-        self.info = read_dataset_info(data_cfg.path, allow_pipe=data_cfg.allow_pipe)
-        self.resolution, self.channels, self.classes = self.info.resolution, self.info.channels, self.info.classes
-
-    def batches(self, batch_size, rank, world_size, seed, start_batch):
-        from .data.pipeline import make_batch_iterator
-
-        return make_batch_iterator(self.cfg, batch_size, rank, world_size, seed, start_batch)
 
 
 class NonFiniteError(RuntimeError):

@@ -6,15 +6,14 @@ deterministic for a given input (and seed, where there is randomness). Nothing h
 from .coverage import class_coverage
 from .features import (
     FeatureClassifier,
-    FIDInceptionV3,
     classify,
     evaluate_classifier,
     extract_features,
     load_classifier,
-    load_inception_features,
     save_classifier,
     train_classifier,
 )
+from .inception import FIDInceptionV3, load_inception_features
 from .frechet import feature_stats, frechet_distance, frechet_distance_from_features
 from .kid import kernel_inception_distance
 from .parzen import parzen_log_likelihood, parzen_log_likelihoods, select_parzen_sigma
