@@ -391,7 +391,7 @@ class Trainer:
                 self.stop.clear()
             else:
                 self._export()
-                from .plots import plot_run
+                from .plots import plot_run  # matplotlib loads only at the end of a run
 
                 plot_run(self.run_dir)
                 if self.cfg.log.gif:

@@ -37,7 +37,7 @@ STEPS = int(os.environ.get("EQ_STEPS", "20"))
 
 def run_case(name: str, out: Path) -> None:
     overrides = CASES[name] + [
-        f"run.dir={out / name}", f"train.steps={STEPS}", "train.batch_size=12", "log.wandb=false",
+        f"run.dir={out / name / ('world' + os.environ.get('WORLD_SIZE', '1'))}", f"train.steps={STEPS}", "train.batch_size=12", "log.wandb=false",
         "log.sample_every=1000", "log.every=1000", "checkpoint.every=1000", "log.gif=false",
         "ema.half_life_kimg=0.05", "ema.rampup=0",
     ]
