@@ -32,7 +32,7 @@ PENALTIES = {
 }
 # WGAN-GP through a batch-norm D is refused by the config (the penalty is per sample): not a case.
 CASES = {f"{p}.{n}": PENALTIES[p] + NORMS[n] for p in PENALTIES for n in NORMS if not (p == "wgan-gp" and n == "syncbn-d")}
-STEPS = int(os.environ.get("EQ_STEPS", "20"))
+STEPS = 20
 
 
 def run_case(name: str, out: Path) -> None:
