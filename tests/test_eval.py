@@ -3,11 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import require_fashion_mnist
+from conftest import require_fashion_mnist, run_cli
 from distgan.checkpoint import load_generator_export
 from distgan.config import ConfigError, DataConfig, EvalConfig
 from distgan.data.pipeline import read_dataset_info
@@ -25,19 +21,11 @@ from distgan.data.shards import write_shards
 from distgan.eval import main as eval_main
 from distgan.evaluation import CACHE_DIR, Evaluator, read_images, to_float
 from distgan.metrics.features import CLASSIFIER_FILE
+from tests.distributed.launching import launch
 
-REPO = Path(__file__).resolve().parent.parent
 ALL = ["fd", "kid", "pr", "coverage", "parzen"]
 FIGURES = {"fd", "kid", "kid_std", "precision", "recall", "modes_covered", "kl_to_real", "parzen_ll", "parzen_se",
            "parzen_sigma"}
-
-
-def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{module} {args} failed\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -194,28 +182,15 @@ DISTRIBUTED_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(300)
 def test_two_processes_give_the_single_process_figures(smoke_run, shards, tmp_path):
     script = tmp_path / "eval_dist.py"
     script.write_text(DISTRIBUTED_SCRIPT)
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
     results = {}
     for world in (1, 2):
         out = tmp_path / f"world{world}.json"
-        launcher = [sys.executable] if world == 1 else [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port())]
-        proc = subprocess.run([*launcher, str(script), str(smoke_run / "generator_ema.safetensors"), str(shards),
-                               str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, proc.stderr[-5000:]
+        launch([str(script), str(smoke_run / "generator_ema.safetensors"), str(shards), str(out)], processes=world,
+               timeout=240)
         results[world] = json.loads(out.read_text())
     assert results[1]["world"] == 1 and results[2]["world"] == 2
     assert set(results[1]["figures"]) == FIGURES

@@ -13,18 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import run_cli
 from distgan.config import load_config
 from distgan.trainer import NonFiniteError, Trainer
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{module} {args} failed\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")

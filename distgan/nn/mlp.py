@@ -42,12 +42,15 @@ class MLPDiscriminator(nn.Module):
         layers: list[nn.Module] = [Flatten()]
         for i, (f_in, f_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             norm = cfg.norm if i > 0 else "none"
-            linear = nn.Linear(f_in, f_out, bias=not has_norm_layer(norm))
-            layers += block(linear, norm, f_out, False, nn.LeakyReLU(cfg.leaky_slope), cfg.dropout)
+            layer, activation = self.hidden_layer(cfg, f_in, f_out, norm)
+            layers += block(layer, norm, f_out, False, activation, cfg.dropout)
         layers += [nn.Linear(sizes[-1], 1), Squeeze()]
         self.net = nn.Sequential(*layers)
         if cfg.norm == "spectral":
             apply_spectral_norm(self)
+
+    def hidden_layer(self, cfg: DiscriminatorConfig, f_in: int, f_out: int, norm: str) -> tuple[nn.Module, nn.Module]:
+        return nn.Linear(f_in, f_out, bias=not has_norm_layer(norm)), nn.LeakyReLU(cfg.leaky_slope)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -67,21 +70,8 @@ class Maxout(nn.Module):
         return reduce(self.linear(x), "b (o k) -> b o", "max", k=self.pieces)
 
 
-class MaxoutDiscriminator(nn.Module):
+class MaxoutDiscriminator(MLPDiscriminator):
     """The maxout MLP discriminator of the GAN paper (Goodfellow et al. 2014): maxout layers with dropout."""
 
-    def __init__(self, cfg: DiscriminatorConfig, resolution: int, channels: int) -> None:
-        super().__init__()
-        check_norm(cfg.norm, D_NORMS, "discriminator.norm")
-        sizes = [channels * resolution * resolution, *cfg.hidden]
-        layers: list[nn.Module] = [Flatten()]
-        for i, (f_in, f_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            norm = cfg.norm if i > 0 else "none"
-            layers += block(Maxout(f_in, f_out, cfg.maxout_pieces), norm, f_out, False, nn.Identity(), cfg.dropout)
-        layers += [nn.Linear(sizes[-1], 1), Squeeze()]
-        self.net = nn.Sequential(*layers)
-        if cfg.norm == "spectral":
-            apply_spectral_norm(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def hidden_layer(self, cfg: DiscriminatorConfig, f_in: int, f_out: int, norm: str) -> tuple[nn.Module, nn.Module]:
+        return Maxout(f_in, f_out, cfg.maxout_pieces), nn.Identity()
