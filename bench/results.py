@@ -83,16 +83,41 @@ def rel(path: Path) -> str:
 
 
 def shown(cmd: list[str]) -> str:
-    """A command as a person would type it (paths are already relative to the repo root, the cwd)."""
-    return " ".join(["python"] + cmd[1:])
+    """A command as a person would type it in the repo root: python -m ... with repo-relative paths."""
+    def arg(a: str) -> str:
+        key, sep, value = a.rpartition("=")
+        return f"{key}{sep}{rel(Path(value))}" if os.path.isabs(value) else a
+
+    return " ".join(["python"] + [arg(a) for a in cmd[1:]])
+
+
+def snapshot(work: Path) -> tuple[Path, str]:
+    """distgan/ and configs/ as committed at HEAD, copied once into WORK/src: every command of a regeneration
+    runs that code (its cwd), never a working tree other people may be editing while it trains."""
+    src = work / "src"
+    if not (src / "COMMIT").is_file():
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        tmp = work / "src.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", commit, "distgan", "configs"], cwd=REPO, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        (tmp / "COMMIT").write_text(commit + "\n")
+        os.replace(tmp, src)
+    return src, (src / "COMMIT").read_text().strip()
+
+
+CODE: Optional[Path] = None  # the snapshot the commands run in (set by main)
 
 
 def call(cmd: list[str], log_file: Optional[Path] = None) -> subprocess.CompletedProcess:
     print(f"[{time.strftime('%H:%M:%S')}] {shown(cmd)}", flush=True)
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", PYTHONPATH=str(CODE))
     stdout = open(log_file, "a") if log_file else subprocess.DEVNULL
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stdout, text=True)
+        proc = subprocess.run(cmd, cwd=CODE, env=env, stdout=subprocess.PIPE, stderr=stdout, text=True)
     finally:
         if log_file:
             stdout.close()
@@ -145,7 +170,9 @@ def prepare_data(work: Path, quick: bool) -> tuple[Path, dict]:
         cmd = py + ["distgan.eval", "train-features", "--data", str(data)]
         cmd += ["--steps", QUICK["classifier_steps"]] if quick else []
         out = json.loads(call(cmd, work / "classifier.log").stdout.strip().splitlines()[-1])
-        out.update(command=shown(cmd), seconds_note="wall seconds with other jobs sharing the CPU")
+        out.update(command=shown(cmd), path=rel(Path(out["path"])), accuracy_on=out["accuracy_on"].replace(
+            str(test), rel(test)), seconds_note="wall seconds with other jobs sharing the CPU",
+                   commit=(CODE / "COMMIT").read_text().strip())
         record_file.write_text(json.dumps(out, indent=2) + "\n")
     return data, json.loads(record_file.read_text())
 
@@ -207,7 +234,9 @@ def collect(run: Run, run_dir: Path, train_cmd: str, eval_cmd: str, quick: bool,
     record = {
         "name": run.name, "label": run.label, "config": run.config, "overrides": list(run.overrides),
         "common_overrides": list(COMMON_OVERRIDES), "quick": quick, "train_command": train_cmd,
-        "eval_command": eval_cmd, "steps": last["step"], "images_seen": last["images_seen"], "files": files,
+        "eval_command": eval_cmd, "commit": (CODE / "COMMIT").read_text().strip() if CODE else None,
+        "code_note": "distgan/ and configs/ of this commit, run from a copy (WORK/src), not the working tree",
+        "steps": last["step"], "images_seen": last["images_seen"], "files": files,
         "machine": machine(),
         "wall": {"seconds": round(sum(s["seconds"] or 0 for s in segments), 1) if segments else None,
                  "segments": segments,
@@ -342,14 +371,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{rel(markdown)}: the results table matches bench/results/")
         return 0
     if not args.table_only:
-        work = Path(rel(args.work or Path("runs/bench-quick" if args.quick else "runs/bench")))
-        os.chdir(REPO)  # the commands use paths relative to the repo root
+        global CODE
+        work = (args.work or Path("runs/bench-quick" if args.quick else "runs/bench")).resolve()
         if args.quick:
             results, markdown = work / "results", work / "BENCHMARKS.md"
             if not markdown.is_file():
                 work.mkdir(parents=True, exist_ok=True)
                 shutil.copy(MARKDOWN, markdown)
         work.mkdir(parents=True, exist_ok=True)
+        CODE, commit = snapshot(work)
+        print(f"code: distgan and configs/ of commit {commit} in {rel(CODE)}", flush=True)
         n = args.n or (QUICK["n"] if args.quick else 10000)
         data, classifier = prepare_data(work, args.quick)
         results.mkdir(parents=True, exist_ok=True)
