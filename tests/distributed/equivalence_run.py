@@ -1,11 +1,16 @@
-"""Train every case of the DDP equivalence matrix for a few steps and write each rank's weights.
+"""Train cases of the DDP equivalence matrix for a few steps and write each rank's weights (or gradients).
 
-    python tests/distributed/equivalence_run.py OUT [CASE ...]                         # one process
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 tests/distributed/equivalence_run.py OUT
-Writes OUT/CASE/world{W}-rank{R}.safetensors with G.*, D.*, G_ema.* tensors.
+    python tests/distributed/equivalence_run.py OUT [CASE ...] [--steps N] [--tag T] [--resume auto] [--grads]
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file launch/cpu-2proc.yaml tests/distributed/equivalence_run.py OUT
+
+Writes OUT/CASE/{T}world{W}-rank{R}.safetensors with G.*, D.*, G_ema.* tensors; the run dir is OUT/CASE/T
+(default: one per process count), so a second call with the same --tag and --resume auto continues it, on
+any process count. --grads writes instead the gradients that the first D and G optimizer steps received
+(after DDP's all-reduce), as OUT/CASE/grads-world{W}-rank{R}.safetensors.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -35,31 +40,62 @@ CASES = {f"{p}.{n}": PENALTIES[p] + NORMS[n] for p in PENALTIES for n in NORMS i
 STEPS = 20
 
 
-def run_case(name: str, out: Path) -> None:
+def record_first_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Fill a dict with the gradients each optimizer holds when it first steps (a torch step pre-hook)."""
+    grads: dict[str, torch.Tensor] = {}
+    for prefix, module, optimizer in (("D", trainer.D_plain, trainer.opt_d), ("G", trainer.G_plain, trainer.opt_g)):
+        names = {id(p): name for name, p in module.named_parameters()}
+
+        def hook(opt, _args, _kwargs, prefix=prefix, names=names):
+            if any(key.startswith(prefix + ".") for key in grads):
+                return
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        grads[f"{prefix}.{names[id(p)]}"] = p.grad.detach().clone()
+
+        optimizer.optimizer.register_step_pre_hook(hook)
+    return grads
+
+
+def run_case(name: str, out: Path, steps: int, tag: str | None, resume: str | None, grads: bool) -> Trainer:
+    world = os.environ.get("WORLD_SIZE", "1")
+    run_dir = out / name / (tag or f"world{world}")
     overrides = CASES[name] + [
-        f"run.dir={out / name / ('world' + os.environ.get('WORLD_SIZE', '1'))}", f"train.steps={STEPS}", "train.batch_size=12", "log.wandb=false",
+        f"run.dir={run_dir}", f"train.steps={steps}", "train.batch_size=12", "log.wandb=false",
         "log.sample_every=1000", "log.every=1000", "checkpoint.every=1000", "log.gif=false",
         "ema.half_life_kimg=0.05", "ema.rampup=0",
     ]
-    trainer = Trainer(load_config("smoke", overrides), source=MemorySource())
+    trainer = Trainer(load_config("smoke", overrides), source=MemorySource(), resume=resume)
+    recorded = record_first_gradients(trainer) if grads else None
     trainer.fit()
-    tensors = {}
-    for prefix, module in (("G", trainer.G_plain), ("D", trainer.D_plain), ("G_ema", trainer.ema.model)):
-        for key, value in module.state_dict().items():
-            tensors[f"{prefix}.{key}"] = value.detach().contiguous().clone()
     acc = trainer.accelerator
-    save_file(tensors, str(out / name / f"world{acc.num_processes}-rank{acc.process_index}.safetensors"))
+    if recorded is not None:
+        tensors, stem = recorded, "grads-"
+    else:
+        tensors, stem = {}, tag or ""
+        for prefix, module in (("G", trainer.G_plain), ("D", trainer.D_plain), ("G_ema", trainer.ema.model)):
+            for key, value in module.state_dict().items():
+                tensors[f"{prefix}.{key}"] = value.detach().contiguous().clone()
+    save_file(tensors, str(out / name / f"{stem}world{acc.num_processes}-rank{acc.process_index}.safetensors"))
     acc.wait_for_everyone()
     return trainer
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("cases", nargs="*")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--tag", help="run dir name under OUT/CASE (shared across process counts, for resume)")
+    parser.add_argument("--resume")
+    parser.add_argument("--grads", action="store_true", help="record the first step's gradients instead")
+    args = parser.parse_args()
     if os.environ.get("EQ_DTYPE") == "float64":  # rounding-free comparison: differences are then logic, not noise
         torch.set_default_dtype(torch.float64)
-    out = Path(sys.argv[1])
     trainer = None
-    for name in sys.argv[2:] or list(CASES):
-        trainer = run_case(name, out)
+    for name in args.cases or list(CASES):
+        trainer = run_case(name, args.out, 1 if args.grads else args.steps, args.tag, args.resume, args.grads)
     trainer.close()
 
 
