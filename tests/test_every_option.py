@@ -1,0 +1,337 @@
+"""Every choice in the config schema, trained for two steps through the real Trainer.
+
+A matrix of override lists on tiny models: each case must give finite losses, a final checkpoint and the
+exported generator, G and D weights that moved (a trainer whose optimizers never step fails every case),
+and what its options imply: the norm layers, optimisers and latents built, first losses at the configured
+kind's level, penalty lines, EMA beta, images seen, clipped updates. These prove plumbing, not learning
+(tests/test_learning.py does that). Refused combinations are asserted to raise
+their ConfigError. A meta-test walks every ``Literal`` key of distgan/config.py and fails when a value is
+trained by no case here (nor by a named test elsewhere); tests/test_configs.py does the same for configs/.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn.utils import parametrize
+
+from conftest import REPO
+from distgan.config import Config, ConfigError, LossConfig, load_config
+from distgan.data.shards import write_shards
+from distgan.nn import SyncBatchNorm
+from distgan.nn.dcgan import BASE_SIZE
+from distgan.trainer import Trainer
+
+TINY = (
+    "generator.width=4", "generator.max_width=32", "generator.z_dim=8", "generator.hidden=[16,16]",
+    "discriminator.width=4", "discriminator.max_width=32", "discriminator.hidden=[16,8]",
+    "discriminator.maxout_pieces=2", "train.batch_size=8", "train.steps=2", "data.num_workers=0",
+    "data.shards_per_block=1", "log.every=1", "log.sample_every=1", "log.n_samples=4", "log.wandb=false",
+    "log.gif=false", "log.progress_bar=false",
+)
+# data sets by resolution: Fashion-MNIST (real, 28x28x1) and synthetic RGB shards (the point is shape and plumbing)
+RESOLUTIONS = {"fashion": 28, "rgb32": 32, "rgb64": 64, "rgb128": 128}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    overrides: tuple[str, ...]
+    data: str = "fashion"
+    config: Optional[str] = None  # a name in configs/, or None for the schema's defaults
+
+    def load(self, data_path: str = "unused", run_dir: str = "unused") -> Config:
+        base = TINY if self.config is None else ()
+        return load_config(self.config, [*base, *self.overrides, f"data.path={data_path}", f"run.dir={run_dir}"])
+
+
+def literal_values(tp: typing.Any) -> tuple:
+    """The values of a ``Literal`` annotation (also inside Optional/Union); () for any other type."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    return tuple(v for arg in typing.get_args(tp) for v in literal_values(arg)) if typing.get_origin(tp) else ()
+
+
+def choice_keys() -> dict[str, tuple]:
+    """``section.key`` -> its allowed values, for every Literal-typed field of every config section."""
+    out = {}
+    for section, section_type in typing.get_type_hints(Config).items():
+        for name, tp in typing.get_type_hints(section_type).items():
+            if values := literal_values(tp):
+                out[f"{section}.{name}"] = values
+    return out
+
+
+def _loss_case(kind: str, penalty: str) -> Case:
+    """Every kind x penalty, with the discriminator norm the validator asks for where the default is refused."""
+    fix = ()
+    if penalty == "wgan-gp":
+        fix = ("discriminator.norm=layer",)
+    elif kind == "wasserstein" and penalty == "none":
+        fix = ("discriminator.norm=spectral",)
+    return Case(f"{kind}-{penalty}", (f"loss.kind={kind}", f"loss.penalty={penalty}", *fix))
+
+
+_LOSS = typing.get_type_hints(LossConfig)
+MATRIX: list[Case] = [
+    *(_loss_case(k, p) for k in literal_values(_LOSS["kind"]) for p in literal_values(_LOSS["penalty"])),
+    Case("lazy-r1", ("loss.penalty=r1", "loss.penalty_interval=2")),
+    Case("dcgan-32-rgb", (), "rgb32"),
+    Case("dcgan-64-rgb", ("train.batch_size=4",), "rgb64"),
+    Case("dcgan-128-rgb", ("train.batch_size=4",), "rgb128"),
+    Case("mlp-batch-layer", ("generator.arch=mlp", "generator.norm=batch", "discriminator.arch=mlp",
+                             "discriminator.norm=layer")),
+    Case("mlp-32-rgb", ("generator.arch=mlp", "discriminator.arch=mlp", "discriminator.norm=none"), "rgb32"),
+    Case("maxout-spectral", ("generator.arch=mlp", "discriminator.arch=maxout", "discriminator.norm=spectral")),
+    Case("tf_dcgan", ("generator.arch=tf_dcgan", "discriminator.arch=tf_dcgan", "discriminator.norm=none")),
+    Case("tf_dcgan-32-rgb", ("generator.arch=tf_dcgan", "discriminator.arch=tf_dcgan"), "rgb32"),
+    Case("sync-batch-r1", ("generator.norm=sync-batch", "discriminator.norm=sync-batch", "loss.penalty=r1")),
+    Case("no-norms", ("generator.norm=none", "discriminator.norm=none")),
+    Case("uniform-z-leaky-g", ("generator.z_dist=uniform", "generator.leaky_slope=0.2")),
+    Case("d-steps-3", ("train.d_steps=3",)),
+    Case("ema-off", ("ema.enabled=false",)),
+    Case("ema-fixed-decay", ("ema.decay=0.999",)),
+    Case("sgd-momentum", ("g_optim.name=sgd", "g_optim.momentum=0.9", "g_optim.lr=0.01",
+                          "d_optim.name=sgd", "d_optim.momentum=0.9", "d_optim.lr=0.01")),
+    Case("adamw", ("g_optim.name=adamw", "g_optim.weight_decay=0.01", "d_optim.name=adamw",
+                   "d_optim.weight_decay=0.01")),
+    # plain SGD makes the clip visible: each G update is at most lr * max_grad_norm long
+    Case("max-grad-norm", ("train.max_grad_norm=0.001", "g_optim.name=sgd", "g_optim.lr=0.01",
+                           "d_optim.name=sgd", "d_optim.lr=0.01")),
+    Case("hflip", ("data.hflip=true",)),
+    Case("one-data-worker", ("data.num_workers=1",)),
+    Case("on-nonfinite-skip", ("train.on_nonfinite=skip",)),
+    # quoted: YAML 1.1 reads a bare `no` as False, which the Literal check refuses (a distgan bug, reported)
+    Case("mixed-precision-no", ("train.mixed_precision='no'",)),
+]
+
+REFUSED: list[tuple[tuple[str, ...], str]] = [
+    (("loss.penalty=wgan-gp",), "loss.penalty=wgan-gp with discriminator.norm=batch: .*discriminator.norm=layer"),
+    (("loss.penalty=wgan-gp", "discriminator.norm=sync-batch"), "with discriminator.norm=sync-batch: the penalty"),
+    (("loss.kind=wasserstein",), "wasserstein without a Lipschitz constraint diverges: set loss.penalty=wgan-gp"),
+    (("loss.kind=wasserstein", "discriminator.norm=layer"), "without a Lipschitz constraint"),
+]
+
+# values no in-process CPU case can train, each covered (as a refusal) by the named test
+COVERED_ELSEWHERE: dict[tuple[str, str], str] = {
+    ("train.mixed_precision", "fp16"): "tests/distributed/test_launch.py::test_mixed_precision_on_cpu_is_a_clear_error",
+    ("train.mixed_precision", "bf16"): "tests/distributed/test_launch.py::test_mixed_precision_on_cpu_is_a_clear_error",
+}
+
+
+# ---------------------------------------------------------------- running a case
+
+
+@pytest.fixture(scope="module")
+def datasets(fashion_shards, tmp_path_factory) -> dict[str, Path]:
+    """Real Fashion-MNIST shards and 16 random RGB images (2 shards) at each larger resolution."""
+    root = tmp_path_factory.mktemp("synthetic")
+    rng = np.random.default_rng(0)
+    out = {"fashion": fashion_shards}
+    for name, res in RESOLUTIONS.items():
+        if name == "fashion":
+            continue
+        images = rng.integers(0, 256, (16, res, res, 3), dtype=np.uint8)
+        write_shards(images, rng.integers(0, 3, 16), root / name, classes=list("abc"), shard_size=8, progress=False)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture
+def fast(monkeypatch) -> Iterator[None]:
+    """One intra-op thread and no end-of-run plots: with 2 threads on a busy 2-core machine a tiny batch norm
+    took 60 ms instead of 0.2 ms, and matplotlib costs more than two steps (tests/test_configs.py's CLI test
+    and tests/test_eval.py draw the plots)."""
+    monkeypatch.setattr("distgan.trainer.set_cpu_threads", lambda *args: torch.get_num_threads())
+    monkeypatch.setattr("distgan.plots.plot_run", lambda run_dir: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+# each kind's (D loss, G loss) at constant logits: D's first logits are small and close together, so the first
+# step's losses sit near these (within Jensen's gap, under 0.1 in this matrix) and the kinds lie 0.5 or more apart
+AT_MEAN_LOGITS = {
+    "minimax": (lambda r, f: softplus(-r) + softplus(f), lambda f: -softplus(f)),
+    "non-saturating": (lambda r, f: softplus(-r) + softplus(f), lambda f: softplus(-f)),
+    "hinge": (lambda r, f: 2 - r + f, lambda f: -f),
+    "wasserstein": (lambda r, f: f - r, lambda f: -f),
+    "least-squares": (lambda r, f: 0.5 * (r - 1) ** 2 + 0.5 * f ** 2, lambda f: 0.5 * (f - 1) ** 2),
+}
+
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+NORM_LAYERS = {"batch": (nn.BatchNorm1d, nn.BatchNorm2d), "sync-batch": (SyncBatchNorm,),
+               "layer": (nn.LayerNorm, nn.GroupNorm)}
+
+
+def norms_in(model: nn.Module) -> set[str]:
+    """The norm kinds a built model contains, named as in the config."""
+    found = {kind for kind, types in NORM_LAYERS.items() if any(isinstance(m, types) for m in model.modules())}
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        found.add("spectral")
+    return found or {"none"}
+
+
+def parameters(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: {k: p.detach().clone() for k, p in model.named_parameters()}
+            for name, model in (("G", trainer.G_plain), ("D", trainer.D_plain))}
+
+
+def train(cfg: Config, resume: Optional[str] = None) -> tuple[Trainer, dict[str, dict[str, torch.Tensor]]]:
+    """Fit a Trainer for ``cfg``; returns it with G's and D's parameters from before the first step."""
+    trainer = Trainer(cfg, resume=resume)
+    before = parameters(trainer)
+    trainer.fit()
+    return trainer, before
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_run(trainer: Trainer, before: dict[str, dict[str, torch.Tensor]], first_step: int = 0) -> None:
+    """What every trained case must show, and what its options imply, from the files the run wrote."""
+    cfg, run, st = trainer.cfg, trainer.run_dir, trainer.state
+    t, loss = cfg.train, cfg.loss
+    assert st.step == t.steps and st.batches_consumed == t.steps * t.d_steps and st.skipped_steps == 0
+    # the options reached the models, the optimisers and the latents
+    assert norms_in(trainer.G_plain) == {cfg.generator.norm} and norms_in(trainer.D_plain) == {cfg.discriminator.norm}
+    assert any(isinstance(m, nn.Dropout) for m in trainer.D_plain.modules()) == (cfg.discriminator.dropout > 0)
+    for opt, o in ((trainer.opt_g, cfg.g_optim), (trainer.opt_d, cfg.d_optim)):
+        assert type(opt.optimizer) is OPTIMIZERS[o.name]
+        group = opt.param_groups[0]
+        assert (group["lr"], group["weight_decay"], group.get("momentum", 0.0)) == (o.lr, o.weight_decay, o.momentum)
+    assert bool(trainer.fixed_z.abs().max() <= 1) == (cfg.generator.z_dist == "uniform")
+    lines = [line for line in metrics(run) if line["step"] > first_step]
+    assert [line["step"] for line in lines] == list(range(first_step + 1, t.steps + 1))  # log.every=1
+    for line in lines:
+        for key in ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g"):
+            assert math.isfinite(line[key]), (key, line)
+        d_indices = range((line["step"] - 1) * t.d_steps, line["step"] * t.d_steps)
+        penalized = loss.penalty != "none" and any(i % loss.penalty_interval == 0 for i in d_indices)
+        assert ("penalty" in line) == penalized and (not penalized or math.isfinite(line["penalty"])), line
+        assert ("ema_beta" in line) == cfg.ema.enabled, line
+        if cfg.ema.decay is not None:
+            assert line["ema_beta"] == cfg.ema.decay
+    assert lines[-1]["images_seen"] == t.steps * t.batch_size * t.d_steps
+    if first_step == 0:  # the configured loss is the one trained
+        d_loss, g_loss = AT_MEAN_LOGITS[loss.kind]
+        first = lines[0]
+        assert abs(first["loss_d"] - d_loss(first["d_real"], first["d_fake"])) < 0.15, (loss.kind, first)
+        assert abs(first["loss_g"] - g_loss(first["d_fake"])) < 0.15, (loss.kind, first)
+
+    ckpt = run / "checkpoints" / f"step-{t.steps:08d}"
+    for name, start in before.items():
+        saved = load_file(str(ckpt / f"{name}.safetensors"))
+        assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
+        # every weight matrix and kernel; a bias may rightly stay (hinge and Wasserstein D biases get -1 + 1 = 0)
+        frozen = [k for k, v in start.items() if v.dim() > 1 and torch.equal(saved[k], v)]
+        assert not frozen, f"{name} weights did not move in {t.steps} steps: {frozen}"
+    sampled = "G_ema" if cfg.ema.enabled else "G"
+    assert (ckpt / "G_ema.safetensors").is_file() == cfg.ema.enabled
+    export = load_file(str(run / "generator_ema.safetensors"))
+    reference = load_file(str(ckpt / f"{sampled}.safetensors"))
+    assert export.keys() == reference.keys() and all(torch.equal(export[k], reference[k]) for k in export)
+    meta = json.loads((run / "generator_ema.json").read_text())
+    source = trainer.source
+    assert (meta["ema"], meta["resolution"], meta["channels"]) == (cfg.ema.enabled, source.resolution, source.channels)
+    grids = {p.name for p in (run / "samples").glob("*.png")}
+    prefixes = ("g", "g_ema") if cfg.ema.enabled else ("g",)
+    assert grids == {f"{p}-step-{s:08d}.png" for p in prefixes for s in range(1, t.steps + 1)}
+
+    if t.max_grad_norm > 0 and cfg.g_optim.name == "sgd" and cfg.g_optim.momentum == 0:
+        assert min(line["grad_norm_g"] for line in lines) > t.max_grad_norm, "the clip had nothing to do"
+        moved = torch.cat([(before["G"][k] - trainer.G_plain.get_parameter(k).detach()).flatten()
+                           for k in before["G"]]).norm()
+        assert moved <= (t.steps - first_step) * cfg.g_optim.lr * t.max_grad_norm * (1 + 1e-3), "G steps not clipped"
+
+
+# ---------------------------------------------------------------- the matrix
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("case", MATRIX, ids=lambda c: c.id)
+def test_option_trains(case: Case, datasets, tmp_path, fast):
+    trainer, before = train(case.load(str(datasets[case.data]), str(tmp_path / "run")))
+    check_run(trainer, before)
+
+
+@pytest.mark.parametrize("overrides, message", REFUSED, ids=["+".join(o) for o, _ in REFUSED])
+def test_refused_combination_names_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*TINY, *overrides])
+
+
+@pytest.mark.timeout(180)
+def test_dropout_run_resumes_where_it_stopped(datasets, tmp_path, fast):
+    """2 steps, then ``--resume auto`` to 4: the counter continues and the weights equal 4 straight steps
+    (dropout masks are drawn from (seed, step, rank), so resuming needs no RNG state)."""
+    def load(run: Path, steps: int) -> Config:
+        return load_config(None, [*TINY, "discriminator.dropout=0.3", f"train.steps={steps}", "checkpoint.every=1000",
+                                  f"data.path={datasets['fashion']}", f"run.dir={run}"])
+
+    first, before = train(load(tmp_path / "split", 2), resume="auto")
+    check_run(first, before)
+    second = Trainer(load(tmp_path / "split", 4), resume="auto")
+    assert second.resumed_from.name == "step-00000002" and second.state.step == 2
+    before = parameters(second)
+    second.fit()
+    check_run(second, before, first_step=2)
+    assert [line["step"] for line in metrics(tmp_path / "split")] == [1, 2, 3, 4]
+    straight, _ = train(load(tmp_path / "straight", 4))
+    for name in ("G", "D", "G_ema"):
+        a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-00000004" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "split" / "checkpoints" / "step-00000004" / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name}: 2 + resume + 2 != 4 steps"
+
+
+# ---------------------------------------------------------------- coverage of the schema
+
+
+def trained_configs() -> list[Config]:
+    """The resolved config of every case trained in this file and in tests/test_configs.py."""
+    from test_configs import CONFIG_CASES  # here, not at the top: test_configs imports this module
+
+    return [case.load() for case in [*MATRIX, *CONFIG_CASES]]
+
+
+def test_every_choice_value_is_trained():
+    keys = choice_keys()
+    seen = {(key, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))
+            for cfg in trained_configs() for key in keys}
+    missing = [f"{key}={value}" for key, values in keys.items() for value in values
+               if (key, value) not in seen and (key, value) not in COVERED_ELSEWHERE]
+    assert not missing, f"choices no test trains: {missing}; add a case to MATRIX or a named test to COVERED_ELSEWHERE"
+    for (key, value), test in COVERED_ELSEWHERE.items():
+        assert value in keys[key], f"COVERED_ELSEWHERE names {key}={value}, which the schema no longer has"
+        path, name = test.split("::")
+        assert re.search(rf"^def {name}\(", (REPO / path).read_text(), re.M), f"{test} does not exist"
+
+
+def test_dcgan_is_trained_at_every_resolution_it_supports():
+    trained = {RESOLUTIONS[c.data] for c in MATRIX
+               if (cfg := c.load()).generator.arch == cfg.discriminator.arch == "dcgan"}
+    assert trained == set(BASE_SIZE)
+
+
+def test_choice_keys_are_found():
+    """The walk over the schema sees the choice keys (so an empty walk cannot pass the coverage test)."""
+    keys = choice_keys()
+    assert keys["loss.penalty"] == ("none", "wgan-gp", "r1", "r2") and keys["d_optim.name"] == ("adam", "adamw", "sgd")
+    assert len(keys) >= 10
