@@ -110,11 +110,14 @@ def snapshot(work: Path) -> tuple[Path, str]:
 
 
 CODE: Optional[Path] = None  # the snapshot the commands run in (set by main)
+THREADS = 1  # torch threads per command (OMP_NUM_THREADS; set by main from --threads)
 
 
 def call(cmd: list[str], log_file: Optional[Path] = None) -> subprocess.CompletedProcess:
     print(f"[{time.strftime('%H:%M:%S')}] {shown(cmd)}", flush=True)
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", PYTHONPATH=str(CODE))
+    if THREADS:
+        env["OMP_NUM_THREADS"] = str(THREADS)
     stdout = open(log_file, "a") if log_file else subprocess.DEVNULL
     try:
         proc = subprocess.run(cmd, cwd=CODE, env=env, stdout=subprocess.PIPE, stderr=stdout, text=True)
@@ -236,6 +239,7 @@ def collect(run: Run, run_dir: Path, train_cmd: str, eval_cmd: str, quick: bool,
         "common_overrides": list(COMMON_OVERRIDES), "quick": quick, "train_command": train_cmd,
         "eval_command": eval_cmd, "commit": (CODE / "COMMIT").read_text().strip() if CODE else None,
         "code_note": "distgan/ and configs/ of this commit, run from a copy (WORK/src), not the working tree",
+        "threads": THREADS or "torch default",
         "steps": last["step"], "images_seen": last["images_seen"], "files": files,
         "machine": machine(),
         "wall": {"seconds": round(sum(s["seconds"] or 0 for s in segments), 1) if segments else None,
@@ -282,7 +286,9 @@ def render_table(results: Path = RESULTS) -> str:
         dates = sorted(m["date"] for m in machines)
         lines.append("Measured on " + _distinct([f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
                                                   f"{'a GPU' if m['gpu'] else 'no GPU'}" for m in machines])
-                     + ", torch " + _distinct([m["torch"] for m in machines]) + ", "
+                     + ", torch " + _distinct([m["torch"] for m in machines]) + ", one process of "
+                     + _distinct([str(r["run"].get("threads", "torch default")) for r in found.values()])
+                     + " thread(s) per run, "
                      + (dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}") + ".")
         if any(r["run"]["quick"] for r in found.values()):
             lines.append("**Quick runs (--quick): a check of the pipeline, not results.**")
@@ -357,6 +363,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--runs", nargs="+", choices=[r.name for r in RUNS],
                         help="only these runs, in this order (default: all, in TRAIN_ORDER)")
     parser.add_argument("--n", type=int, help="generated images evaluated (default 10000; --quick 1000)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per command (OMP_NUM_THREADS; 0: torch's default). Default 1: the "
+                             "figures do not depend on it, and on a CPU shared with other jobs two threads per "
+                             "process spend most of their time waiting for each other (measured here: about 4x "
+                             "fewer images per CPU-second than one thread)")
     parser.add_argument("--table-only", action="store_true", help="write the table from bench/results/, no training")
     parser.add_argument("--check", action="store_true", help="exit 1 when the table in BENCHMARKS.md is not the "
                                                              "one bench/results/ gives")
@@ -371,7 +382,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{rel(markdown)}: the results table matches bench/results/")
         return 0
     if not args.table_only:
-        global CODE
+        global CODE, THREADS
+        THREADS = args.threads
         work = (args.work or Path("runs/bench-quick" if args.quick else "runs/bench")).resolve()
         if args.quick:
             results, markdown = work / "results", work / "BENCHMARKS.md"
