@@ -63,8 +63,9 @@ RUNS = (
     Run("v_ema_off", "EMA off", "fashion_mnist", ("ema.enabled=false",)),
 )
 
-# Training order: cheapest and most looked-at first, so an interrupted regeneration has the most rows.
-TRAIN_ORDER = ("seed_mlp_gan", "fashion_mnist", "v_r1", "v_ema_off", "v_hinge", "v_wgan_gp", "seed_dcgan")
+# Training order: the default against the seed recipes first, then the variants, so an interrupted
+# regeneration has the table's main comparison.
+TRAIN_ORDER = ("seed_mlp_gan", "fashion_mnist", "seed_dcgan", "v_r1", "v_ema_off", "v_hinge", "v_wgan_gp")
 assert sorted(TRAIN_ORDER) == sorted(r.name for r in RUNS)
 
 # --quick: tiny runs for checking this script end to end (appended last, so they win over the runs' own).
@@ -196,6 +197,8 @@ def train_and_evaluate(run: Run, work: Path, data: Path, n: int, quick: bool, re
         call(train_cmd, run_dir / "train.log")
         segment.update(seconds=round(time.time() - start, 1), loadavg_end=[round(x, 2) for x in os.getloadavg()])
         wall_file.write_text(json.dumps(segments + [segment], indent=2) + "\n")
+        if not (run_dir / "generator_ema.safetensors").is_file():  # a STOP file or a signal: checkpointed
+            raise SystemExit(f"{run.name}: training stopped on request before the end; run again to resume it")
     eval_cmd = [sys.executable, "-m", "distgan.eval", "--run", str(run_dir), "--n", str(n)]
     eval_file = run_dir / "eval.json"
     if not eval_file.is_file() or json.loads(eval_file.read_text())["meta"]["n"] != n:
