@@ -289,9 +289,10 @@ def render_table(results: Path = RESULTS) -> str:
         dates = sorted(m["date"] for m in machines)
         lines.append("Measured on " + _distinct([f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
                                                   f"{'a GPU' if m['gpu'] else 'no GPU'}" for m in machines])
-                     + ", torch " + _distinct([m["torch"] for m in machines]) + ", one process of "
-                     + _distinct([str(r["run"].get("threads", "torch default")) for r in found.values()])
-                     + " thread(s) per run, "
+                     + ", torch " + _distinct([m["torch"] for m in machines]) + ", one process per run with "
+                     + _distinct([str(r["run"].get("threads", "the default")) for r in found.values()])
+                     + " torch thread(s) (--threads), distgan and configs/ at commit "
+                     + _distinct([str(r["run"].get("commit"))[:10] for r in found.values()]) + ", "
                      + (dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}") + ".")
         if any(r["run"]["quick"] for r in found.values()):
             lines.append("**Quick runs (--quick): a check of the pipeline, not results.**")
