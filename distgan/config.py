@@ -92,6 +92,7 @@ class TrainConfig:
     max_grad_norm: float = 0.0  # clip gradient norms when > 0
     collective_timeout_s: float = 600.0  # a rank that stops answering ends the job after this long
     stop_check_every: int = 1  # steps between checks of the stop request (signal or STOP file)
+    cpu_threads: int = 0  # CPU threads per process; 0 = the cores available divided by the processes on this node (launchers' OMP_NUM_THREADS is ignored: they set 1 by default)
 
 
 @dataclass
@@ -305,6 +306,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' = {value}: must be at least 1")
     if not 0.0 <= d.dropout < 1.0:
         raise ConfigError(f"config key 'discriminator.dropout' = {d.dropout}: must be in [0, 1)")
+    if t.cpu_threads < 0:
+        raise ConfigError(f"config key 'train.cpu_threads' = {t.cpu_threads}: must be 0 (automatic) or more")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers' = {cfg.data.num_workers}: must be 0 or more")
     if cfg.ema.decay is not None and not 0.0 <= cfg.ema.decay < 1.0:

@@ -66,7 +66,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         self.accelerator = acc = make_accelerator(cfg)
-        set_cpu_threads(acc)
+        set_cpu_threads(acc, cfg.train.cpu_threads)
         self.rank, self.world = acc.process_index, acc.num_processes
         self.local_batch = cfg.train.batch_size // self.world
         log.info(

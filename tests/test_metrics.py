@@ -136,6 +136,28 @@ def test_kid_of_one_set_with_itself_has_only_the_overlap_bias():
     assert -0.05 < mean < 0
 
 
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save all extracted features")
+@pytest.mark.parametrize("n,d,shift", [(300, 16, 0.1), (257, 5, 0.0), (120, 64, 0.5)])
+def test_kid_matches_torchmetrics_on_the_whole_set(n, d, shift):
+    """With subsets=1 and subset_size=N both draw every sample once (in an order that does not matter), so both
+    are the unbiased MMD^2 of the full sets with the same kernel (x.y / d + 1)^3. Only summation order differs:
+    float64 sums of N^2 kernel entries of order 1 agree to ~N eps = 3e-14 relative, and the difference of the
+    three terms (each ~1, the result >= 1e-3 here) loses at most 3 decades more: 1e-10 leaves margin above that."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    real = _gaussian(n, d, seed=n)
+    fake = _gaussian(n, d, seed=n + 1, shift=shift) * 1.2
+    reference = KernelInceptionDistance(feature=nn.Identity(), subsets=1, subset_size=n)  # features in, features out
+    reference.update(real, real=True)
+    reference.update(fake, real=False)
+    expected_mean, expected_std = reference.compute()
+    assert expected_mean.dtype == torch.float64  # the comparison is in float64 end to end
+    mean, std = kernel_inception_distance(real, fake, subsets=1, subset_size=n)
+    assert abs(float(expected_mean)) > 1e-3  # a figure well away from 0, so a relative tolerance means something
+    assert mean == pytest.approx(float(expected_mean), rel=1e-10)
+    assert std == float(expected_std) == 0.0
+
+
 def test_kid_is_deterministic_for_a_seed():
     real, fake = _gaussian(300, 8, seed=1), _gaussian(300, 8, seed=2, shift=0.2)
     first = kernel_inception_distance(real, fake, subsets=10, subset_size=100, seed=3)

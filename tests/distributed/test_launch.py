@@ -1,9 +1,8 @@
 """The real command through the real launcher: 2 gloo processes on CPU, resume across process counts,
-refused launches, and a dead rank ending the job in bounded time."""
+refused launches, threads per process, and a dead or hung rank ending the job in bounded time."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -14,7 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.distributed.launching import REPO, cpu_env, free_port, launch
+from distgan.config import ConfigError, load_config
+from distgan.distributed import available_cores, threads_per_process
+from tests.distributed.launching import (LAUNCH_CONFIGS, REPO, cpu_env, free_port, kill_launched, launch,
+                                        launch_command, start)
 
 pytestmark = [pytest.mark.distributed]
 
@@ -27,17 +29,67 @@ def steps_logged(run: Path) -> list[int]:
     return [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def threads_logged(log: str, world: int) -> list[int]:
+    """The thread count each rank logged at start-up ("rank R/W ... N threads ..."), in rank order."""
+    found = sorted((int(r), int(n)) for r, n in re.findall(rf"rank (\d+)/{world} .*?, (\d+) threads", log))
+    assert [r for r, _ in found] == list(range(world)), log[-3000:]
+    return [n for _, n in found]
+
+
+def test_the_launch_lines_are_the_readmes():
+    """launching.py runs these files; the README must tell users the same lines, or the tests prove another command."""
+    readme = (REPO / "README.md").read_text()
+    assert f"accelerate launch --config_file {LAUNCH_CONFIGS[1]} -m distgan.train" in readme
+    assert f"ACCELERATE_USE_CPU=1 accelerate launch --config_file {LAUNCH_CONFIGS[2]} -m distgan.train" in readme
+    assert all((REPO / path).is_file() for path in LAUNCH_CONFIGS.values())
+
+
+def test_threads_per_process_shares_the_cores():
+    assert threads_per_process(cores=2, local_processes=2) == 1
+    assert threads_per_process(cores=2, local_processes=1) == 2
+    assert threads_per_process(cores=16, local_processes=3) == 5  # never more threads than cores
+    assert threads_per_process(cores=2, local_processes=4) == 1  # at least one
+    assert threads_per_process(cores=2, local_processes=2, requested=3) == 3  # train.cpu_threads wins
+
+
+
+def test_a_slurm_allocation_bounds_the_cores():
+    """Under Slurm's task/none plugin nothing pins the task: its allocation must still bound the threads."""
+    machine = available_cores({})
+    assert machine >= 1
+    assert available_cores({"SLURM_CPUS_PER_TASK": "1", "SLURM_CPUS_ON_NODE": str(machine)}) == 1
+    assert available_cores({"SLURM_CPUS_ON_NODE": "1"}) == 1
+    assert available_cores({"SLURM_CPUS_PER_TASK": str(machine + 100)}) == machine  # never above the mask
+
+
+def test_cpu_threads_must_not_be_negative():
+    assert load_config("smoke", ["train.cpu_threads=3"]).train.cpu_threads == 3
+    with pytest.raises(ConfigError, match=r"'train.cpu_threads' = -1: must be 0 \(automatic\) or more"):
+        load_config("smoke", ["train.cpu_threads=-1"])
+
+
 @pytest.mark.timeout(300)
 def test_two_processes_train_the_real_command(fashion_shards, tmp_path):
     run = tmp_path / "run"
-    proc = launch(train_args(fashion_shards, run, "data.num_workers=2"), processes=2, timeout=240, module=True)
+    # OMP_NUM_THREADS=7 as a user's shell might have it (OpenMP caps it at the cores): distgan shares the cores
+    # between the processes instead (train.cpu_threads=0)
+    proc = launch(train_args(fashion_shards, run, "data.num_workers=2"), processes=2, timeout=240, module=True,
+                  env=cpu_env(OMP_NUM_THREADS="7"))
     log = proc.stdout + proc.stderr
     assert "rank 0/2" in log and "rank 1/2" in log
-    threads = [int(t) for t in re.findall(r"rank \d/2 .* (\d+) threads", log)]
-    assert len(threads) == 2 and sum(threads) <= max(2, len(os.sched_getaffinity(0)))
+    assert threads_logged(log, world=2) == [max(1, available_cores() // 2)] * 2
     assert steps_logged(run) == [5, 10, 15, 20]
     assert (run / "generator_ema.safetensors").is_file() and (run / "progress.gif").is_file()
     assert "per-rank batch 8" in log  # global batch 16 over 2 processes
+
+
+@pytest.mark.timeout(200)
+def test_one_process_uses_every_core_despite_the_launchers_one_thread(fashion_shards, tmp_path):
+    """OMP_NUM_THREADS=1, what accelerate launch passes on by default, must not leave a lone CPU process on one
+    core. (A larger value would not do here: OpenMP caps it at the cores, so it cannot tell old from new.)"""
+    proc = launch(train_args(fashion_shards, tmp_path / "run", "train.steps=1", "checkpoint.every=1"), processes=1,
+                  timeout=150, module=True, env=cpu_env(OMP_NUM_THREADS="1"))
+    assert threads_logged(proc.stdout + proc.stderr, world=1) == [available_cores()]
 
 
 @pytest.mark.timeout(300)
@@ -98,30 +150,72 @@ def test_mixed_precision_on_cpu_is_a_clear_error(tmp_path):
         assert proc.returncode == 2 and "needs a GPU" in proc.stderr and precision in proc.stderr
 
 
+def start_endless_training(shards: Path, run: Path, collective_timeout_s: float) -> subprocess.Popen:
+    """2 ranks training "forever" through the README's launch line (kill_launched ends every process of it)."""
+    cmd = launch_command(train_args(shards, run, "train.steps=100000", "log.every=1", "checkpoint.every=100000",
+                                    f"train.collective_timeout_s={collective_timeout_s}"), processes=2, module=True)
+    return start(cmd, cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def training_rank(launcher: subprocess.Popen, run: Path, rank: int) -> psutil.Process:
+    """The worker process of ``rank``, once both ranks have logged 3 steps (so every collective is set up)."""
+    deadline = time.time() + 120
+    while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 3):
+        assert launcher.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.5)
+    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+               if "distgan.train" in " ".join(p.cmdline())]
+    found = [p for p in workers if p.environ().get("RANK") == str(rank)]
+    assert len(found) == 1, [p.cmdline() for p in workers]
+    return found[0]
+
+
 @pytest.mark.timeout(240)
 def test_a_killed_rank_ends_the_job_in_bounded_time(fashion_shards, tmp_path):
+    """A rank that dies ends the job at once, far inside train.collective_timeout_s: the launcher sees the exit
+    and ends the other rank (measured: 2 s after the SIGKILL)."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), "-m"] + train_args(
-        fashion_shards, run, "train.steps=100000", "log.every=1", "checkpoint.every=100000", "train.collective_timeout_s=30")
-    launcher = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+    launcher = start_endless_training(fashion_shards, run, collective_timeout_s=30)
     try:
-        deadline = time.time() + 120
-        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 3):
-            assert launcher.poll() is None and time.time() < deadline, "training did not start"
-            time.sleep(0.5)
-        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "distgan.train" in " ".join(p.cmdline())]
-        rank1 = [p for p in workers if p.environ().get("RANK") == "1"]
-        assert rank1, [p.cmdline() for p in workers]
+        rank1 = training_rank(launcher, run, rank=1)
         killed_at = time.time()
-        rank1[0].send_signal(signal.SIGKILL)
+        rank1.send_signal(signal.SIGKILL)
         out, _ = launcher.communicate(timeout=90)
         elapsed = time.time() - killed_at
         assert launcher.returncode != 0, out[-3000:]
         assert elapsed < 60, f"the job took {elapsed:.0f} s to end after a rank died"
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.wait()
+        kill_launched(launcher)
+
+
+HUNG_TIMEOUT_S = 20  # train.collective_timeout_s for the hung-rank test
+# After the timeout the launcher (torch elastic's agent) SIGTERMs the other ranks and waits a fixed 30 s
+# (PContext._close's default) before SIGKILL; a stopped process holds SIGTERM pending, so the full 30 s pass.
+LAUNCHER_GRACE_S = 30
+HUNG_SLACK_S = 40  # the surviving rank's step, traceback and exit on a loaded 2-core machine (measured: 3 s)
+
+
+@pytest.mark.timeout(300)
+def test_a_hung_rank_ends_the_job_within_the_collective_timeout(fashion_shards, tmp_path):
+    """A stopped rank (SIGSTOP: alive, never answering) must not hang the job. The other rank's next collective
+    times out after train.collective_timeout_s (gloo's own timeout), it exits non-zero, and the launcher ends
+    the stopped rank with SIGKILL after its grace. Measured on 2 shared cores: 53 s = 20 s timeout + 3 s + 30 s
+    grace. The bound is timeout + grace + slack; no earlier than the timeout, so the timeout is what ended it."""
+    run = tmp_path / "run"
+    launcher = start_endless_training(fashion_shards, run, collective_timeout_s=HUNG_TIMEOUT_S)
+    bound = HUNG_TIMEOUT_S + LAUNCHER_GRACE_S + HUNG_SLACK_S
+    try:
+        rank1 = training_rank(launcher, run, rank=1)
+        stopped_at = time.time()
+        rank1.send_signal(signal.SIGSTOP)
+        out, _ = launcher.communicate(timeout=bound + 30)  # past the bound: fail with the output, never hang
+        elapsed = time.time() - stopped_at
+        assert launcher.returncode != 0, out[-3000:]
+        # rank 0 may already have waited in the collective before the SIGSTOP, hence the 5 s below the timeout
+        assert HUNG_TIMEOUT_S - 5 <= elapsed < bound, f"the job ended {elapsed:.0f} s after a rank hung\n{out[-3000:]}"
+        assert "Timed out" in out, out[-3000:]  # rank 0's collective timed out (gloo's message)
+    except subprocess.TimeoutExpired:
+        kill_launched(launcher)
+        pytest.fail(f"the job did not end within {bound + 30} s of a rank hanging\n{launcher.communicate()[0][-3000:]}")
+    finally:
+        kill_launched(launcher)

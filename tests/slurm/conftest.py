@@ -9,6 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import cannot_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,13 +30,16 @@ def load_cluster_module() -> ModuleType:
 
 @pytest.fixture(scope="session")
 def cluster_lib() -> ModuleType:
+    """slurm/cluster.py, once Slurm is installed; a skip with the reason (a failure under CI) when it cannot be."""
     if os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster needs root (slurmd runs jobs as any user, apt-get installs it)")
+        cannot_run("the local Slurm cluster needs root (slurmd runs jobs as any user, apt-get installs it)",
+                   "run the tests as root, as .ci/run does")
     lib = load_cluster_module()
     try:
         lib.ensure_slurm_installed()
     except lib.SlurmUnavailable as err:
-        pytest.skip(f"Slurm is not installed and cannot be: {err}")
+        cannot_run(f"Slurm is not installed and cannot be: {err}",
+                   "CI needs apt-get and Debian 12's slurmctld, slurmd and slurm-client")
     return lib
 
 
