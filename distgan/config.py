@@ -308,6 +308,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'discriminator.dropout' = {d.dropout}: must be in [0, 1)")
     if t.cpu_threads < 0:
         raise ConfigError(f"config key 'train.cpu_threads' = {t.cpu_threads}: must be 0 (automatic) or more")
+    if t.collective_timeout_s <= 0:
+        raise ConfigError(f"config key 'train.collective_timeout_s' = {t.collective_timeout_s}: must be positive")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers' = {cfg.data.num_workers}: must be 0 or more")
     if cfg.ema.decay is not None and not 0.0 <= cfg.ema.decay < 1.0:

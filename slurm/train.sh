@@ -93,7 +93,7 @@ if (( NUM_PROCESSES > 1 )); then
 elif (( GPUS_PER_NODE == 0 )); then
     LAUNCH_ARGS+=(--cpu)
 fi
-TRAIN_ARGS=(--config "$CONFIG" --resume auto "run.dir=$RUN_DIR" "$@")
+TRAIN_ARGS=(--config "$CONFIG" --resume auto "run.dir=$RUN_DIR" "train.cpu_threads=$THREADS_PER_PROC" "$@")
 
 mkdir -p "$RUN_DIR"
 rm -f "$STOP_FILE"                                     # a stale STOP must not stop a fresh start

@@ -64,7 +64,7 @@ def run_case(name: str, out: Path, steps: int, tag: str | None, resume: str | No
     overrides = CASES[name] + [
         f"run.dir={run_dir}", f"train.steps={steps}", "train.batch_size=12", "log.wandb=false",
         "log.sample_every=1000", "log.every=1000", "checkpoint.every=1000", "log.gif=false",
-        "ema.half_life_kimg=0.05", "ema.rampup=0",
+        "ema.half_life_kimg=0.05", "ema.rampup=0", "train.cpu_threads=1",
     ]
     trainer = Trainer(load_config("smoke", overrides), source=MemorySource(), resume=resume)
     recorded = record_first_gradients(trainer) if grads else None
