@@ -202,7 +202,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}' = {value!r}: expected {_type_name(tp)}")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def section_from_dict(cls: type, data: Any, prefix: str) -> Any:
+    """A config dataclass from a plain dict (a YAML section, an export's metadata), every key checked."""
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -215,7 +216,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             raise ConfigError(f"unknown config key '{full}'{_closest(full, options)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, full)
+            kwargs[key] = section_from_dict(tp, value, full)
         else:
             kwargs[key] = _coerce(value, tp, full)
     return cls(**kwargs)
@@ -257,7 +258,7 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def from_dict(data: dict) -> Config:
-    cfg = _build(Config, data or {}, "")
+    cfg = section_from_dict(Config, data or {}, "")
     validate(cfg)
     return cfg
 

@@ -63,7 +63,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_export(args: argparse.Namespace) -> dict:
-    from .checkpoint import load_generator_export
+    from distgan.export import load_generator_export
     from .data.pipeline import read_dataset_info
     from .evaluation import DEFAULT_METRICS, Evaluator
 

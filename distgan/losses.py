@@ -22,13 +22,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from distgan.precision import at_least_fp32
+
 LOSS_KINDS = ("minimax", "non-saturating", "hinge", "wasserstein", "least-squares")
 PENALTY_KINDS = ("none", "r1", "r2", "wgan-gp")
-
-
-def _fp32(x: Tensor) -> Tensor:
-    """At least fp32: half and bfloat16 are promoted, fp64 stays fp64 (for gradient checks)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _check_kind(kind: str) -> None:
@@ -39,7 +36,7 @@ def _check_kind(kind: str) -> None:
 def discriminator_loss(kind: str, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """D's loss on a batch of real and a batch of fake logits (each averaged over its batch)."""
     _check_kind(kind)
-    real, fake = _fp32(real_logits), _fp32(fake_logits)
+    real, fake = at_least_fp32(real_logits), at_least_fp32(fake_logits)
     if kind in ("minimax", "non-saturating"):  # BCE: -log sigmoid(r) - log(1 - sigmoid(f))
         return F.softplus(-real).mean() + F.softplus(fake).mean()
     if kind == "hinge":
@@ -52,7 +49,7 @@ def discriminator_loss(kind: str, real_logits: Tensor, fake_logits: Tensor) -> T
 def generator_loss(kind: str, fake_logits: Tensor) -> Tensor:
     """G's loss on the logits D gives its samples."""
     _check_kind(kind)
-    fake = _fp32(fake_logits)
+    fake = at_least_fp32(fake_logits)
     if kind == "minimax":  # log(1 - sigmoid(l)) = -softplus(l)
         return -F.softplus(fake).mean()
     if kind == "non-saturating":  # -log sigmoid(l) = softplus(-l)
@@ -66,8 +63,8 @@ def _input_grads(outputs: Tensor, inputs: Tensor, grad_scale: Union[float, Tenso
     """d outputs.sum() / d inputs as (at least) fp32 [B, prod(rest)], differentiable (create_graph=True)."""
     if not inputs.requires_grad:
         raise ValueError("gradient penalty: the inputs must require grad (call inputs.requires_grad_(True) before D)")
-    (grad,) = torch.autograd.grad(outputs=_fp32(outputs).sum() * grad_scale, inputs=inputs, create_graph=True)
-    grad = _fp32(grad) / grad_scale
+    (grad,) = torch.autograd.grad(outputs=at_least_fp32(outputs).sum() * grad_scale, inputs=inputs, create_graph=True)
+    grad = at_least_fp32(grad) / grad_scale
     return rearrange(grad, "b ... -> b (...)")
 
 
@@ -87,13 +84,20 @@ def wgan_gp_penalty(logits_hat: Tensor, x_hat: Tensor, grad_scale: Union[float, 
     return (norms - 1.0).square().mean()
 
 
-def interpolate(real: Tensor, fake: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-    """alpha * real + (1 - alpha) * fake with one alpha ~ U[0, 1) per sample; detached, requires grad."""
+def interpolate(real: Tensor, fake: Tensor, generator: Optional[torch.Generator] = None,
+                alpha: Optional[Tensor] = None) -> Tensor:
+    """alpha * real + (1 - alpha) * fake with one alpha ~ U[0, 1) per sample; detached, requires grad.
+
+    ``alpha`` [B] may be given (the trainer draws it for the global batch so that any process count sees the
+    same numbers); else it is drawn from ``generator``.
+    """
     if real.shape != fake.shape:
         raise ValueError(f"interpolate: real {tuple(real.shape)} and fake {tuple(fake.shape)} differ in shape")
     shape = (real.shape[0],) + (1,) * (real.dim() - 1)
-    draw_device = generator.device if generator is not None else real.device
-    alpha = torch.rand(shape, generator=generator, device=draw_device).to(device=real.device, dtype=real.dtype)
+    if alpha is None:
+        draw_device = generator.device if generator is not None else real.device
+        alpha = torch.rand(shape, generator=generator, device=draw_device)
+    alpha = alpha.reshape(shape).to(device=real.device, dtype=real.dtype)
     return (alpha * real.detach() + (1.0 - alpha) * fake.detach()).requires_grad_(True)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .checkpoint import load_generator_export
+from distgan.export import load_generator_export
 from .nn import sample_latent
 from .tracking import image_grid, save_grid
 

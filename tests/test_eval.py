@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from conftest import require_fashion_mnist, run_cli
-from distgan.checkpoint import load_generator_export
+from distgan.export import load_generator_export
 from distgan.config import ConfigError, DataConfig, EvalConfig
 from distgan.data.pipeline import read_dataset_info
 from distgan.data.shards import write_shards
@@ -162,7 +162,7 @@ DISTRIBUTED_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     from accelerate import Accelerator
-    from distgan.checkpoint import load_generator_export
+    from distgan.export import load_generator_export
     from distgan.config import DataConfig, EvalConfig
     from distgan.data.pipeline import read_dataset_info
     from distgan.evaluation import Evaluator

@@ -83,10 +83,10 @@ class StopAt(Trainer):
 
     stop_at = 0
 
-    def _periodic(self, step, window):
-        super()._periodic(step, window)
-        if step == self.stop_at:
+    def stop_requested(self) -> bool:
+        if self.state.step == self.stop_at:
             self.stop.file.touch()
+        return super().stop_requested()
 
 
 @pytest.mark.timeout(300)
