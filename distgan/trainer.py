@@ -28,7 +28,7 @@ from .checkpoint import (
     save_best, save_checkpoint,
 )
 from .config import HIGHER_IS_BETTER, Config, ConfigError, OptimizerConfig, dump_yaml
-from .data.source import DataSource, ShardSource
+from .data.stream import DataSource, ShardSource
 from .distributed import any_rank, make_accelerator, set_cpu_threads
 from .ema import EMA
 from .nn import build_discriminator, build_generator, sample_latent
