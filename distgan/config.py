@@ -300,14 +300,16 @@ def validate(cfg: Config) -> None:
         "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep": cfg.checkpoint.keep,
         "generator.z_dim": cfg.generator.z_dim, "generator.width": cfg.generator.width,
         "discriminator.width": d.width, "train.stop_check_every": t.stop_check_every,
+        "data.shards_per_block": cfg.data.shards_per_block,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' = {value}: must be at least 1")
     if not 0.0 <= d.dropout < 1.0:
         raise ConfigError(f"config key 'discriminator.dropout' = {d.dropout}: must be in [0, 1)")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"config key 'data.num_workers' = {cfg.data.num_workers}: must be 0 or more")
+    for key, value in (("data.num_workers", cfg.data.num_workers), ("data.cache_mb", cfg.data.cache_mb)):
+        if value < 0:
+            raise ConfigError(f"config key '{key}' = {value}: must be 0 or more")
     if cfg.ema.decay is not None and not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"config key 'ema.decay' = {cfg.ema.decay}: must be in [0, 1)")
     if loss.penalty == "wgan-gp" and d.norm in ("batch", "sync-batch"):

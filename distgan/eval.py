@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from .config import EVAL_METRICS, ConfigError, DataConfig, EvalConfig, load_config
-from .data.shards import DataError
+from .data.errors import DataError
 
 log = logging.getLogger("distgan.eval")
 
@@ -63,8 +63,13 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_export(args: argparse.Namespace) -> dict:
+<<<<<<< HEAD
     from distgan.export import load_generator_export
     from .data.pipeline import read_dataset_info
+=======
+    from .checkpoint import load_generator_export
+    from .data.shards import read_dataset_info
+>>>>>>> issue9-data
     from .evaluation import DEFAULT_METRICS, Evaluator
 
     data_cfg, eval_cfg, seed = DataConfig(), EvalConfig(), 0
@@ -131,7 +136,8 @@ def _labeled(stream: Iterator, where: str) -> Iterator[tuple[torch.Tensor, torch
 
 
 def train_features(args: argparse.Namespace) -> dict:
-    from .data.pipeline import make_batch_iterator, read_dataset_info
+    from .data.shards import read_dataset_info
+    from .data.stream import make_batch_iterator
     from .evaluation import read_images, to_float
     from .metrics import evaluate_classifier, save_classifier, train_classifier
     from .metrics.features import CLASSIFIER_FILE

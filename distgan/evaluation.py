@@ -32,8 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import DataConfig, ConfigError, EvalConfig
-from .data.pipeline import DatasetInfo, read_dataset_info
-from .data.shards import read_shard
+from .data.shards import DatasetInfo, read_dataset_info, read_shard
 from .metrics import (
     class_coverage, feature_stats, frechet_distance, kernel_inception_distance, load_classifier,
     load_inception_features, parzen_log_likelihood, precision_recall, select_parzen_sigma,

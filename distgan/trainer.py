@@ -31,7 +31,7 @@ from distgan.checkpoint import (
     TrainState, find_resume_path, list_checkpoints, load_checkpoint, read_best, save_best, save_checkpoint,
 )
 from distgan.config import HIGHER_IS_BETTER, Config, ConfigError, OptimizerConfig, dump_yaml
-from distgan.data.source import DataSource, ShardSource
+from distgan.data.stream import DataSource, ShardSource
 from distgan.distributed import any_rank, make_accelerator, set_cpu_threads
 from distgan.ema import EMA
 from distgan.export import export_generator

@@ -56,6 +56,16 @@ def test_configs_that_cannot_work_are_refused_with_why():
         load_config(None, ["eval.metrics=[fid]"])
 
 
+def test_data_ranges_are_checked_by_the_config():
+    """The read stream trusts these: config.validate is where they are checked."""
+    with pytest.raises(ConfigError, match="config key 'data.shards_per_block' = 0: must be at least 1"):
+        load_config(None, ["data.shards_per_block=0"])
+    with pytest.raises(ConfigError, match="config key 'data.num_workers' = -1: must be 0 or more"):
+        load_config(None, ["data.num_workers=-1"])
+    with pytest.raises(ConfigError, match="config key 'data.cache_mb' = -1: must be 0 or more"):
+        load_config(None, ["data.cache_mb=-1"])
+
+
 def test_names_resolve_to_configs_folder_and_missing_names_list_choices(tmp_path):
     assert resolve_config_path("smoke").name == "smoke.yaml"
     assert resolve_config_path("smoke.yaml").name == "smoke.yaml"

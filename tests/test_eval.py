@@ -16,8 +16,7 @@ from torch import nn
 from conftest import require_fashion_mnist, run_cli
 from distgan.export import load_generator_export
 from distgan.config import ConfigError, DataConfig, EvalConfig
-from distgan.data.pipeline import read_dataset_info
-from distgan.data.shards import write_shards
+from distgan.data.shards import read_dataset_info, write_shards
 from distgan.eval import main as eval_main
 from distgan.evaluation import CACHE_DIR, Evaluator, read_images, to_float
 from distgan.metrics.features import CLASSIFIER_FILE
@@ -164,7 +163,7 @@ DISTRIBUTED_SCRIPT = textwrap.dedent("""
     from accelerate import Accelerator
     from distgan.export import load_generator_export
     from distgan.config import DataConfig, EvalConfig
-    from distgan.data.pipeline import read_dataset_info
+    from distgan.data.shards import read_dataset_info
     from distgan.evaluation import Evaluator
 
     export, data, out = sys.argv[1:4]
