@@ -65,7 +65,7 @@ def eval_parser() -> argparse.ArgumentParser:
 def evaluate_export(args: argparse.Namespace) -> dict:
 <<<<<<< HEAD
     from distgan.export import load_generator_export
-    from .data.pipeline import read_dataset_info
+    from distgan.data.shards import read_dataset_info
 =======
     from .checkpoint import load_generator_export
     from .data.shards import read_dataset_info
