@@ -22,17 +22,18 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import losses
-from .checkpoint import (
+from distgan import losses
+from distgan.checkpoint import (
     StopRequest, TrainState, export_generator, find_resume_path, list_checkpoints, load_checkpoint, read_best,
     save_best, save_checkpoint,
 )
-from .config import HIGHER_IS_BETTER, Config, ConfigError, OptimizerConfig, dump_yaml
-from .data.source import DataSource, ShardSource
-from .distributed import any_rank, make_accelerator, set_cpu_threads
-from .ema import EMA
-from .nn import build_discriminator, build_generator, sample_latent
-from .tracking import RunLog, save_gif, save_grid, wandb_mode_for_environment
+from distgan.config import Config, ConfigError, OptimizerConfig, dump_yaml
+from distgan.data.source import DataSource, ShardSource
+from distgan.distributed import any_rank, make_accelerator, set_cpu_threads
+from distgan.ema import EMA
+from distgan.metrics.registry import is_better
+from distgan.nn import build_discriminator, build_generator, sample_latent
+from distgan.tracking import RunLog, save_gif, save_grid, wandb_mode_for_environment
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class Trainer:
         self.run_log: Optional[RunLog] = None
         self.evaluator = None
         if cfg.eval.metrics:
-            from .evaluation import Evaluator  # the metrics stack loads only when asked for
+            from distgan.metrics.evaluator import Evaluator  # the metrics stack loads only when asked for
 
             info = getattr(self.source, "info", None)
             if info is None:
@@ -375,8 +376,7 @@ class Trainer:
         name = self.cfg.eval.best_metric
         if not name or not math.isfinite(figures.get(name, math.nan)):
             return
-        better = (lambda a, b: a > b) if name in HIGHER_IS_BETTER else (lambda a, b: a < b)
-        if self.best is None or better(figures[name], self.best["value"]):
+        if self.best is None or is_better(name, figures[name], self.best["value"]):
             self.best = {"metric": name, "value": figures[name], "step": self.state.step}
             save_best(self.run_dir, self.state, self._modules(), self.best)
             log.info("best %s so far: %.4g at step %d", name, figures[name], self.state.step)
@@ -391,7 +391,7 @@ class Trainer:
                 self.stop.clear()
             else:
                 self._export()
-                from .plots import plot_run  # matplotlib loads only at the end of a run
+                from distgan.plots import plot_run  # matplotlib loads only at the end of a run
 
                 plot_run(self.run_dir)
                 if self.cfg.log.gif:
