@@ -124,10 +124,10 @@ class CheckpointConfig:
 class EvalConfig:
     every: int = 0  # steps between evaluations during training (0 = only at the end, if metrics is set)
     n: int = 10000  # generated images per evaluation
-    metrics: list[str] = field(default_factory=list)  # e.g. [fd, kid, pr, coverage, parzen]
-    features: str = "auto"  # auto (classifier beside the shards) | classifier | inception
+    metrics: list[str] = field(default_factory=list)  # e.g. [fd, kid, pr, coverage, parzen] (distgan.metrics.registry)
+    features: Literal["auto", "classifier", "inception"] = "auto"  # auto: classifier beside the shards, else inception
     inception_weights: Optional[str] = None  # local Inception-v3 weights file for standard FID
-    best_metric: Optional[str] = None  # keep the best checkpoint by this figure (lower is better for fd/kid)
+    best_metric: Optional[str] = None  # keep the best checkpoint by this figure (e.g. fd: lower is better)
     test_path: Optional[str] = None  # test-split shards for real-vs-real references and Parzen (default: DATA_test)
     batch: int = 250  # images per generator/feature batch during evaluation
 
@@ -330,18 +330,25 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}.lr' = {opt.lr}: must be positive")
         if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
             raise ConfigError(f"config key '{key}.betas' = {opt.betas}: must be two numbers in [0, 1)")
-    best = cfg.eval.best_metric
-    if best is not None and best not in EVAL_FIGURES:
-        raise ConfigError(f"eval.best_metric = '{best}'{_closest(best, list(EVAL_FIGURES))}")
-    for metric in cfg.eval.metrics:
-        if metric not in EVAL_METRICS:
-            raise ConfigError(f"eval.metrics has '{metric}'{_closest(metric, list(EVAL_METRICS))}")
+    validate_eval(cfg.eval)
 
 
-EVAL_METRICS = ("fd", "kid", "pr", "coverage", "parzen")
-# the figures each metric produces; for best_metric, lower is better except for these
-EVAL_FIGURES = ("fd", "kid", "precision", "recall", "modes_covered", "kl_to_real", "parzen_ll")
-HIGHER_IS_BETTER = ("precision", "recall", "modes_covered", "parzen_ll")
+def validate_eval(cfg: EvalConfig) -> None:
+    """The eval section, also when built by hand: types, sizes, and metric and figure names (the registry)."""
+    # metric names live with the metrics (the registry imports neither torch nor the metric modules)
+    from distgan.metrics import registry
+
+    hints = typing.get_type_hints(EvalConfig)
+    for f in dataclasses.fields(cfg):
+        _coerce(getattr(cfg, f.name), hints[f.name], f"eval.{f.name}")
+    best = cfg.best_metric
+    if best is not None and best not in registry.ranked_figures():
+        raise ConfigError(f"eval.best_metric = '{best}'{_closest(best, registry.ranked_figures())}")
+    for metric in cfg.metrics:
+        if metric not in registry.METRICS:
+            raise ConfigError(f"eval.metrics has '{metric}'{_closest(metric, registry.names())}")
+    if cfg.n < 2 or cfg.batch < 1:
+        raise ConfigError(f"eval.n={cfg.n} and eval.batch={cfg.batch}: need n >= 2 and batch >= 1")
 
 
 # ---------------------------------------------------------------- --help

@@ -30,11 +30,12 @@ from torch import Tensor, nn
 from distgan.checkpoint import (
     TrainState, find_resume_path, list_checkpoints, load_checkpoint, read_best, save_best, save_checkpoint,
 )
-from distgan.config import HIGHER_IS_BETTER, Config, ConfigError, OptimizerConfig, dump_yaml
+from distgan.config import Config, ConfigError, OptimizerConfig, dump_yaml
 from distgan.data.stream import DataSource, ShardSource
 from distgan.distributed import any_rank, make_accelerator, set_cpu_threads
 from distgan.ema import EMA
 from distgan.export import export_generator
+from distgan.metrics.registry import is_better
 from distgan.nn import build_discriminator, build_generator, sample_latent
 from distgan.objective import Figures, GANObjective
 from distgan.stop import StopRequest
@@ -138,7 +139,7 @@ class Trainer:
         self.run_log: Optional[RunLog] = None
         self.evaluator = None
         if cfg.eval.metrics:
-            from distgan.evaluation import Evaluator  # the metrics stack loads only when asked for
+            from distgan.metrics.evaluator import Evaluator  # the metrics stack loads only when asked for
 
             info = getattr(self.source, "info", None)
             if info is None:
@@ -328,8 +329,7 @@ class Trainer:
         name = self.cfg.eval.best_metric
         if not name or not math.isfinite(figures.get(name, math.nan)):
             return
-        better = (lambda a, b: a > b) if name in HIGHER_IS_BETTER else (lambda a, b: a < b)
-        if self.best is None or better(figures[name], self.best["value"]):
+        if self.best is None or is_better(name, figures[name], self.best["value"]):
             self.best = {"metric": name, "value": figures[name], "step": self.state.step}
             save_best(self.run_dir, self.state, self._modules(), self.best)
             log.info("best %s so far: %.4g at step %d", name, figures[name], self.state.step)

@@ -16,15 +16,19 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from distgan.config import ConfigError, DataConfig
 from distgan.data.errors import DataError
 from distgan.data.tar import check_url, load_shard_bytes, tar_samples
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -318,3 +322,34 @@ def read_shard(
 def count_samples(url: str, allow_pipe: bool = False) -> int:
     """Samples in a shard, without decoding images."""
     return sum(1 for _ in tar_samples(load_shard_bytes(url, allow_pipe), url))
+
+
+# ---------------------------------------------------------------- a fixed sample of images (evaluation, train-features)
+
+
+def read_images(info: DatasetInfo, data_cfg: DataConfig, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n`` distinct images (uint8 [N, C, R, R]) and labels (-1 unknown) from ``info``'s shards.
+
+    Shards are read in an order shuffled by ``seed`` until ``n`` images are in hand, then the images are
+    shuffled by ``seed``: a deterministic sample, whatever the process count. (The training stream is not
+    used: its blocks repeat samples when n exceeds a block.)
+    """
+    rng = np.random.default_rng([seed, 1])
+    images, labels, have = [], [], 0
+    for index in rng.permutation(len(info.shards)):
+        shard = read_shard(info.shards[index], resolution=info.resolution, channels=info.channels,
+                           skip_bad=data_cfg.skip_bad_samples, allow_pipe=data_cfg.allow_pipe)
+        images.append(shard.images)
+        labels.append(shard.labels)
+        have += len(shard.labels)
+        if have >= n:
+            break
+    if have == 0:
+        raise ConfigError(f"no images in the shards of {info.shards[0]} ...: cannot compute real statistics")
+    order = rng.permutation(have)[:n]
+    return np.concatenate(images)[order], np.concatenate(labels)[order]
+
+
+def to_float(images: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1], as the training stream gives them."""
+    return images.float() / 127.5 - 1.0
