@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from distgan.config import ConfigError, DataConfig, EvalConfig
-from distgan.data.shards import read_dataset_info
+from distgan.data.errors import DataError
+from distgan.data.shards import DatasetInfo, read_dataset_info, read_images, to_float
 from distgan.data.stream import make_batch_iterator
-from distgan.data.shards import DataError, DatasetInfo, read_images, to_float
 from distgan.metrics.features import (
     CLASSIFIER_FILE, FeatureClassifier, evaluate_classifier, load_classifier, save_classifier, train_classifier,
 )
