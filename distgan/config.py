@@ -151,6 +151,11 @@ class Config:
 # ---------------------------------------------------------------- building from dicts
 
 
+def choices(section: type, key: str) -> tuple[str, ...]:
+    """The values a ``Literal`` key accepts (e.g. ``choices(LossConfig, "kind")``): the one list of choices."""
+    return typing.get_args(typing.get_type_hints(section)[key])
+
+
 def _closest(key: str, options: list[str]) -> str:
     match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else f" (valid keys: {', '.join(options)})"
@@ -171,6 +176,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints widen to floats, nothing else is converted."""
     origin = typing.get_origin(tp)
     if origin is Literal:
+        if isinstance(value, bool) and ("no" if not value else "yes") in typing.get_args(tp):
+            value = "no" if not value else "yes"  # YAML 1.1 reads a bare no/yes as a boolean
         if value in typing.get_args(tp):
             return value
     elif origin in (typing.Union, types.UnionType):

@@ -15,48 +15,49 @@ afterwards, and the penalty is computed in fp32.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from distgan.config import LossConfig, choices
 from distgan.precision import at_least_fp32
 
-LOSS_KINDS = ("minimax", "non-saturating", "hinge", "wasserstein", "least-squares")
-PENALTY_KINDS = ("none", "r1", "r2", "wgan-gp")
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in LOSS_KINDS:
-        raise ValueError(f"config key 'loss.kind' = {kind!r}: expected one of {', '.join(LOSS_KINDS)}")
+def _d_bce(real: Tensor, fake: Tensor) -> Tensor:  # -log sigmoid(r) - log(1 - sigmoid(f))
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+_D_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "minimax": _d_bce,
+    "non-saturating": _d_bce,
+    "hinge": lambda real, fake: F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean(),
+    "wasserstein": lambda real, fake: fake.mean() - real.mean(),
+    "least-squares": lambda real, fake: 0.5 * (real - 1.0).square().mean() + 0.5 * fake.square().mean(),
+}
+_G_LOSSES: dict[str, Callable[[Tensor], Tensor]] = {
+    "minimax": lambda fake: -F.softplus(fake).mean(),  # log(1 - sigmoid(l)) = -softplus(l)
+    "non-saturating": lambda fake: F.softplus(-fake).mean(),  # -log sigmoid(l) = softplus(-l)
+    "hinge": lambda fake: -fake.mean(),
+    "wasserstein": lambda fake: -fake.mean(),
+    "least-squares": lambda fake: 0.5 * (fake - 1.0).square().mean(),
+}
+_PENALTY_FACTORS = {"none": 0.0, "r1": 0.5, "r2": 0.5, "wgan-gp": 1.0}  # R1/R2 are gamma/2 |grad|^2
+LOSS_KINDS = choices(LossConfig, "kind")
+PENALTY_KINDS = choices(LossConfig, "penalty")
 
 
 def discriminator_loss(kind: str, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """D's loss on a batch of real and a batch of fake logits (each averaged over its batch)."""
-    _check_kind(kind)
-    real, fake = at_least_fp32(real_logits), at_least_fp32(fake_logits)
-    if kind in ("minimax", "non-saturating"):  # BCE: -log sigmoid(r) - log(1 - sigmoid(f))
-        return F.softplus(-real).mean() + F.softplus(fake).mean()
-    if kind == "hinge":
-        return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
-    if kind == "wasserstein":
-        return fake.mean() - real.mean()
-    return 0.5 * (real - 1.0).square().mean() + 0.5 * fake.square().mean()
+    return _D_LOSSES[kind](at_least_fp32(real_logits), at_least_fp32(fake_logits))
 
 
 def generator_loss(kind: str, fake_logits: Tensor) -> Tensor:
     """G's loss on the logits D gives its samples."""
-    _check_kind(kind)
-    fake = at_least_fp32(fake_logits)
-    if kind == "minimax":  # log(1 - sigmoid(l)) = -softplus(l)
-        return -F.softplus(fake).mean()
-    if kind == "non-saturating":  # -log sigmoid(l) = softplus(-l)
-        return F.softplus(-fake).mean()
-    if kind in ("hinge", "wasserstein"):
-        return -fake.mean()
-    return 0.5 * (fake - 1.0).square().mean()
+    return _G_LOSSES[kind](at_least_fp32(fake_logits))
 
 
 def _input_grads(outputs: Tensor, inputs: Tensor, grad_scale: Union[float, Tensor]) -> Tensor:
@@ -103,12 +104,4 @@ def interpolate(real: Tensor, fake: Tensor, generator: Optional[torch.Generator]
 
 def penalty_weight(kind: str, weight: float, interval: int) -> float:
     """The factor for the unweighted penalty: gamma/2 for R1/R2, lambda for WGAN-GP, times the lazy interval."""
-    if interval < 1:
-        raise ValueError(f"config key 'loss.penalty_interval' = {interval}: must be at least 1")
-    if kind in ("r1", "r2"):
-        return weight / 2.0 * interval
-    if kind == "wgan-gp":
-        return weight * interval
-    if kind == "none":
-        return 0.0
-    raise ValueError(f"config key 'loss.penalty' = {kind!r}: expected one of {', '.join(PENALTY_KINDS)}")
+    return weight * _PENALTY_FACTORS[kind] * interval

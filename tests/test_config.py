@@ -90,3 +90,19 @@ def test_help_lists_every_key_with_default_and_meaning():
                 "train.batch_size = 64", "log.wandb = True"):
         assert key in text
     assert "GLOBAL batch" in text
+
+
+def test_yaml_no_is_the_string_no_for_choice_keys():
+    """YAML 1.1 reads a bare ``no`` as False; for a key whose choices include 'no' it means 'no'."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        load_config(None, ["train.mixed_precision=true"])
+
+
+def test_component_tables_match_the_config_choices():
+    """Every choice the schema offers has an implementation, and nothing is implemented that cannot be chosen."""
+    from distgan import losses
+    from distgan.config import LossConfig, choices
+
+    assert set(losses._D_LOSSES) == set(losses._G_LOSSES) == set(choices(LossConfig, "kind"))
+    assert set(losses._PENALTY_FACTORS) == set(choices(LossConfig, "penalty"))
