@@ -216,5 +216,7 @@ def test_sample_latent() -> None:
     assert u.min() >= -1.0 and u.max() <= 1.0 and u.std().item() == pytest.approx(1 / 3**0.5, abs=0.01)
     same = sample_latent(20_000, 4, "normal", generator=torch.Generator().manual_seed(0), device="cpu")
     assert torch.equal(z, same)
-    with pytest.raises(ValueError, match="normal, uniform"):
-        sample_latent(2, 4, "gaussian")
+    from distgan.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="'normal', 'uniform'"):
+        load_config(None, ["generator.z_dist=gaussian"])  # choices are checked by the config
