@@ -19,7 +19,7 @@ import torch
 from distgan import losses
 from distgan.config import load_config
 from distgan.nn import build_discriminator, build_generator, sample_latent
-from distgan.data.source import ShardSource
+from distgan.data.stream import ShardSource
 from distgan.trainer import Trainer, make_optimizer
 
 

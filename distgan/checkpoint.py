@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, keep-last-K, latest discovery, resume; and the stop request (preemption).
+"""Checkpoints: atomic writes, keep-last-K, latest discovery, resume, and the best checkpoint by a metric.
 
 Layout of one checkpoint (a folder, renamed into place only when complete):
     checkpoints/step-00001000/
@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,7 +23,6 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-STOP_FILE = "STOP"
 
 
 @dataclass
@@ -47,8 +45,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _state_dict_for_safetensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared or non-contiguous storage: store independent contiguous copies.
+def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state as independent contiguous CPU copies (safetensors refuses shared storage)."""
     return {k: v.detach().contiguous().clone().cpu() for k, v in module.state_dict().items()}
 
 
@@ -67,7 +65,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     for name, module in modules.items():
-        save_file(_state_dict_for_safetensors(module), str(tmp / f"{name}.safetensors"))
+        save_file(module_tensors(module), str(tmp / f"{name}.safetensors"))
     torch.save(optim_state, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **asdict(state)}, indent=2))
     for child in tmp.iterdir():
@@ -136,36 +134,6 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module]) -> tuple[Tr
     return TrainState(**meta), optim_state
 
 
-class StopRequest:
-    """Set by SIGUSR1/SIGTERM or by a ``STOP`` file in the run dir: checkpoint at the end of the step and exit."""
-
-    def __init__(self, run_dir: Path, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
-        self.file = run_dir / STOP_FILE
-        self.signalled: Optional[str] = None
-        self._previous = {}
-        for sig in signals:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside a test runner thread)
-                pass
-
-    def _handle(self, signum, _frame) -> None:
-        self.signalled = signal.Signals(signum).name
-
-    def local(self) -> bool:
-        return self.signalled is not None or self.file.exists()
-
-    def reason(self) -> str:
-        return f"signal {self.signalled}" if self.signalled else f"file {self.file}"
-
-    def clear(self) -> None:
-        self.file.unlink(missing_ok=True)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def save_best(run_dir: Path, state: TrainState, modules: dict[str, torch.nn.Module], best: dict) -> Path:
     """``checkpoints/best/step-N`` (weights only) and ``best.json``: the best evaluation so far."""
     path = save_checkpoint(run_dir / "checkpoints" / "best", state, modules, {}, keep=1)
@@ -178,41 +146,3 @@ def save_best(run_dir: Path, state: TrainState, modules: dict[str, torch.nn.Modu
 def read_best(run_dir: Path) -> Optional[dict]:
     path = run_dir / "checkpoints" / "best" / "best.json"
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-# ---------------------------------------------------------------- the exported generator
-
-EXPORT_VERSION = 1
-
-
-def export_generator(path: Path, model: torch.nn.Module, generator_cfg, resolution: int, channels: int,
-                     classes: Optional[list[str]], step: int, ema: bool) -> Path:
-    """``generator_ema.safetensors`` plus ``generator_ema.json``: everything needed to rebuild and sample."""
-    meta = {"format_version": EXPORT_VERSION, "generator": asdict(generator_cfg), "resolution": resolution,
-            "channels": channels, "classes": classes, "step": step, "ema": ema}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(_state_dict_for_safetensors(model), str(tmp), metadata={"distgan": json.dumps(meta)})
-    os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
-    return path
-
-
-def load_generator_export(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild an exported generator (eval mode) and return it with its metadata."""
-    from safetensors import safe_open
-
-    from .config import GeneratorConfig, _build
-    from .nn import build_generator
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no exported generator there (a finished run writes generator_ema.safetensors)")
-    with safe_open(str(path), framework="pt") as fh:
-        raw = (fh.metadata() or {}).get("distgan")
-    if raw is None:
-        raise ValueError(f"{path}: not a distgan export (no 'distgan' metadata)")
-    meta = json.loads(raw)
-    if meta.get("format_version") != EXPORT_VERSION:
-        raise ValueError(f"{path}: export format {meta.get('format_version')} is not {EXPORT_VERSION}")
-    model = build_generator(_build(GeneratorConfig, meta["generator"], "generator"), meta["resolution"], meta["channels"])
-    model.load_state_dict(load_file(str(path)))
-    return model.to(device).eval(), meta

@@ -125,10 +125,10 @@ class CheckpointConfig:
 class EvalConfig:
     every: int = 0  # steps between evaluations during training (0 = only at the end, if metrics is set)
     n: int = 10000  # generated images per evaluation
-    metrics: list[str] = field(default_factory=list)  # e.g. [fd, kid, pr, coverage, parzen]
-    features: str = "auto"  # auto (classifier beside the shards) | classifier | inception
+    metrics: list[str] = field(default_factory=list)  # e.g. [fd, kid, pr, coverage, parzen] (distgan.metrics.registry)
+    features: Literal["auto", "classifier", "inception"] = "auto"  # auto: classifier beside the shards, else inception
     inception_weights: Optional[str] = None  # local Inception-v3 weights file for standard FID
-    best_metric: Optional[str] = None  # keep the best checkpoint by this figure (lower is better for fd/kid)
+    best_metric: Optional[str] = None  # keep the best checkpoint by this figure (e.g. fd: lower is better)
     test_path: Optional[str] = None  # test-split shards for real-vs-real references and Parzen (default: DATA_test)
     batch: int = 250  # images per generator/feature batch during evaluation
 
@@ -152,6 +152,11 @@ class Config:
 # ---------------------------------------------------------------- building from dicts
 
 
+def choices(section: type, key: str) -> tuple[str, ...]:
+    """The values a ``Literal`` key accepts (e.g. ``choices(LossConfig, "kind")``): the one list of choices."""
+    return typing.get_args(typing.get_type_hints(section)[key])
+
+
 def _closest(key: str, options: list[str]) -> str:
     match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else f" (valid keys: {', '.join(options)})"
@@ -172,6 +177,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints widen to floats, nothing else is converted."""
     origin = typing.get_origin(tp)
     if origin is Literal:
+        if isinstance(value, bool) and ("no" if not value else "yes") in typing.get_args(tp):
+            value = "no" if not value else "yes"  # YAML 1.1 reads a bare no/yes as a boolean
         if value in typing.get_args(tp):
             return value
     elif origin in (typing.Union, types.UnionType):
@@ -203,7 +210,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}' = {value!r}: expected {_type_name(tp)}")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def section_from_dict(cls: type, data: Any, prefix: str) -> Any:
+    """A config dataclass from a plain dict (a YAML section, an export's metadata), every key checked."""
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -216,7 +224,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             raise ConfigError(f"unknown config key '{full}'{_closest(full, options)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, full)
+            kwargs[key] = section_from_dict(tp, value, full)
         else:
             kwargs[key] = _coerce(value, tp, full)
     return cls(**kwargs)
@@ -258,7 +266,7 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def from_dict(data: dict) -> Config:
-    cfg = _build(Config, data or {}, "")
+    cfg = section_from_dict(Config, data or {}, "")
     validate(cfg)
     return cfg
 
@@ -300,6 +308,7 @@ def validate(cfg: Config) -> None:
         "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep": cfg.checkpoint.keep,
         "generator.z_dim": cfg.generator.z_dim, "generator.width": cfg.generator.width,
         "discriminator.width": d.width, "train.stop_check_every": t.stop_check_every,
+        "data.shards_per_block": cfg.data.shards_per_block,
     }
     for key, value in positive.items():
         if value < 1:
@@ -308,10 +317,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'discriminator.dropout' = {d.dropout}: must be in [0, 1)")
     if t.cpu_threads < 0:
         raise ConfigError(f"config key 'train.cpu_threads' = {t.cpu_threads}: must be 0 (automatic) or more")
+    for key, value in (("data.num_workers", cfg.data.num_workers), ("data.cache_mb", cfg.data.cache_mb)):
+        if value < 0:
+            raise ConfigError(f"config key '{key}' = {value}: must be 0 or more")
     if t.collective_timeout_s <= 0:
         raise ConfigError(f"config key 'train.collective_timeout_s' = {t.collective_timeout_s}: must be positive")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"config key 'data.num_workers' = {cfg.data.num_workers}: must be 0 or more")
     if cfg.ema.decay is not None and not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"config key 'ema.decay' = {cfg.ema.decay}: must be in [0, 1)")
     if loss.penalty == "wgan-gp" and d.norm in ("batch", "sync-batch"):
@@ -332,18 +342,25 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}.lr' = {opt.lr}: must be positive")
         if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
             raise ConfigError(f"config key '{key}.betas' = {opt.betas}: must be two numbers in [0, 1)")
-    best = cfg.eval.best_metric
-    if best is not None and best not in EVAL_FIGURES:
-        raise ConfigError(f"eval.best_metric = '{best}'{_closest(best, list(EVAL_FIGURES))}")
-    for metric in cfg.eval.metrics:
-        if metric not in EVAL_METRICS:
-            raise ConfigError(f"eval.metrics has '{metric}'{_closest(metric, list(EVAL_METRICS))}")
+    validate_eval(cfg.eval)
 
 
-EVAL_METRICS = ("fd", "kid", "pr", "coverage", "parzen")
-# the figures each metric produces; for best_metric, lower is better except for these
-EVAL_FIGURES = ("fd", "kid", "precision", "recall", "modes_covered", "kl_to_real", "parzen_ll")
-HIGHER_IS_BETTER = ("precision", "recall", "modes_covered", "parzen_ll")
+def validate_eval(cfg: EvalConfig) -> None:
+    """The eval section, also when built by hand: types, sizes, and metric and figure names (the registry)."""
+    # metric names live with the metrics (the registry imports neither torch nor the metric modules)
+    from distgan.metrics import registry
+
+    hints = typing.get_type_hints(EvalConfig)
+    for f in dataclasses.fields(cfg):
+        _coerce(getattr(cfg, f.name), hints[f.name], f"eval.{f.name}")
+    best = cfg.best_metric
+    if best is not None and best not in registry.ranked_figures():
+        raise ConfigError(f"eval.best_metric = '{best}'{_closest(best, registry.ranked_figures())}")
+    for metric in cfg.metrics:
+        if metric not in registry.METRICS:
+            raise ConfigError(f"eval.metrics has '{metric}'{_closest(metric, registry.names())}")
+    if cfg.n < 2 or cfg.batch < 1:
+        raise ConfigError(f"eval.n={cfg.n} and eval.batch={cfg.batch}: need n >= 2 and batch >= 1")
 
 
 # ---------------------------------------------------------------- --help

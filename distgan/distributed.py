@@ -1,7 +1,7 @@
-"""Processes and precision: the Accelerator for a config, and the launches it refuses.
+"""Processes and precision: the Accelerator for a run, the launches it refuses, CPU threads, rank agreement.
 
-Every distribution and precision decision that is not part of the GAN step lives here; only this module
-and the trainer touch Accelerate.
+Only this module, the trainer and the checkpoint code touch Accelerate; the GAN step's own distribution
+decisions (global-batch randomness, D frozen in the G phase) are described in distgan.trainer.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-from .config import Config, ConfigError
+from distgan.config import ConfigError, LogConfig, RunConfig, TrainConfig
 
 # torch 2.13 deprecates broadcast_buffers in favour of forward_sync_buffers, which Accelerate cannot pass yet;
 # broadcast_buffers=False is what we need (DESIGN: in-place buffer broadcast breaks two D forwards on CUDA).
@@ -39,16 +39,16 @@ def resolve_precision(requested: str, launcher: str) -> str:
     return requested
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
-    """An Accelerator for this config, refusing launches that would silently do something else."""
-    precision = resolve_precision(cfg.train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+def make_accelerator(train: TrainConfig, log: LogConfig, run: RunConfig) -> Accelerator:
+    """An Accelerator for these config sections, refusing launches that would silently do something else."""
+    precision = resolve_precision(train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
     accelerator = Accelerator(
         mixed_precision=precision,
-        log_with="wandb" if cfg.log.wandb else None,
-        project_dir=cfg.run.dir,
+        log_with="wandb" if log.wandb else None,
+        project_dir=run.dir,
         kwargs_handlers=[
             DistributedDataParallelKwargs(broadcast_buffers=False),
-            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s)),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=train.collective_timeout_s)),
         ],
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -59,9 +59,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
             "distgan.train ...`, on CPU with ACCELERATE_USE_CPU=1 in the environment (a MULTI_CPU config or "
             "torchrun alone does not give DDP); see the launch/ config files."
         )
-    if cfg.train.batch_size % accelerator.num_processes:
+    if train.batch_size % accelerator.num_processes:
         raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} does not divide over {accelerator.num_processes} processes: "
+            f"train.batch_size={train.batch_size} does not divide over {accelerator.num_processes} processes: "
             "choose a multiple of the process count"
         )
     return accelerator

@@ -59,10 +59,3 @@ class EMA:
                 "pass the same architecture, unwrapped (accelerator.unwrap_model(G), not the DDP module)"
             )
         return [(source[name], target[name]) for name in target]
-
-    def state_dict(self) -> dict:
-        """G_ema's module state dict: loadable into a generator built from the same config."""
-        return self.model.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state)

@@ -16,19 +16,16 @@ import json
 import logging
 import os
 import sys
-import time
+import typing
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from .config import EVAL_METRICS, ConfigError, DataConfig, EvalConfig, load_config
-from .data.shards import DataError
-
-log = logging.getLogger("distgan.eval")
-
-TRAIN_FEATURES_DEFAULTS = dict(steps=2000, batch=64, lr=3e-3)
-CLASSIFIER_EVAL_IMAGES = 10_000  # test (or held-out) images the accuracy is measured on
+from distgan.config import ConfigError, DataConfig, EvalConfig, load_config
+from distgan.data.errors import DataError
+from distgan.metrics import registry
+from distgan.metrics.feature_net import TRAIN_FEATURES_DEFAULTS, train_feature_classifier
 
 
 def _write_json_atomic(path: Path, record: dict) -> None:
@@ -53,8 +50,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="real shards (default with --run: the run's data.path)")
     p.add_argument("--test-data", help="test-split shards (default: eval.test_path, else DATA_test when it exists)")
     p.add_argument("--n", type=int, help="generated images (default: the run's eval.n, else 10000)")
-    p.add_argument("--metrics", nargs="+", choices=EVAL_METRICS, help="default: the run's eval.metrics, else all")
-    p.add_argument("--features", choices=("auto", "classifier", "inception"))
+    p.add_argument("--metrics", nargs="+", choices=registry.names(), help="default: the run's eval.metrics, else all")
+    p.add_argument("--features", choices=typing.get_args(typing.get_type_hints(EvalConfig)["features"]))
     p.add_argument("--inception-weights", help="local FID Inception-v3 weights file")
     p.add_argument("--seed", type=int, help="latent seed (default: the run's run.seed, else 0)")
     p.add_argument("--batch", type=int, help="images per generator/feature batch")
@@ -62,10 +59,10 @@ def eval_parser() -> argparse.ArgumentParser:
     return p
 
 
-def evaluate_export(args: argparse.Namespace) -> dict:
-    from .checkpoint import load_generator_export
-    from .data.pipeline import read_dataset_info
-    from .evaluation import DEFAULT_METRICS, Evaluator
+def evaluate_command(args: argparse.Namespace) -> dict:
+    """The run's (or the default) eval and data sections with the flags on top, evaluated by evaluate_export."""
+    from distgan.export import load_generator_export
+    from distgan.metrics.evaluator import evaluate_export
 
     data_cfg, eval_cfg, seed = DataConfig(), EvalConfig(), 0
     if args.run is not None:
@@ -82,26 +79,11 @@ def evaluate_export(args: argparse.Namespace) -> dict:
     overrides = {"n": args.n, "features": args.features, "inception_weights": args.inception_weights,
                  "test_path": args.test_data, "batch": args.batch, "metrics": args.metrics}
     eval_cfg = dataclasses.replace(eval_cfg, **{k: v for k, v in overrides.items() if v is not None})
-    if not eval_cfg.metrics:
-        eval_cfg.metrics = list(DEFAULT_METRICS)
     data_cfg = dataclasses.replace(data_cfg, path=args.data or data_cfg.path, num_workers=0)
     seed = args.seed if args.seed is not None else seed
     device = _device(args.device)
     model, meta = load_generator_export(Path(export), device)
-    info = read_dataset_info(data_cfg.path, allow_pipe=data_cfg.allow_pipe)
-    if (meta["channels"], meta["resolution"]) != (info.channels, info.resolution):
-        raise ConfigError(f"{export} makes {meta['channels']}x{meta['resolution']} images but {data_cfg.path} holds "
-                          f"{info.channels}x{info.resolution}: pass --data with the run's data")
-    evaluator = Evaluator(eval_cfg, data_cfg, info, device, seed, z_dist=meta["generator"]["z_dist"])
-    start = time.perf_counter()
-    figures = evaluator.evaluate(model, rank=0, world_size=1, gather=lambda t: t)
-    record: dict = dict(figures)
-    reference = evaluator.reference()
-    if reference:
-        record["reference"] = reference
-    record["meta"] = {"export": str(export), "step": meta.get("step"), "n": eval_cfg.n, "seed": seed,
-                      "metrics": eval_cfg.metrics, "features": evaluator.net.kind, "data": data_cfg.path,
-                      "test_data": evaluator.test_path, "seconds": round(time.perf_counter() - start, 2)}
+    record = evaluate_export(model, meta, export, data_cfg, eval_cfg, seed, device)
     if args.run is not None:
         _write_json_atomic(args.run / "eval.json", record)
     return record
@@ -123,56 +105,6 @@ def train_features_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _labeled(stream: Iterator, where: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for images, labels in stream:
-        if (labels < 0).any():
-            raise DataError(f"{where}: some samples have no label (.cls); train-features needs labels on every sample")
-        yield images, labels
-
-
-def train_features(args: argparse.Namespace) -> dict:
-    from .data.pipeline import make_batch_iterator, read_dataset_info
-    from .evaluation import read_images, to_float
-    from .metrics import evaluate_classifier, save_classifier, train_classifier
-    from .metrics.features import CLASSIFIER_FILE
-
-    if not os.path.isdir(args.data):
-        raise DataError(f"--data {args.data}: not a folder; train-features saves the classifier beside the shards")
-    if args.steps < 1:
-        raise ConfigError(f"--steps {args.steps}: must be at least 1")
-    data_cfg = DataConfig(path=args.data, num_workers=1)
-    info = read_dataset_info(args.data)
-    test_path = args.test_data or (args.data.rstrip("/") + "_test" if os.path.isdir(args.data.rstrip("/") + "_test") else None)
-    if test_path:
-        held_info, train_path, measured_on = read_dataset_info(test_path), args.data, f"test split {test_path}"
-    elif len(info.shards) >= 2:
-        held_info = dataclasses.replace(info, shards=info.shards[-1:], count=None)
-        train_path, measured_on = "::".join(info.shards[:-1]), f"held-out train shard {info.shards[-1]}"
-    else:
-        raise DataError(f"{args.data} has one shard and no test split: prepare a test split (python -m distgan.prepare "
-                        f"SOURCE --split test --out {args.data.rstrip('/')}_test) or more shards (--shard-size)")
-    held_images, held_labels = read_images(held_info, data_cfg, CLASSIFIER_EVAL_IMAGES, seed=args.seed)
-    if (held_labels < 0).any():
-        raise DataError(f"{held_info.shards[0]}: samples without labels (.cls). train-features needs a labeled dataset; "
-                        "without labels evaluate with --features inception --inception-weights FILE")
-    num_classes = len(info.classes) if info.classes else int(held_labels.max()) + 1
-    start = time.perf_counter()
-    stream = make_batch_iterator(dataclasses.replace(data_cfg, path=train_path), args.batch, 0, 1, args.seed)
-    try:
-        model = train_classifier(_labeled(stream, args.data), info.channels, info.resolution, num_classes,
-                                 args.steps, lr=args.lr, seed=args.seed)
-    finally:
-        stream.close()
-    images = to_float(torch.from_numpy(held_images))
-    accuracy = evaluate_classifier(model, images, torch.from_numpy(held_labels))
-    path = Path(args.data) / CLASSIFIER_FILE
-    save_classifier(model, path, accuracy=accuracy)
-    log.info("feature classifier: accuracy %.4f on %d images of the %s; saved %s", accuracy, len(images),
-             measured_on, path)
-    return {"path": str(path), "accuracy": accuracy, "accuracy_on": measured_on, "accuracy_images": len(images),
-            "num_classes": num_classes, "steps": args.steps, "seconds": round(time.perf_counter() - start, 1)}
-
-
 # ---------------------------------------------------------------- plot
 
 
@@ -188,13 +120,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = argv[0] if argv and argv[0] in ("train-features", "plot") else "evaluate"
     try:
         if command == "train-features":
-            result = train_features(train_features_parser().parse_args(argv[1:]))
+            args = train_features_parser().parse_args(argv[1:])
+            result = train_feature_classifier(args.data, args.test_data, args.steps, args.batch, args.lr, args.seed)
         elif command == "plot":
-            from .plots import plot_run
+            from distgan.plots import plot_run
 
             result = {"plots": [str(p) for p in plot_run(plot_parser().parse_args(argv[1:]).run)]}
         else:
-            result = evaluate_export(eval_parser().parse_args(argv))
+            result = evaluate_command(eval_parser().parse_args(argv))
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
         print(f"distgan.eval: error: {err}", file=sys.stderr)
         return 2

@@ -15,59 +15,57 @@ afterwards, and the penalty is computed in fp32.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-LOSS_KINDS = ("minimax", "non-saturating", "hinge", "wasserstein", "least-squares")
-PENALTY_KINDS = ("none", "r1", "r2", "wgan-gp")
+from distgan.config import LossConfig, choices
+from distgan.precision import at_least_fp32
 
 
-def _fp32(x: Tensor) -> Tensor:
-    """At least fp32: half and bfloat16 are promoted, fp64 stays fp64 (for gradient checks)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+def _d_bce(real: Tensor, fake: Tensor) -> Tensor:  # -log sigmoid(r) - log(1 - sigmoid(f))
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in LOSS_KINDS:
-        raise ValueError(f"config key 'loss.kind' = {kind!r}: expected one of {', '.join(LOSS_KINDS)}")
+_D_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "minimax": _d_bce,
+    "non-saturating": _d_bce,
+    "hinge": lambda real, fake: F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean(),
+    "wasserstein": lambda real, fake: fake.mean() - real.mean(),
+    "least-squares": lambda real, fake: 0.5 * (real - 1.0).square().mean() + 0.5 * fake.square().mean(),
+}
+_G_LOSSES: dict[str, Callable[[Tensor], Tensor]] = {
+    "minimax": lambda fake: -F.softplus(fake).mean(),  # log(1 - sigmoid(l)) = -softplus(l)
+    "non-saturating": lambda fake: F.softplus(-fake).mean(),  # -log sigmoid(l) = softplus(-l)
+    "hinge": lambda fake: -fake.mean(),
+    "wasserstein": lambda fake: -fake.mean(),
+    "least-squares": lambda fake: 0.5 * (fake - 1.0).square().mean(),
+}
+_PENALTY_FACTORS = {"none": 0.0, "r1": 0.5, "r2": 0.5, "wgan-gp": 1.0}  # R1/R2 are gamma/2 |grad|^2
+LOSS_KINDS = choices(LossConfig, "kind")
+PENALTY_KINDS = choices(LossConfig, "penalty")
 
 
 def discriminator_loss(kind: str, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """D's loss on a batch of real and a batch of fake logits (each averaged over its batch)."""
-    _check_kind(kind)
-    real, fake = _fp32(real_logits), _fp32(fake_logits)
-    if kind in ("minimax", "non-saturating"):  # BCE: -log sigmoid(r) - log(1 - sigmoid(f))
-        return F.softplus(-real).mean() + F.softplus(fake).mean()
-    if kind == "hinge":
-        return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
-    if kind == "wasserstein":
-        return fake.mean() - real.mean()
-    return 0.5 * (real - 1.0).square().mean() + 0.5 * fake.square().mean()
+    return _D_LOSSES[kind](at_least_fp32(real_logits), at_least_fp32(fake_logits))
 
 
 def generator_loss(kind: str, fake_logits: Tensor) -> Tensor:
     """G's loss on the logits D gives its samples."""
-    _check_kind(kind)
-    fake = _fp32(fake_logits)
-    if kind == "minimax":  # log(1 - sigmoid(l)) = -softplus(l)
-        return -F.softplus(fake).mean()
-    if kind == "non-saturating":  # -log sigmoid(l) = softplus(-l)
-        return F.softplus(-fake).mean()
-    if kind in ("hinge", "wasserstein"):
-        return -fake.mean()
-    return 0.5 * (fake - 1.0).square().mean()
+    return _G_LOSSES[kind](at_least_fp32(fake_logits))
 
 
 def _input_grads(outputs: Tensor, inputs: Tensor, grad_scale: Union[float, Tensor]) -> Tensor:
     """d outputs.sum() / d inputs as (at least) fp32 [B, prod(rest)], differentiable (create_graph=True)."""
     if not inputs.requires_grad:
         raise ValueError("gradient penalty: the inputs must require grad (call inputs.requires_grad_(True) before D)")
-    (grad,) = torch.autograd.grad(outputs=_fp32(outputs).sum() * grad_scale, inputs=inputs, create_graph=True)
-    grad = _fp32(grad) / grad_scale
+    (grad,) = torch.autograd.grad(outputs=at_least_fp32(outputs).sum() * grad_scale, inputs=inputs, create_graph=True)
+    grad = at_least_fp32(grad) / grad_scale
     return rearrange(grad, "b ... -> b (...)")
 
 
@@ -87,24 +85,23 @@ def wgan_gp_penalty(logits_hat: Tensor, x_hat: Tensor, grad_scale: Union[float, 
     return (norms - 1.0).square().mean()
 
 
-def interpolate(real: Tensor, fake: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-    """alpha * real + (1 - alpha) * fake with one alpha ~ U[0, 1) per sample; detached, requires grad."""
+def interpolate(real: Tensor, fake: Tensor, generator: Optional[torch.Generator] = None,
+                alpha: Optional[Tensor] = None) -> Tensor:
+    """alpha * real + (1 - alpha) * fake with one alpha ~ U[0, 1) per sample; detached, requires grad.
+
+    ``alpha`` [B] may be given (the trainer draws it for the global batch so that any process count sees the
+    same numbers); else it is drawn from ``generator``.
+    """
     if real.shape != fake.shape:
         raise ValueError(f"interpolate: real {tuple(real.shape)} and fake {tuple(fake.shape)} differ in shape")
     shape = (real.shape[0],) + (1,) * (real.dim() - 1)
-    draw_device = generator.device if generator is not None else real.device
-    alpha = torch.rand(shape, generator=generator, device=draw_device).to(device=real.device, dtype=real.dtype)
+    if alpha is None:
+        draw_device = generator.device if generator is not None else real.device
+        alpha = torch.rand(shape, generator=generator, device=draw_device)
+    alpha = alpha.reshape(shape).to(device=real.device, dtype=real.dtype)
     return (alpha * real.detach() + (1.0 - alpha) * fake.detach()).requires_grad_(True)
 
 
 def penalty_weight(kind: str, weight: float, interval: int) -> float:
     """The factor for the unweighted penalty: gamma/2 for R1/R2, lambda for WGAN-GP, times the lazy interval."""
-    if interval < 1:
-        raise ValueError(f"config key 'loss.penalty_interval' = {interval}: must be at least 1")
-    if kind in ("r1", "r2"):
-        return weight / 2.0 * interval
-    if kind == "wgan-gp":
-        return weight * interval
-    if kind == "none":
-        return 0.0
-    raise ValueError(f"config key 'loss.penalty' = {kind!r}: expected one of {', '.join(PENALTY_KINDS)}")
+    return weight * _PENALTY_FACTORS[kind] * interval

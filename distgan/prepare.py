@@ -1,7 +1,6 @@
 """``python -m distgan.prepare SOURCE --out DIR``: convert a raw dataset to webdataset shards + dataset.json.
 
-SOURCE is fashion-mnist, mnist (IDX files), cifar10 (the official python archive or its extracted folder),
-folder (images, class sub-folders give labels) or npz (arrays 'images'/'x', optional 'labels'/'y').
+SOURCE is one of these (readers in distgan/data/raw.py, table SOURCES):
 """
 from __future__ import annotations
 
@@ -12,20 +11,28 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from distgan.data.download import REMOTES, default_cache_dir, download
-from distgan.data.shards import DataError, write_shards
-from distgan.data.sources import FASHION_MNIST_DIR, SOURCES, open_source
+from distgan.data.errors import DataError
+from distgan.data.raw import SOURCES, SPLITS, open_source
+from distgan.data.shards import write_shards
 
 log = logging.getLogger("distgan.prepare")
 
 
+def describe_sources() -> str:
+    """One line per SOURCES entry: its name and the first line of its reader's docstring."""
+    return "\n".join(f"  {name:14s} {fmt.read.__doc__.strip().splitlines()[0]}" for name, fmt in SOURCES.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m distgan.prepare", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m distgan.prepare", description=__doc__ + describe_sources(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", choices=SOURCES, help="what kind of data to read")
+    parser.add_argument("source", choices=list(SOURCES), help="what kind of data to read")
     parser.add_argument("--out", required=True, help="output folder for shard-*.tar and dataset.json")
-    parser.add_argument("--src", help=f"input folder/archive/file (fashion-mnist: {FASHION_MNIST_DIR}; "
-                                      "mnist, cifar10: ~/.cache/distgan/SOURCE)")
-    parser.add_argument("--split", choices=("train", "test"), default="train")
+    defaults = [f"{name}: {fmt.default_src}" for name, fmt in SOURCES.items() if fmt.default_src]
+    cached = [name for name in REMOTES if not SOURCES[name].default_src]
+    parser.add_argument("--src", help=f"input folder/archive/file ({'; '.join(defaults)}; "
+                                      f"{', '.join(cached)}: ~/.cache/distgan/SOURCE)")
+    parser.add_argument("--split", choices=SPLITS, default="train")
     parser.add_argument("--limit", type=int, help="keep only the first N images")
     parser.add_argument("--shard-size", type=int, default=5000, help="images per shard (default 5000)")
     parser.add_argument("--resolution", type=int, help="resize the shorter side to R and center-crop RxR")
@@ -39,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_src(source: str, downloading: bool) -> Optional[Path]:
-    if source == "fashion-mnist" and not downloading:
-        return Path(FASHION_MNIST_DIR)
+    default = SOURCES[source].default_src
+    if default and not downloading:
+        return Path(default)
     if source in REMOTES:
         return default_cache_dir(source)
     return None
@@ -56,7 +64,7 @@ def prepare(args: argparse.Namespace) -> int:
             raise DataError(f"--{name.replace('_', '-')} {value}: must be {'0 or more' if name == 'limit' else 'positive'}")
     src = Path(args.src) if args.src else default_src(args.source, args.download)
     if src is None:
-        raise DataError(f"{args.source}: pass --src with the {'image folder' if args.source == 'folder' else '.npz file'}")
+        raise DataError(f"{args.source}: pass --src with the {SOURCES[args.source].src}")
     if args.download:
         src = download(args.source, src, progress=not args.no_progress)
     data = open_source(args.source, src, split=args.split, resolution=args.resolution,

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .checkpoint import load_generator_export
-from .nn import sample_latent
-from .tracking import image_grid, save_grid
+from distgan.export import load_generator_export
+from distgan.nn import sample_latent
+from distgan.tracking import image_grid, save_grid
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     if args.grid:
         print(save_grid(images, args.out / "grid.png"))
     elif args.shards:
-        from .data.shards import write_shards
+        from distgan.data.shards import write_shards
 
         uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         write_shards(uint8, None, args.out, force=args.force, source=f"distgan.sample:{export}")

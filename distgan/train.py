@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from .config import ConfigError, describe, load_config
+from distgan.config import ConfigError, describe, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from .trainer import NonFiniteError, Trainer  # torch and accelerate load only after the config is valid
+    from distgan.trainer import NonFiniteError, Trainer  # torch and accelerate load only after the config is valid
 
     try:
         trainer = Trainer(cfg, resume=args.resume)

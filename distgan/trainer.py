@@ -1,12 +1,15 @@
-"""The Trainer: Accelerator set-up, the D and G phases, and the loop.
+"""The Trainer: builds G, D, G_ema and their optimizers from the config, and runs the training step.
 
-Every precision and distribution decision sits in this file:
+One step is a schedule of phases (stylegan2-ada's phases as data): ``train.d_steps`` D phases, each on a
+fresh real batch, then one G phase, then the EMA update. What a phase computes is the GANObjective's
+business; how it ends (one backward, gradient norm and clipping, the finite check, the optimizer step) is
+one shared tail. The GAN step's distribution decisions sit here (process and precision set-up is in
+distgan.distributed):
 - ``train.batch_size`` is global; each of N processes takes batch_size / N.
 - Latents (and WGAN-GP mixing weights) are drawn for the GLOBAL batch from a generator seeded by
   (seed, step, phase) and each rank takes its slice, so N processes and one process see the same numbers.
 - Other randomness (dropout) is reseeded per step from (seed, step, rank): resume needs no RNG state.
-- DDP: broadcast_buffers off, static_graph never; D is frozen and called unwrapped in the G phase so it
-  neither accumulates nor all-reduces gradients; each penalty is added to the D loss, one backward.
+- D is frozen and called unwrapped in the G phase, so it neither accumulates nor all-reduces gradients.
 """
 from __future__ import annotations
 
@@ -15,37 +18,64 @@ import math
 import os
 import socket
 import time
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
-from . import losses
-from .checkpoint import (
-    StopRequest, TrainState, export_generator, find_resume_path, list_checkpoints, load_checkpoint, read_best,
-    save_best, save_checkpoint,
+from distgan.checkpoint import (
+    TrainState, find_resume_path, list_checkpoints, load_checkpoint, read_best, save_best, save_checkpoint,
 )
-from .config import HIGHER_IS_BETTER, Config, ConfigError, OptimizerConfig, dump_yaml
-from .data.source import DataSource, ShardSource
-from .distributed import any_rank, make_accelerator, set_cpu_threads
-from .ema import EMA
-from .nn import build_discriminator, build_generator, sample_latent
-from .tracking import RunLog, save_gif, save_grid, wandb_mode_for_environment
+from distgan.config import Config, ConfigError, OptimizerConfig, dump_yaml
+from distgan.data.stream import DataSource, ShardSource
+from distgan.distributed import any_rank, make_accelerator, set_cpu_threads
+from distgan.ema import EMA
+from distgan.export import export_generator
+from distgan.metrics.registry import is_better
+from distgan.nn import build_discriminator, build_generator, sample_latent
+from distgan.objective import Figures, GANObjective
+from distgan.stop import StopRequest
+from distgan.tracking import RunLog, save_gif, save_grid, wandb_mode_for_environment
 
 log = logging.getLogger(__name__)
 
-PHASE_D, PHASE_G, PHASE_GP = 0, 1, 2
+# stream ids of the per-step random draws: (seed, step, stream, sub-step) -> numbers
+DRAW_D_LATENT, DRAW_G_LATENT, DRAW_GP_ALPHA = 0, 1, 2
 
 
 class NonFiniteError(RuntimeError):
     pass
 
 
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Autocast outputs (fp16/bf16) to fp32 for losses; fp32 and fp64 stay as they are."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+@dataclass
+class Phase:
+    """One optimizer's turn in a training step."""
+
+    name: str  # "d" or "g": the suffix of its figures (loss_d, grad_norm_d)
+    module: nn.Module  # the prepared (DDP-wrapped) network this phase trains
+    optimizer: torch.optim.Optimizer
+    repeats: int = 1  # runs per training step, each on a fresh real batch (train.d_steps for D)
+    reg_interval: int = 0  # every k-th run (counted over the whole training) adds the lazy penalty; 0: never
+    frozen: Optional[nn.Module] = None  # held without gradients during the phase (D while G trains)
+
+    def regularizes(self, run_index: int) -> bool:
+        return self.reg_interval > 0 and run_index % self.reg_interval == 0
+
+
+@contextmanager
+def frozen(module: Optional[nn.Module]) -> Iterator[None]:
+    if module is None:
+        yield
+        return
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        module.requires_grad_(True)
 
 
 def derive_seed(*parts: int) -> int:
@@ -65,7 +95,7 @@ class Trainer:
         self.started_at = time.time()
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
-        self.accelerator = acc = make_accelerator(cfg)
+        self.accelerator = acc = make_accelerator(cfg.train, cfg.log, cfg.run)
         set_cpu_threads(acc, cfg.train.cpu_threads)
         self.rank, self.world = acc.process_index, acc.num_processes
         self.local_batch = cfg.train.batch_size // self.world
@@ -86,6 +116,10 @@ class Trainer:
         self.G_plain, self.D_plain = acc.unwrap_model(self.G), acc.unwrap_model(self.D)
         if self.ema is not None:
             self.ema.model.to(acc.device)
+        self.objective = GANObjective(cfg.loss)
+        self.d_phase = Phase("d", self.D, self.opt_d, repeats=cfg.train.d_steps,
+                             reg_interval=self.objective.reg_interval)
+        self.g_phase = Phase("g", self.G, self.opt_g, frozen=self.D_plain)
 
         self.state = TrainState(world_size=self.world)
         self.resumed_from = find_resume_path(resume, self.run_dir)
@@ -105,7 +139,7 @@ class Trainer:
         self.run_log: Optional[RunLog] = None
         self.evaluator = None
         if cfg.eval.metrics:
-            from .evaluation import Evaluator  # the metrics stack loads only when asked for
+            from distgan.metrics.evaluator import Evaluator  # the metrics stack loads only when asked for
 
             info = getattr(self.source, "info", None)
             if info is None:
@@ -115,9 +149,194 @@ class Trainer:
         self.logged_reference = False
         self.ema_beta = 0.0
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ the loop
 
-    def _modules(self) -> dict[str, torch.nn.Module]:
+    def fit(self) -> TrainState:
+        cfg, st = self.cfg, self.state
+        self._start_run_dir()
+        data = self.source.batches(self.local_batch, self.rank, self.world, cfg.run.seed, st.batches_consumed)
+        images_per_step = cfg.train.batch_size * cfg.train.d_steps
+        window: dict[str, list[Tensor]] = {}  # figures since the last log line
+        stopped = False
+        started = time.perf_counter()
+
+        def every(n: int) -> bool:  # the last step always logs, samples and evaluates
+            return st.step % n == 0 or st.step == cfg.train.steps
+
+        while st.step < cfg.train.steps:
+            step = st.step
+            torch.manual_seed(derive_seed(cfg.run.seed, step, 1000 + self.rank))  # dropout etc.
+            # --- D phase(s), each on a fresh real batch
+            for sub in range(self.d_phase.repeats):
+                real = self._next_real(data)
+                self._run_phase(self.d_phase, step, window, lambda: self._d_loss(real, step, sub))
+            # --- G phase
+            self._run_phase(self.g_phase, step, window, lambda: self._g_loss(step))
+            st.step += 1
+            st.images_seen += images_per_step
+            # --- G_ema
+            if self.ema is not None:
+                self.ema_beta = self.ema.update(self.G_plain, st.step, images_per_step, st.images_seen)
+            if self.run_log:
+                self.run_log.advance()
+            # --- log, samples, evaluation, checkpoint, stop request
+            if every(cfg.log.every):
+                self.log_figures(window)
+            if every(cfg.log.sample_every) and self.accelerator.is_main_process:
+                self.run_log.log_images(st.step, self.write_samples(st.step))
+            if self.evaluator is not None and (every(cfg.eval.every) if cfg.eval.every else st.step == cfg.train.steps):
+                self.evaluate(st.step)
+            if st.step % cfg.checkpoint.every == 0 and st.step < cfg.train.steps:
+                self.save()
+            if st.step % cfg.train.stop_check_every == 0 and st.step < cfg.train.steps and self.stop_requested():
+                stopped = True
+                break
+        if hasattr(data, "close"):
+            data.close()
+        self._finish(stopped, time.perf_counter() - started)
+        return st
+
+    def stop_requested(self) -> bool:
+        """A stop signal or STOP file on any rank (one small all-reduce)."""
+        (stop,) = any_rank(self.accelerator, self.stop.local())
+        return stop
+
+    # ------------------------------------------------------------------ phases
+
+    def _next_real(self, data) -> Tensor:
+        real, _labels = next(data)
+        self.state.batches_consumed += 1
+        return real.to(self.accelerator.device, non_blocking=True)
+
+    def _d_loss(self, real: Tensor, step: int, sub: int) -> tuple[Tensor, Figures]:
+        acc = self.accelerator
+        with torch.no_grad(), acc.autocast():
+            fake = self.G_plain(self._latent(step, DRAW_D_LATENT, sub))
+        regularize = self.d_phase.regularizes(step * self.d_phase.repeats + sub)
+        alpha = None
+        if regularize and self.objective.needs_alpha:
+            alpha = self._global_slice(step, DRAW_GP_ALPHA, sub,
+                                       lambda gen: torch.rand(self.cfg.train.batch_size, generator=gen))
+        scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
+        return self.objective.discriminator(self.D, real, fake, regularize=regularize, alpha=alpha,
+                                            autocast=acc.autocast, grad_scale=scale)
+
+    def _g_loss(self, step: int) -> tuple[Tensor, Figures]:
+        z = self._latent(step, DRAW_G_LATENT, 0)
+        return self.objective.generator(self.D_plain, self.G, z, self.accelerator.autocast)
+
+    def _run_phase(self, phase: Phase, step: int, window: dict[str, list[Tensor]],
+                   compute: Callable[[], tuple[Tensor, Figures]]) -> None:
+        """The tail every phase shares: one backward, gradient norm (and clip), finite check, optimizer step."""
+        acc = self.accelerator
+        with frozen(phase.frozen):
+            loss, figures = compute()
+            acc.backward(loss)
+        grad_norm = acc.clip_grad_norm_(phase.module.parameters(), self.cfg.train.max_grad_norm or math.inf)
+        figures[f"grad_norm_{phase.name}"] = grad_norm
+        if self._finite_or_skip(phase.name.upper(), step, figures[f"loss_{phase.name}"], grad_norm):
+            phase.optimizer.step()
+            if acc.scaler is not None and phase.optimizer.step_was_skipped:  # fp16 overflow: scale lowered
+                self.state.overflow_steps += 1
+            for key, value in figures.items():
+                window.setdefault(key, []).append(value.detach().float())
+        phase.optimizer.zero_grad(set_to_none=True)
+
+    def _finite_or_skip(self, phase: str, step: int, loss: Tensor, grad_norm: Tensor) -> bool:
+        """True when the step may go on; False when it is skipped; raises when the run must stop.
+
+        One host sync per phase. Under fp16 an inf gradient is an overflow that the loss scaler skips.
+        """
+        values = [loss.float()]
+        if self.accelerator.scaler is None:
+            values.append(grad_norm.float())
+        (bad,) = any_rank(self.accelerator, not bool(torch.isfinite(torch.stack(values)).all()))
+        if not bad:
+            return True
+        if self.cfg.train.on_nonfinite == "skip":
+            self.state.skipped_steps += 1
+            log.warning("step %d: non-finite %s loss or gradient; step skipped (train.on_nonfinite=skip)", step, phase)
+            return False
+        raise NonFiniteError(
+            f"step {step}: the {phase} loss or gradient is not finite (loss {loss.item()}, grad norm "
+            f"{grad_norm.item()}). Last good checkpoint: {self._last_checkpoint()}. Lower the learning rate, add a "
+            "penalty, or set train.on_nonfinite=skip."
+        )
+
+    # ------------------------------------------------------------------ randomness
+
+    def _global_slice(self, step: int, stream: int, sub: int, draw: Callable[[torch.Generator], Tensor]) -> Tensor:
+        """This rank's slice of numbers drawn for the GLOBAL batch: the same for any process count."""
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, step, stream, sub))
+        full = draw(gen)
+        return full[self.rank * self.local_batch:(self.rank + 1) * self.local_batch].to(self.accelerator.device)
+
+    def _latent(self, step: int, stream: int, sub: int) -> Tensor:
+        g = self.cfg.generator
+        return self._global_slice(step, stream, sub,
+                                  lambda gen: sample_latent(self.cfg.train.batch_size, g.z_dim, g.z_dist, gen))
+
+    # ------------------------------------------------------------------ what a step leaves behind
+
+    def log_figures(self, window: dict[str, list[Tensor]]) -> None:
+        """One metrics.jsonl line (and wandb point) of the figures since the last one; main process only."""
+        st, acc = self.state, self.accelerator
+        if acc.is_main_process:
+            values = {k: torch.stack(v).mean().item() for k, v in window.items()}
+            values.update(images_seen=st.images_seen, kimg=st.images_seen / 1000,
+                          lr_g=self.opt_g.param_groups[0]["lr"], lr_d=self.opt_d.param_groups[0]["lr"],
+                          images_per_s=self.run_log.images_per_second(st.images_seen),
+                          skipped_steps=st.skipped_steps, overflow_steps=st.overflow_steps)
+            if self.ema is not None:
+                values["ema_beta"] = self.ema_beta
+            if acc.scaler is not None:
+                values["loss_scale"] = acc.scaler.get_scale()
+            self.run_log.log(st.step, values)
+        window.clear()
+
+    @torch.no_grad()
+    def write_samples(self, step: int) -> dict[str, Path]:
+        """Fixed-noise grids from G_ema and G, in eval mode (no collectives: main process only)."""
+        samples = self.run_dir / "samples"
+        written = {}
+        models = {"G": self.G_plain} if self.ema is None else {"G_ema": self.ema.model, "G": self.G_plain}
+        for name, model in models.items():
+            was_training = model.training
+            model.eval()
+            images = model(self.fixed_z).float()
+            model.train(was_training)
+            written[f"samples/{name}"] = save_grid(images, samples / f"{name.lower()}-step-{step:08d}.png")
+        return written
+
+    def sample_model(self) -> nn.Module:
+        return self.ema.model if self.ema is not None else self.G_plain
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """All ranks generate their share of G_ema's images; rank 0 logs the figures and keeps the best."""
+        figures = self.evaluator.evaluate(self.sample_model(), self.rank, self.world, self.accelerator.gather)
+        if self.accelerator.is_main_process:
+            if not self.logged_reference:  # the real-vs-real floor, once per run
+                reference = self.evaluator.reference()
+                self.logged_reference = True
+                if reference:
+                    self.run_log.log(step, {f"eval_ref/{k}": v for k, v in reference.items()})
+            self.run_log.log(step, {f"eval/{k}": v for k, v in figures.items()})
+            self._keep_best(figures)
+            self.run_log.images_per_second(self.state.images_seen)  # evaluation time is not training time
+        return figures
+
+    def _keep_best(self, figures: dict[str, float]) -> None:
+        name = self.cfg.eval.best_metric
+        if not name or not math.isfinite(figures.get(name, math.nan)):
+            return
+        if self.best is None or is_better(name, figures[name], self.best["value"]):
+            self.best = {"metric": name, "value": figures[name], "step": self.state.step}
+            save_best(self.run_dir, self.state, self._modules(), self.best)
+            log.info("best %s so far: %.4g at step %d", name, figures[name], self.state.step)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _modules(self) -> dict[str, nn.Module]:
         modules = {"G": self.G_plain, "D": self.D_plain}
         if self.ema is not None:
             modules["G_ema"] = self.ema.model
@@ -148,131 +367,11 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return path
 
-    # ------------------------------------------------------------------ randomness
-
-    def _global_slice(self, step: int, phase: int, sub: int, draw) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, step, phase, sub))
-        full = draw(gen)
-        return full[self.rank * self.local_batch:(self.rank + 1) * self.local_batch].to(self.accelerator.device)
-
-    def _latent(self, step: int, phase: int, sub: int) -> torch.Tensor:
-        g = self.cfg.generator
-        return self._global_slice(step, phase, sub,
-                                  lambda gen: sample_latent(self.cfg.train.batch_size, g.z_dim, g.z_dist, gen))
-
-    # ------------------------------------------------------------------ phases
-
-    def _grad_norm(self, model) -> torch.Tensor:
-        max_norm = self.cfg.train.max_grad_norm or math.inf
-        return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
-
-    def d_step(self, real: torch.Tensor, step: int, sub: int) -> dict[str, torch.Tensor]:
-        cfg, acc = self.cfg, self.accelerator
-        kind, penalty = cfg.loss.kind, cfg.loss.penalty
-        d_step_index = step * cfg.train.d_steps + sub
-        apply_penalty = penalty != "none" and d_step_index % cfg.loss.penalty_interval == 0
-        z = self._latent(step, PHASE_D, sub)
-        with torch.no_grad(), acc.autocast():
-            fake = self.G_plain(z)
-        fake = at_least_fp32(fake)
-        if apply_penalty and penalty == "r1":
-            real = real.detach().requires_grad_(True)
-        if apply_penalty and penalty == "r2":
-            fake = fake.detach().requires_grad_(True)
-        with acc.autocast():
-            real_logits = self.D(real)
-            fake_logits = self.D(fake)
-            loss = losses.discriminator_loss(kind, at_least_fp32(real_logits), at_least_fp32(fake_logits))
-        out = {"loss_d": loss.detach(), "d_real": real_logits.detach().float().mean(),
-               "d_fake": fake_logits.detach().float().mean()}
-        if apply_penalty:
-            scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
-            if penalty == "r1":
-                value = losses.r1_penalty(real_logits, real, grad_scale=scale)
-            elif penalty == "r2":
-                value = losses.r1_penalty(fake_logits, fake, grad_scale=scale)
-            else:
-                alpha = self._global_slice(step, PHASE_GP, sub, lambda gen: torch.rand(cfg.train.batch_size, generator=gen))
-                alpha = alpha.view(-1, *([1] * (real.dim() - 1)))
-                x_hat = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
-                with acc.autocast():
-                    hat_logits = self.D(x_hat)
-                value = losses.wgan_gp_penalty(hat_logits, x_hat, grad_scale=scale)
-            loss = loss + losses.penalty_weight(penalty, cfg.loss.penalty_weight, cfg.loss.penalty_interval) * value
-            out["penalty"] = value.detach()
-        acc.backward(loss)
-        out["grad_norm_d"] = self._grad_norm(self.D)
-        out["skip"] = self._check_finite("D", step, out["loss_d"], out["grad_norm_d"])
-        if not out["skip"]:
-            self._optimizer_step(self.opt_d)
-        self.opt_d.zero_grad(set_to_none=True)
-        return out
-
-    def g_step(self, step: int) -> dict[str, torch.Tensor]:
-        acc = self.accelerator
-        self.D_plain.requires_grad_(False)  # frozen, and called unwrapped: no gradient accumulation or sync
-        try:
-            z = self._latent(step, PHASE_G, 0)
-            with acc.autocast():
-                fake_logits = self.D_plain(self.G(z))
-                loss = losses.generator_loss(self.cfg.loss.kind, at_least_fp32(fake_logits))
-            acc.backward(loss)
-        finally:
-            self.D_plain.requires_grad_(True)
-        out = {"loss_g": loss.detach(), "grad_norm_g": self._grad_norm(self.G)}
-        out["skip"] = self._check_finite("G", step, out["loss_g"], out["grad_norm_g"])
-        if not out["skip"]:
-            self._optimizer_step(self.opt_g)
-        self.opt_g.zero_grad(set_to_none=True)
-        return out
-
-    def _optimizer_step(self, optimizer) -> None:
-        optimizer.step()
-        if self.accelerator.scaler is not None and optimizer.step_was_skipped:  # fp16 overflow: scale lowered
-            self.state.overflow_steps += 1
-
-    def _check_finite(self, phase: str, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """True when the step must be skipped; raises when the run must stop. One host sync per phase."""
-        values = [loss.float()]
-        if self.accelerator.scaler is None:  # under fp16 an inf gradient is an overflow the scaler skips
-            values.append(grad_norm.float())
-        (bad,) = any_rank(self.accelerator, not bool(torch.isfinite(torch.stack(values)).all()))
-        if not bad:
-            return False
-        if self.cfg.train.on_nonfinite == "skip":
-            self.state.skipped_steps += 1
-            log.warning("step %d: non-finite %s loss or gradient; step skipped (train.on_nonfinite=skip)", step, phase)
-            return True
-        raise NonFiniteError(
-            f"step {step}: the {phase} loss or gradient is not finite (loss {loss.item()}, grad norm "
-            f"{grad_norm.item()}). Last good checkpoint: {self._last_checkpoint()}. Lower the learning rate, add a "
-            "penalty, or set train.on_nonfinite=skip."
-        )
-
     def _last_checkpoint(self) -> str:
         found = list_checkpoints(self.run_dir / "checkpoints")
         return str(found[-1]) if found else "none yet"
 
-    # ------------------------------------------------------------------ samples
-
-    @torch.no_grad()
-    def write_samples(self, step: int) -> dict[str, Path]:
-        """Fixed-noise grids from G_ema and G, in eval mode (no collectives: main process only)."""
-        samples = self.run_dir / "samples"
-        written = {}
-        models = {"G": self.G_plain} if self.ema is None else {"G_ema": self.ema.model, "G": self.G_plain}
-        for name, model in models.items():
-            was_training = model.training
-            model.eval()
-            images = model(self.fixed_z).float()
-            model.train(was_training)
-            written[f"samples/{name}"] = save_grid(images, samples / f"{name.lower()}-step-{step:08d}.png")
-        return written
-
-    def sample_model(self) -> torch.nn.Module:
-        return self.ema.model if self.ema is not None else self.G_plain
-
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ start and end of a run
 
     def _start_run_dir(self) -> None:
         acc, cfg = self.accelerator, self.cfg
@@ -288,98 +387,8 @@ class Trainer:
                     "id": (cfg.run.name or self.run_dir.name).replace("/", "-") + f"-{cfg.run.seed}",
                     "resume": "allow"}})
             self.run_log = RunLog(self.run_dir, cfg.train.steps, self.state.step, acc, cfg.log.progress_bar)
+            self.run_log.images_per_second(self.state.images_seen)
         acc.wait_for_everyone()
-
-    def fit(self) -> TrainState:
-        cfg, acc, st = self.cfg, self.accelerator, self.state
-        self._start_run_dir()
-        data = self.source.batches(self.local_batch, self.rank, self.world, cfg.run.seed, st.batches_consumed)
-        images_per_step = cfg.train.batch_size * cfg.train.d_steps
-        window: dict[str, list[torch.Tensor]] = {}
-        stopped = False
-        t_start = time.perf_counter()
-        if self.run_log:
-            self.run_log.images_per_second(st.images_seen)
-        while st.step < cfg.train.steps:
-            step = st.step
-            torch.manual_seed(derive_seed(cfg.run.seed, step, 1000 + self.rank))  # dropout etc.
-            for sub in range(cfg.train.d_steps):
-                real, _labels = next(data)
-                st.batches_consumed += 1
-                real = real.to(acc.device, non_blocking=True)
-                self._record(window, self.d_step(real, step, sub))
-            self._record(window, self.g_step(step))
-            st.step += 1
-            st.images_seen += images_per_step
-            if self.ema is not None:
-                self.ema_beta = self.ema.update(self.G_plain, st.step, images_per_step, st.images_seen)
-            if self.run_log:
-                self.run_log.advance()
-            self._periodic(st.step, window)
-            if st.step % cfg.train.stop_check_every == 0 and st.step < cfg.train.steps:
-                (stopped,) = any_rank(self.accelerator, self.stop.local())
-                if stopped:
-                    break
-        if hasattr(data, "close"):
-            data.close()
-        self._finish(stopped, time.perf_counter() - t_start)
-        return st
-
-    @staticmethod
-    def _record(window: dict[str, list[torch.Tensor]], out: dict) -> None:
-        """Keep a phase's figures for the next log line; a skipped phase's (non-finite) figures are left out."""
-        if out.pop("skip"):
-            return
-        for k, v in out.items():
-            window.setdefault(k, []).append(v.detach().float())
-
-    def _periodic(self, step: int, window: dict) -> None:
-        cfg, acc = self.cfg, self.accelerator
-        last = step == cfg.train.steps
-        if acc.is_main_process and (step % cfg.log.every == 0 or last):
-            values = {k: torch.stack(v).mean().item() for k, v in window.items()}
-            values.update(images_seen=self.state.images_seen, kimg=self.state.images_seen / 1000,
-                          lr_g=self.opt_g.param_groups[0]["lr"], lr_d=self.opt_d.param_groups[0]["lr"],
-                          images_per_s=self.run_log.images_per_second(self.state.images_seen),
-                          skipped_steps=self.state.skipped_steps, overflow_steps=self.state.overflow_steps)
-            if self.ema is not None:
-                values["ema_beta"] = self.ema_beta
-            if acc.scaler is not None:
-                values["loss_scale"] = acc.scaler.get_scale()
-            self.run_log.log(step, values)
-            window.clear()
-        elif not acc.is_main_process and step % cfg.log.every == 0:
-            window.clear()
-        if acc.is_main_process and (step % cfg.log.sample_every == 0 or last):
-            self.run_log.log_images(step, self.write_samples(step))
-        if self.evaluator is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or last):
-            self.evaluate(step)
-        if step % cfg.checkpoint.every == 0 and not last:
-            self.save()
-
-    def evaluate(self, step: int) -> dict[str, float]:
-        """All ranks generate their share of G_ema's images; rank 0 logs the figures and keeps the best."""
-        figures = self.evaluator.evaluate(self.sample_model(), self.rank, self.world, self.accelerator.gather)
-        if self.accelerator.is_main_process:
-            if not self.logged_reference:  # the real-vs-real floor, once per run
-                reference = self.evaluator.reference()
-                self.logged_reference = True
-                if reference:
-                    self.run_log.log(step, {f"eval_ref/{k}": v for k, v in reference.items()})
-            self.run_log.log(step, {f"eval/{k}": v for k, v in figures.items()})
-            self._keep_best(figures)
-            self.run_log.images_per_second(self.state.images_seen)  # evaluation time is not training time
-        return figures
-
-    def _keep_best(self, figures: dict[str, float]) -> None:
-        name = self.cfg.eval.best_metric
-        if not name or not math.isfinite(figures.get(name, math.nan)):
-            return
-        better = (lambda a, b: a > b) if name in HIGHER_IS_BETTER else (lambda a, b: a < b)
-        if self.best is None or better(figures[name], self.best["value"]):
-            self.best = {"metric": name, "value": figures[name], "step": self.state.step}
-            save_best(self.run_dir, self.state, self._modules(), self.best)
-            log.info("best %s so far: %.4g at step %d", name, figures[name], self.state.step)
 
     def _finish(self, stopped: bool, seconds: float) -> None:
         acc, st = self.accelerator, self.state
@@ -391,7 +400,7 @@ class Trainer:
                 self.stop.clear()
             else:
                 self._export()
-                from .plots import plot_run  # matplotlib loads only at the end of a run
+                from distgan.plots import plot_run  # matplotlib loads only at the end of a run
 
                 plot_run(self.run_dir)
                 if self.cfg.log.gif:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from distgan import checkpoint as ck
-from distgan.checkpoint import StopRequest, TrainState, find_resume_path, list_checkpoints, load_checkpoint, save_checkpoint
+from distgan.checkpoint import TrainState, find_resume_path, list_checkpoints, load_checkpoint, save_checkpoint
+from distgan.stop import StopRequest
 
 
 def _model(seed=0):

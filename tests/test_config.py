@@ -56,6 +56,16 @@ def test_configs_that_cannot_work_are_refused_with_why():
         load_config(None, ["eval.metrics=[fid]"])
 
 
+def test_data_ranges_are_checked_by_the_config():
+    """The read stream trusts these: config.validate is where they are checked."""
+    with pytest.raises(ConfigError, match="config key 'data.shards_per_block' = 0: must be at least 1"):
+        load_config(None, ["data.shards_per_block=0"])
+    with pytest.raises(ConfigError, match="config key 'data.num_workers' = -1: must be 0 or more"):
+        load_config(None, ["data.num_workers=-1"])
+    with pytest.raises(ConfigError, match="config key 'data.cache_mb' = -1: must be 0 or more"):
+        load_config(None, ["data.cache_mb=-1"])
+
+
 def test_names_resolve_to_configs_folder_and_missing_names_list_choices(tmp_path):
     assert resolve_config_path("smoke").name == "smoke.yaml"
     assert resolve_config_path("smoke.yaml").name == "smoke.yaml"
@@ -80,3 +90,19 @@ def test_help_lists_every_key_with_default_and_meaning():
                 "train.batch_size = 64", "log.wandb = True"):
         assert key in text
     assert "GLOBAL batch" in text
+
+
+def test_yaml_no_is_the_string_no_for_choice_keys():
+    """YAML 1.1 reads a bare ``no`` as False; for a key whose choices include 'no' it means 'no'."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        load_config(None, ["train.mixed_precision=true"])
+
+
+def test_component_tables_match_the_config_choices():
+    """Every choice the schema offers has an implementation, and nothing is implemented that cannot be chosen."""
+    from distgan import losses
+    from distgan.config import LossConfig, choices
+
+    assert set(losses._D_LOSSES) == set(losses._G_LOSSES) == set(choices(LossConfig, "kind"))
+    assert set(losses._PENALTY_FACTORS) == set(choices(LossConfig, "penalty"))

@@ -21,9 +21,9 @@ from PIL import Image
 
 from distgan import prepare
 from distgan.data import download as dl
-from distgan.data.pipeline import read_dataset_info
-from distgan.data.shards import DataError, read_shard, write_shards
-from distgan.data.sources import FASHION_MNIST_DIR, load_idx_split, open_source, read_idx
+from distgan.data.errors import DataError
+from distgan.data.raw import FASHION_MNIST_DIR, load_idx_split, open_source, read_idx
+from distgan.data.shards import read_dataset_info, read_shard, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_FASHION = Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file()

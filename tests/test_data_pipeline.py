@@ -13,9 +13,11 @@ import webdataset as wds
 from PIL import Image
 
 from distgan.config import DataConfig
-from distgan.data import pipeline
-from distgan.data.pipeline import make_batch_iterator, read_dataset_info
-from distgan.data.shards import DataError, encode_png, read_shard, tar_members, write_shards
+from distgan.data import stream
+from distgan.data.errors import DataError
+from distgan.data.shards import encode_png, read_dataset_info, read_shard, write_shards
+from distgan.data.stream import make_batch_iterator
+from distgan.data.tar import tar_members
 
 RES = 4
 
@@ -88,8 +90,8 @@ def test_resume_matches_fresh_stream(dataset, workers):
 
 def test_resume_cost_does_not_depend_on_position(dataset, monkeypatch):
     reads = []
-    original = pipeline.read_shard
-    monkeypatch.setattr(pipeline, "read_shard", lambda url, **kw: reads.append(url) or original(url, **kw))
+    original = stream.read_shard
+    monkeypatch.setattr(stream, "read_shard", lambda url, **kw: reads.append(url) or original(url, **kw))
     cfg = DataConfig(path=str(dataset), num_workers=0, shards_per_block=2)
     x, _ = next(make_batch_iterator(cfg, 8, rank=0, world_size=1, seed=1, start_batch=10**9 + 3))
     assert x.shape == (8, 1, RES, RES) and len(reads) == 2

@@ -91,12 +91,12 @@ def test_state_dict_round_trip() -> None:
             p.mul_(3.0)
     ema.update(g, 0, 8, 8)
     fresh = EMA(build_generator(GeneratorConfig(arch="dcgan", width=4, max_width=8, z_dim=8), 28, 1), EMAConfig())
-    fresh.load_state_dict(ema.state_dict())
+    fresh.model.load_state_dict(ema.model.state_dict())
     z = torch.randn(3, 8)
     assert torch.equal(fresh.model(z), ema.model(z))
     # the state dict is a plain generator state dict, loadable for sampling
     g2 = build_generator(GeneratorConfig(arch="dcgan", width=4, max_width=8, z_dim=8), 28, 1).eval()
-    g2.load_state_dict(ema.state_dict())
+    g2.load_state_dict(ema.model.state_dict())
     assert torch.equal(g2(z), ema.model(z))
 
 

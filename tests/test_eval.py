@@ -14,12 +14,11 @@ from PIL import Image
 from torch import nn
 
 from conftest import require_fashion_mnist, run_cli
-from distgan.checkpoint import load_generator_export
+from distgan.export import load_generator_export
 from distgan.config import ConfigError, DataConfig, EvalConfig
-from distgan.data.pipeline import read_dataset_info
-from distgan.data.shards import write_shards
+from distgan.data.shards import read_dataset_info, read_images, to_float, write_shards
 from distgan.eval import main as eval_main
-from distgan.evaluation import CACHE_DIR, Evaluator, read_images, to_float
+from distgan.metrics.evaluator import CACHE_DIR, Evaluator
 from distgan.metrics.features import CLASSIFIER_FILE
 from tests.distributed.launching import launch
 
@@ -115,7 +114,7 @@ def test_real_images_beat_noise_and_one_class_collapses(shards, classifier_repor
     test_images, _ = read_images(read_dataset_info(str(shards) + "_test"), DataConfig(), 500, seed=0)
     real = to_float(torch.from_numpy(test_images))
     evaluator = make_evaluator(shards)
-    with caplog.at_level(logging.WARNING, logger="distgan.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="distgan.metrics.evaluator"):
         good = evaluator.evaluate(ImageBank(real), 0, 1, identity)
         assert not [r for r in caplog.records if "mode collapse" in r.message]
         noise = evaluator.evaluate(Noise(), 0, 1, identity)
@@ -146,12 +145,12 @@ def test_same_seed_same_figures_and_disk_cache(smoke_run, shards, monkeypatch):
     assert first.evaluate(model, 0, 1, identity) == a and set(a) == FIGURES
     cached = list((shards / CACHE_DIR).glob("real-classifier-n200-*.safetensors"))
     assert len(cached) == 1
-    import distgan.evaluation as evaluation
+    import distgan.metrics.evaluator as evaluator_module
 
     def no_reading(*args, **kwargs):
         raise AssertionError("real images read again although they are cached")
 
-    monkeypatch.setattr(evaluation, "read_images", no_reading)
+    monkeypatch.setattr(evaluator_module, "read_images", no_reading)
     second = make_evaluator(shards, n=200, metrics=ALL, seed=5)
     assert second.evaluate(model, 0, 1, identity) == a  # a fresh Evaluator, from the disk cache
     assert make_evaluator(shards, n=200, metrics=["fd"], seed=6).evaluate(model, 0, 1, identity)["fd"] != a["fd"]
@@ -162,10 +161,10 @@ DISTRIBUTED_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     from accelerate import Accelerator
-    from distgan.checkpoint import load_generator_export
+    from distgan.export import load_generator_export
     from distgan.config import DataConfig, EvalConfig
-    from distgan.data.pipeline import read_dataset_info
-    from distgan.evaluation import Evaluator
+    from distgan.data.shards import read_dataset_info
+    from distgan.metrics.evaluator import Evaluator
 
     export, data, out = sys.argv[1:4]
     acc = Accelerator(cpu=True)
@@ -234,7 +233,7 @@ def test_missing_feature_net_and_test_split_are_named(shards, classifier_report,
         make_evaluator(bare)
     for f in (CLASSIFIER_FILE, CLASSIFIER_FILE.replace(".safetensors", ".json")):
         shutil.copy(shards / f, bare / f)
-    with caplog.at_level(logging.WARNING, logger="distgan.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="distgan.metrics.evaluator"):
         evaluator = make_evaluator(bare, n=100, metrics=["fd", "parzen"])
         figures = evaluator.evaluate(Noise(), 0, 1, identity)
     assert set(figures) == {"fd"} and evaluator.reference() == {}
@@ -255,7 +254,7 @@ class Diverged(Noise):
 
 def test_diverged_generator_gives_nan_figures_not_an_exception(shards, classifier_report, caplog):
     evaluator = make_evaluator(shards, n=100, metrics=ALL)
-    with caplog.at_level(logging.ERROR, logger="distgan.evaluation"):
+    with caplog.at_level(logging.ERROR, logger="distgan.metrics.evaluator"):
         figures = evaluator.evaluate(Diverged(), 0, 1, identity)
     assert set(figures) == FIGURES and all(np.isnan(v) for v in figures.values())
     assert any("not finite" in r.message for r in caplog.records)

@@ -64,12 +64,15 @@ def test_losses_are_fp32_for_half_logits() -> None:
 
 
 def test_unknown_kinds_list_valid_ones() -> None:
-    with pytest.raises(ValueError, match="non-saturating"):
-        discriminator_loss("vanilla", REAL, FAKE)
-    with pytest.raises(ValueError, match="least-squares"):
-        generator_loss("lsgan", FAKE)
-    with pytest.raises(ValueError, match="wgan-gp"):
-        penalty_weight("r3", 10.0, 1)
+    """Choices are checked once, by the config (the loss functions trust a validated config)."""
+    from distgan.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="non-saturating"):
+        load_config(None, ["loss.kind=vanilla"])
+    with pytest.raises(ConfigError, match="least-squares"):
+        load_config(None, ["loss.kind=lsgan"])
+    with pytest.raises(ConfigError, match="wgan-gp"):
+        load_config(None, ["loss.penalty=r3"])
 
 
 def _linear_d(w: torch.Tensor) -> nn.Module:
@@ -150,5 +153,7 @@ def test_penalty_weight_arithmetic() -> None:
     assert penalty_weight("wgan-gp", 10.0, 1) == 10.0
     assert penalty_weight("wgan-gp", 10.0, 4) == 40.0
     assert penalty_weight("none", 10.0, 4) == 0.0
-    with pytest.raises(ValueError, match="penalty_interval"):
-        penalty_weight("r1", 10.0, 0)
+    from distgan.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="penalty_interval"):
+        load_config(None, ["loss.penalty_interval=0"])

@@ -188,12 +188,17 @@ def test_unsupported_resolution_lists_supported_ones() -> None:
 
 
 def test_unknown_arch_and_norm_are_refused() -> None:
-    with pytest.raises(ValueError, match="generator.arch"):
-        build_generator(GeneratorConfig(arch="resnet"), 32, 3)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="generator.norm"):
-        build_generator(GeneratorConfig(norm="layer"), 32, 3)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="discriminator.norm"):
-        build_discriminator(DiscriminatorConfig(norm="instance"), 32, 3)  # type: ignore[arg-type]
+    """Choices are checked once, by the config; the builders' tables hold exactly the config's choices."""
+    from distgan.config import ConfigError, choices, load_config
+
+    with pytest.raises(ConfigError, match="generator.arch"):
+        load_config(None, ["generator.arch=resnet"])
+    with pytest.raises(ConfigError, match="generator.norm"):
+        load_config(None, ["generator.norm=layer"])
+    with pytest.raises(ConfigError, match="discriminator.norm"):
+        load_config(None, ["discriminator.norm=instance"])
+    assert set(GENERATORS) == set(choices(GeneratorConfig, "arch"))
+    assert set(DISCRIMINATORS) == set(choices(DiscriminatorConfig, "arch"))
 
 
 def test_generator_activation_follows_leaky_slope() -> None:
@@ -211,5 +216,7 @@ def test_sample_latent() -> None:
     assert u.min() >= -1.0 and u.max() <= 1.0 and u.std().item() == pytest.approx(1 / 3**0.5, abs=0.01)
     same = sample_latent(20_000, 4, "normal", generator=torch.Generator().manual_seed(0), device="cpu")
     assert torch.equal(z, same)
-    with pytest.raises(ValueError, match="normal, uniform"):
-        sample_latent(2, 4, "gaussian")
+    from distgan.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="'normal', 'uniform'"):
+        load_config(None, ["generator.z_dist=gaussian"])  # choices are checked by the config

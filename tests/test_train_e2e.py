@@ -66,7 +66,7 @@ def test_sample_cli(smoke_run, tmp_path):
             "--interpolate", "--out", str(tmp_path / "interp"))
     assert Image.open(tmp_path / "interp" / "interpolation.png").size == (8 * 30 + 2, 32)
     run_cli("distgan.sample", "--run", str(smoke_run), "--n", "40", "--shards", "--out", str(tmp_path / "shards"))
-    from distgan.data.pipeline import read_dataset_info
+    from distgan.data.shards import read_dataset_info
 
     info = read_dataset_info(str(tmp_path / "shards"))
     assert info.count == 40 and info.resolution == 28 and info.channels == 1
@@ -83,10 +83,10 @@ class StopAt(Trainer):
 
     stop_at = 0
 
-    def _periodic(self, step, window):
-        super()._periodic(step, window)
-        if step == self.stop_at:
+    def stop_requested(self) -> bool:
+        if self.state.step == self.stop_at:
             self.stop.file.touch()
+        return super().stop_requested()
 
 
 @pytest.mark.timeout(300)

@@ -1,8 +1,9 @@
-"""Data: raw sources -> webdataset shards (prepare), and the deterministic, resumable training read stream."""
-from distgan.data.pipeline import BatchStream, StreamPlan, make_batch_iterator, read_dataset_info
-from distgan.data.shards import DataError, DatasetInfo, write_shards
+"""Data: raw datasets -> webdataset shards (``python -m distgan.prepare``), and the training read stream.
 
-__all__ = [
-    "BatchStream", "DataError", "DatasetInfo", "StreamPlan", "make_batch_iterator", "read_dataset_info",
-    "write_shards",
-]
+    raw.py      readers of raw datasets (IDX, CIFAR-10 archive, image folder, npz) and the SOURCES table
+    download.py fetch a raw dataset from its official address, checksums verified
+    shards.py   the shard format: write shards + dataset.json, describe a shard set, decode one shard
+    tar.py      the in-memory tar reader, and the one check of a shard URL (pipe:, schemes)
+    stream.py   the deterministic, resumable per-rank batch stream the trainer consumes
+    errors.py   DataError
+"""

@@ -18,7 +18,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from distgan.data.shards import DataError
+from distgan.data.errors import DataError
 
 log = logging.getLogger(__name__)
 

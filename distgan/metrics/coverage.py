@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from distgan.metrics.registry import MetricContext
+
 KL_EPS = 1e-6  # added to every fake class share before KL, so a dropped mode costs a large finite amount
 
 
@@ -53,3 +55,10 @@ def class_coverage(
         "histogram": shares.tolist(),
         "counts": counts.tolist(),
     }
+
+
+def figures(ctx: MetricContext) -> dict[str, float]:
+    """{"modes_covered", "kl_to_real"}: the sample's classifier labels against the real train labels' mix."""
+    hist = torch.bincount(ctx.real["train_labels"], minlength=ctx.num_classes)
+    cov = class_coverage(ctx.labels, ctx.num_classes, real_hist=hist)
+    return {"modes_covered": float(cov["modes_covered"]), "kl_to_real": cov["kl_to_real"]}

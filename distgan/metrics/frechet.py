@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from distgan.metrics.registry import MetricContext
+
 ArrayLike = Union[Tensor, np.ndarray, Sequence]
 
 
@@ -88,3 +90,10 @@ def frechet_distance_from_features(real: ArrayLike, fake: ArrayLike) -> float:
     if mu_r.shape != mu_f.shape:
         raise ValueError(f"real features have D={mu_r.shape[0]} but fake have D={mu_f.shape[0]}: use one feature net")
     return frechet_distance(mu_r, sigma_r, mu_f, sigma_f)
+
+
+def figures(ctx: MetricContext) -> dict[str, float]:
+    """{"fd"}: the sample's features against the real train features (their statistics computed once)."""
+    if "fd_real_stats" not in ctx.memo:
+        ctx.memo["fd_real_stats"] = feature_stats(ctx.real["train_features"])
+    return {"fd": frechet_distance(*ctx.memo["fd_real_stats"], *feature_stats(ctx.features))}

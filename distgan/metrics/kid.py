@@ -7,7 +7,10 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from .frechet import as_float64_matrix
+from distgan.metrics.frechet import as_float64_matrix
+from distgan.metrics.registry import MetricContext
+
+SUBSETS, SUBSET_SIZE = 100, 1000  # the Evaluator's protocol (stylegan2-ada-pytorch's)
 
 
 def _polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -25,8 +28,8 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
 def kernel_inception_distance(
     real: Tensor | np.ndarray,
     fake: Tensor | np.ndarray,
-    subsets: int = 100,
-    subset_size: int = 1000,
+    subsets: int = SUBSETS,
+    subset_size: int = SUBSET_SIZE,
     seed: int = 0,
 ) -> tuple[float, float]:
     """Mean and (population) standard deviation of MMD^2 over ``subsets`` random subsets of both sets.
@@ -51,3 +54,12 @@ def kernel_inception_distance(
         ys = y[rng.choice(y.shape[0], m, replace=False)]
         scores[i] = mmd2_unbiased(xs, ys)
     return float(scores.mean()), float(scores.std())
+
+
+def figures(ctx: MetricContext) -> dict[str, float]:
+    """{"kid", "kid_std"}: the sample's features against the real train features."""
+    real = ctx.real["train_features"]
+    # subsets as large as both sets are all the same set: one is enough (and its std is 0)
+    whole = len(real) == len(ctx.features) <= SUBSET_SIZE
+    kid, kid_std = kernel_inception_distance(real, ctx.features, 1 if whole else SUBSETS, SUBSET_SIZE, seed=ctx.seed)
+    return {"kid": kid, "kid_std": kid_std}

@@ -11,7 +11,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .frechet import as_float64_matrix
+from distgan.metrics.frechet import as_float64_matrix
+from distgan.metrics.registry import MetricContext
+
+K = 3  # neighbours in the Evaluator's protocol (the paper's default)
 
 
 def _squared_distances(rows: Tensor, cols: Tensor, cols_sq: Tensor) -> Tensor:
@@ -42,7 +45,7 @@ def _share_inside(queries: Tensor, points: Tensor, radii: Tensor, batch: int) ->
 
 
 def precision_recall(
-    real: Tensor | np.ndarray, fake: Tensor | np.ndarray, k: int = 3, batch: int = 4096
+    real: Tensor | np.ndarray, fake: Tensor | np.ndarray, k: int = K, batch: int = 4096
 ) -> dict:
     """{"precision", "recall", "k"} for [N, D] real and [M, D] fake features."""
     x = torch.from_numpy(as_float64_matrix(real, "real features"))
@@ -61,3 +64,9 @@ def precision_recall(
         "recall": _share_inside(x, y, fake_radii, batch),
         "k": k,
     }
+
+
+def figures(ctx: MetricContext) -> dict[str, float]:
+    """{"precision", "recall"}: the sample's features against the real train features, k = K."""
+    pr = precision_recall(ctx.real["train_features"], ctx.features, k=K)
+    return {"precision": pr["precision"], "recall": pr["recall"]}

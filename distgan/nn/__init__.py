@@ -23,18 +23,11 @@ DISCRIMINATORS: dict[str, Callable[..., nn.Module]] = {
     "dcgan": DCGANDiscriminator, "mlp": MLPDiscriminator, "maxout": MaxoutDiscriminator,
     "tf_dcgan": TFDCGANDiscriminator,
 }
-LATENT_DISTRIBUTIONS = ("normal", "uniform")
 
 __all__ = [
     "build_generator", "build_discriminator", "sample_latent", "SyncBatchNorm", "convert_sync_batchnorm",
-    "GENERATORS", "DISCRIMINATORS", "LATENT_DISTRIBUTIONS",
+    "GENERATORS", "DISCRIMINATORS",
 ]
-
-
-def _lookup(table: dict[str, Callable[..., nn.Module]], arch: str, key: str) -> Callable[..., nn.Module]:
-    if arch not in table:
-        raise ValueError(f"config key '{key}' = {arch!r}: expected one of {', '.join(table)}")
-    return table[arch]
 
 
 def _check_image(resolution: int, channels: int, who: str) -> None:
@@ -45,13 +38,13 @@ def _check_image(resolution: int, channels: int, who: str) -> None:
 def build_generator(cfg: GeneratorConfig, resolution: int, channels: int) -> nn.Module:
     """The generator ``cfg.arch`` for ``channels`` x ``resolution`` x ``resolution`` images."""
     _check_image(resolution, channels, "generator")
-    return _lookup(GENERATORS, cfg.arch, "generator.arch")(cfg, resolution, channels)
+    return GENERATORS[cfg.arch](cfg, resolution, channels)
 
 
 def build_discriminator(cfg: DiscriminatorConfig, resolution: int, channels: int) -> nn.Module:
     """The discriminator ``cfg.arch`` for ``channels`` x ``resolution`` x ``resolution`` images."""
     _check_image(resolution, channels, "discriminator")
-    return _lookup(DISCRIMINATORS, cfg.arch, "discriminator.arch")(cfg, resolution, channels)
+    return DISCRIMINATORS[cfg.arch](cfg, resolution, channels)
 
 
 def sample_latent(
@@ -62,11 +55,11 @@ def sample_latent(
     Numbers are drawn on the generator's device (so a CPU generator gives the same z whatever
     ``device`` is) and then moved to ``device``.
     """
-    if dist not in LATENT_DISTRIBUTIONS:
-        raise ValueError(f"config key 'generator.z_dist' = {dist!r}: expected one of {', '.join(LATENT_DISTRIBUTIONS)}")
     draw_device = generator.device if generator is not None else device
     if dist == "normal":
         z = torch.randn(n, z_dim, generator=generator, device=draw_device)
-    else:
+    elif dist == "uniform":
         z = torch.rand(n, z_dim, generator=generator, device=draw_device) * 2.0 - 1.0
+    else:
+        raise KeyError(dist)  # unreachable for a validated config (config.validate owns the choices)
     return z.to(device) if device is not None else z

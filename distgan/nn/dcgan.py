@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from distgan.config import DiscriminatorConfig, GeneratorConfig
 from distgan.nn.layers import (
-    D_NORMS, G_NORMS, Flatten, Squeeze, Unflatten, activation, apply_spectral_norm, block, check_norm,
+    Flatten, Squeeze, Unflatten, activation, apply_spectral_norm, block,
     dcgan_init_, has_norm_layer, norm_layer,
 )
 
@@ -39,7 +39,6 @@ def _channels(width: int, max_width: int, blocks: int) -> list[int]:
 class DCGANGenerator(nn.Module):
     def __init__(self, cfg: GeneratorConfig, resolution: int, channels: int) -> None:
         super().__init__()
-        check_norm(cfg.norm, G_NORMS, "generator.norm")
         blocks = _num_blocks(resolution, "generator")
         base = BASE_SIZE[resolution]
         widths = _channels(cfg.width, cfg.max_width, blocks)
@@ -65,7 +64,6 @@ class DCGANGenerator(nn.Module):
 class DCGANDiscriminator(nn.Module):
     def __init__(self, cfg: DiscriminatorConfig, resolution: int, channels: int) -> None:
         super().__init__()
-        check_norm(cfg.norm, D_NORMS, "discriminator.norm")
         blocks = _num_blocks(resolution, "discriminator")
         base = BASE_SIZE[resolution]
         widths = list(reversed(_channels(cfg.width, cfg.max_width, blocks)))

@@ -10,14 +10,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from distgan.nn.syncbn import SyncBatchNorm
 
-G_NORMS = ("batch", "sync-batch", "none")
-D_NORMS = ("none", "batch", "sync-batch", "layer", "spectral")
 _WEIGHTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-
-
-def check_norm(norm: str, valid: tuple[str, ...], key: str) -> None:
-    if norm not in valid:
-        raise ValueError(f"config key '{key}' = {norm!r}: expected one of {', '.join(valid)}")
 
 
 def norm_layer(kind: str, features: int, spatial: bool) -> Optional[nn.Module]:
@@ -33,7 +26,7 @@ def norm_layer(kind: str, features: int, spatial: bool) -> Optional[nn.Module]:
         return nn.GroupNorm(1, features) if spatial else nn.LayerNorm(features)
     if kind in ("none", "spectral"):
         return None
-    raise ValueError(f"unknown norm {kind!r}: expected one of {', '.join(D_NORMS)}")
+    raise KeyError(kind)  # unreachable for a validated config (config.validate owns the choices)
 
 
 def has_norm_layer(kind: str) -> bool:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from distgan.config import DiscriminatorConfig, GeneratorConfig
 from distgan.nn.layers import (
-    D_NORMS, G_NORMS, Flatten, Squeeze, Unflatten, activation, apply_spectral_norm, block, check_norm,
+    Flatten, Squeeze, Unflatten, activation, apply_spectral_norm, block,
     has_norm_layer,
 )
 
@@ -20,7 +20,6 @@ from distgan.nn.layers import (
 class MLPGenerator(nn.Module):
     def __init__(self, cfg: GeneratorConfig, resolution: int, channels: int) -> None:
         super().__init__()
-        check_norm(cfg.norm, G_NORMS, "generator.norm")
         self.z_dim = cfg.z_dim
         sizes = [cfg.z_dim, *cfg.hidden]
         bias = not has_norm_layer(cfg.norm)
@@ -37,7 +36,6 @@ class MLPGenerator(nn.Module):
 class MLPDiscriminator(nn.Module):
     def __init__(self, cfg: DiscriminatorConfig, resolution: int, channels: int) -> None:
         super().__init__()
-        check_norm(cfg.norm, D_NORMS, "discriminator.norm")
         sizes = [channels * resolution * resolution, *cfg.hidden]
         layers: list[nn.Module] = [Flatten()]
         for i, (f_in, f_out) in enumerate(zip(sizes[:-1], sizes[1:])):

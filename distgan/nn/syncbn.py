@@ -19,6 +19,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from distgan.precision import at_least_fp32
+
 
 class _AllReduceSum(torch.autograd.Function):
     """Differentiable SUM all-reduce whose backward is itself (so double backward works).
@@ -93,7 +95,7 @@ class SyncBatchNorm(_BatchNorm):
     def _forward_synchronized(self, x: Tensor) -> Tensor:
         channels = x.shape[1]
         reduce_dims = [0, *range(2, x.dim())]
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 at least, fp64 stays
+        x32 = at_least_fp32(x)
         local_count = x.numel() // channels
         count = x32.new_full((1,), float(local_count))
         stats = torch.cat([x32.sum(reduce_dims), x32.square().sum(reduce_dims), count])

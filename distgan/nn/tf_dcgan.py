@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from distgan.config import DiscriminatorConfig, GeneratorConfig
 from distgan.nn.layers import (
-    D_NORMS, G_NORMS, Flatten, Squeeze, Unflatten, apply_spectral_norm, block, check_norm, glorot_init_,
+    Flatten, Squeeze, Unflatten, apply_spectral_norm, block, glorot_init_,
     has_norm_layer,
 )
 
@@ -32,7 +32,6 @@ def _base(resolution: int, who: str) -> int:
 class TFDCGANGenerator(nn.Module):
     def __init__(self, cfg: GeneratorConfig, resolution: int, channels: int) -> None:
         super().__init__()
-        check_norm(cfg.norm, G_NORMS, "generator.norm")
         base = _base(resolution, "generator")
         w = cfg.width
         slope = cfg.leaky_slope if cfg.leaky_slope > 0 else KERAS_LEAKY_SLOPE
@@ -57,7 +56,6 @@ class TFDCGANGenerator(nn.Module):
 class TFDCGANDiscriminator(nn.Module):
     def __init__(self, cfg: DiscriminatorConfig, resolution: int, channels: int) -> None:
         super().__init__()
-        check_norm(cfg.norm, D_NORMS, "discriminator.norm")
         base = _base(resolution, "discriminator")
         w = cfg.width
         layers: list[nn.Module] = block(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from distgan.checkpoint import load_generator_export
+from distgan.export import load_generator_export
 
 pytestmark = pytest.mark.slurm
 

@@ -1,4 +1,5 @@
-"""The training read stream: deterministic, resumable, endless batches from webdataset shards.
+"""The training read stream: deterministic, resumable, endless batches from webdataset shards, and the
+``DataSource`` protocol through which the trainer takes them (``ShardSource``, or an in-memory source in tests).
 
 The stream of one rank is a sequence of blocks. Block ``b`` reads ``shards_per_block`` of the rank's shards
 (taken in order from per-epoch shuffles of the rank's shard list, seeded by (seed, rank, epoch)), decodes
@@ -13,89 +14,23 @@ webdataset's own resampling (``resampled=True``) is not used: its position canno
 """
 from __future__ import annotations
 
-import glob
 import itertools
-import json
 import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional, Protocol
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distgan.config import DataConfig
-from distgan.data.shards import (
-    DATASET_JSON, FORMAT_VERSION, DataError, DatasetInfo, ShardData, count_samples, decode_image,
-    load_shard_bytes, read_shard, tar_samples,
-)
+from distgan.data.errors import DataError
+from distgan.data.shards import DatasetInfo, ShardData, count_samples, read_dataset_info, read_shard
+from distgan.data.tar import check_url
 
 log = logging.getLogger(__name__)
-
-__all__ = ["DatasetInfo", "DataError", "read_dataset_info", "make_batch_iterator", "BatchStream", "StreamPlan"]
-
-
-# ---------------------------------------------------------------- dataset info
-
-
-def _info_from_json(folder: str) -> DatasetInfo:
-    path = os.path.join(folder, DATASET_JSON)
-    try:
-        record = json.loads(open(path).read())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot read: {err}") from None
-    if record.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path}: format_version {record.get('format_version')!r}, this distgan reads {FORMAT_VERSION}")
-    missing = [k for k in ("resolution", "channels", "shards") if k not in record]
-    if missing:
-        raise DataError(f"{path}: missing keys {missing}; re-run python -m distgan.prepare")
-    return DatasetInfo(
-        count=record.get("count"), resolution=int(record["resolution"]), channels=int(record["channels"]),
-        classes=record.get("classes"), shards=[os.path.join(folder, s) for s in record["shards"]],
-        source=record.get("source"), split=record.get("split"),
-    )
-
-
-def _inspect_first_sample(shards: list[str], allow_pipe: bool) -> tuple[int, int]:
-    """(resolution, channels) of the first sample of the first shard, for shards without dataset.json."""
-    url = shards[0]
-    for key, sample in tar_samples(load_shard_bytes(url, allow_pipe), url):
-        try:
-            image = decode_image(sample)
-        except ValueError as err:
-            raise DataError(f"shard {url}: key {key}: {err}") from None
-        if image.shape[0] != image.shape[1]:
-            raise DataError(f"shard {url}: key {key}: image is {image.shape[0]}x{image.shape[1]}; distgan needs square images")
-        return image.shape[0], image.shape[2]
-    raise DataError(f"shard {url}: no samples (empty tar)")
-
-
-def read_dataset_info(path: str, *, allow_pipe: bool = False) -> DatasetInfo:
-    """Describe a dataset: a folder with dataset.json, a folder of *.tar, or a shard pattern/URL.
-
-    Patterns use webdataset's syntax ("dir/shard-{000000..000009}.tar", "a.tar::b.tar"); without
-    dataset.json the resolution and channels come from the first sample, and the count is unknown.
-    """
-    if path.startswith("pipe:") and not allow_pipe:
-        raise DataError(f"data.path {path!r}: 'pipe:' URLs run shell commands; set data.allow_pipe=true to allow them")
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, DATASET_JSON)):
-            return _info_from_json(path)
-        shards = sorted(glob.glob(os.path.join(path, "*.tar")) + glob.glob(os.path.join(path, "*.tar.gz")))
-        if not shards:
-            raise DataError(f"data.path {path}: no {DATASET_JSON} and no *.tar shards in it; "
-                            "make shards with python -m distgan.prepare SOURCE --out " + path)
-    else:
-        shards = wds.shardlists.expand_urls(path)
-        if len(shards) == 1 and "://" not in path and not path.startswith("pipe:") and not os.path.exists(path):
-            raise DataError(f"data.path {path}: no such folder or shard file; make shards with python -m distgan.prepare")
-    if not allow_pipe and any(s.startswith("pipe:") for s in shards):
-        raise DataError(f"data.path {path!r}: 'pipe:' URLs run shell commands; set data.allow_pipe=true to allow them")
-    resolution, channels = _inspect_first_sample(shards, allow_pipe)
-    return DatasetInfo(count=None, resolution=resolution, channels=channels, classes=None, shards=shards)
 
 
 # ---------------------------------------------------------------- the block schedule
@@ -271,11 +206,9 @@ def make_batch_iterator(
     if batch_size < 1 or not 0 <= rank < world_size or start_batch < 0:
         raise DataError(f"make_batch_iterator: batch_size={batch_size}, rank={rank}, world_size={world_size}, "
                         f"start_batch={start_batch}: need batch_size >= 1, 0 <= rank < world_size, start_batch >= 0")
-    if cfg.shards_per_block < 1:
-        raise DataError(f"config key 'data.shards_per_block' = {cfg.shards_per_block}: must be at least 1")
     info = read_dataset_info(cfg.path, allow_pipe=cfg.allow_pipe)
     plan = StreamPlan.build(cfg, info, batch_size, rank, world_size, seed)
-    missing = [s for s in plan.shards if "://" not in s and not s.startswith("pipe:") and not os.path.isfile(s)]
+    missing = [s for s in plan.shards if check_url(s, cfg.allow_pipe, f"shard {s}") == "" and not os.path.isfile(s)]
     if missing:
         raise DataError(f"shard {missing[0]}: file not found ({len(missing)} of rank {rank}'s shards missing); "
                         "re-run python -m distgan.prepare or fix data.path")
@@ -283,3 +216,29 @@ def make_batch_iterator(
     log.info("data: %s, rank %d/%d: %d shards, %d batches of %d per block", cfg.path, rank, world_size,
              len(plan.shards), plan.batches_per_block, batch_size)
     return BatchStream(plan, start_batch, cfg.num_workers, cache_bytes)
+
+
+# ---------------------------------------------------------------- what the trainer consumes
+
+
+class DataSource(Protocol):
+    """Real batches for the trainer: the shards, or a deterministic in-memory source in tests."""
+
+    resolution: int
+    channels: int
+    classes: Optional[list[str]]
+
+    def batches(self, batch_size: int, rank: int, world_size: int, seed: int,
+                start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class ShardSource:
+    """The webdataset shards named by ``data.path``."""
+
+    def __init__(self, data_cfg: DataConfig):
+        self.cfg = data_cfg
+        self.info = read_dataset_info(data_cfg.path, allow_pipe=data_cfg.allow_pipe)
+        self.resolution, self.channels, self.classes = self.info.resolution, self.info.channels, self.info.classes
+
+    def batches(self, batch_size: int, rank: int, world_size: int, seed: int, start_batch: int) -> BatchStream:
+        return make_batch_iterator(self.cfg, batch_size, rank, world_size, seed, start_batch)

@@ -1,9 +1,9 @@
 """The Evaluator: how good a generator is, against real data, during training and after it.
 
 Each rank generates its share of ``eval.n`` images from one global set of latents, computes features, and
-the features are gathered; rank 0 computes the metrics of distgan.metrics against real statistics that are
-read once (and cached beside the shards). Every figure has a real-vs-real reference (train split vs test
-split), the floor a generator can reach on that figure.
+the features are gathered; rank 0 computes the registered metrics (distgan.metrics.registry) against real
+statistics that are read once (and cached beside the shards). Every figure has a real-vs-real reference
+(train split vs test split), the floor a generator can reach on that figure.
 
 Choices that make figures comparable and reproducible:
 - The real images are a fixed sample (seed REAL_SEED, whatever the run seed): runs compare on the same set.
@@ -13,16 +13,16 @@ Choices that make figures comparable and reproducible:
   it) with copies of the last latent, which are dropped after the gather.
 - Parzen (the 2014 paper's estimate) uses at most PARZEN_SAMPLES generated images and PARZEN_TEST test
   images, with sigma chosen on PARZEN_VALIDATION held-out train images (never among the real images used
-  for the other statistics); the full 10k x 10k of the paper takes minutes on a CPU.
+  for the other statistics).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,29 +31,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import DataConfig, ConfigError, EvalConfig
-from .data.pipeline import DatasetInfo, read_dataset_info
-from .data.shards import read_shard
-from .metrics import (
-    class_coverage, feature_stats, frechet_distance, kernel_inception_distance, load_classifier,
-    load_inception_features, parzen_log_likelihood, precision_recall, select_parzen_sigma,
-)
-from .metrics.features import CLASSIFIER_FILE, FeatureClassifier
-from .nn import sample_latent
+from distgan.config import ConfigError, DataConfig, EvalConfig, validate_eval
+
+from distgan.data.shards import DatasetInfo, read_dataset_info, read_images, to_float
+from distgan.metrics.feature_net import TRAIN_FEATURES_HINT, load_feature_net
+from distgan.metrics.features import CLASSIFIER_FILE
+from distgan.metrics.parzen import PARZEN_SAMPLES, PARZEN_TEST, PARZEN_VALIDATION
+from distgan.metrics.registry import METRICS, Metric, MetricContext, names
+from distgan.nn import sample_latent
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METRICS = ("fd", "kid", "pr", "coverage", "parzen")
-FIGURE_KEYS = {"fd": ("fd",), "kid": ("kid", "kid_std"), "pr": ("precision", "recall"),
-               "coverage": ("modes_covered", "kl_to_real"), "parzen": ("parzen_ll", "parzen_se", "parzen_sigma")}
 REAL_SEED = 0  # the real sample does not depend on the run seed
-PARZEN_SAMPLES = 10_000  # generated images in the Parzen window (as the 2014 paper)
-PARZEN_TEST = 1_000  # test images scored (the paper scored all 10,000)
-PARZEN_VALIDATION = 1_000  # held-out train images that choose sigma
-KID_SUBSETS, KID_SUBSET_SIZE, PR_K = 100, 1000, 3
 CACHE_DIR = "eval_cache"  # beside the shards
 CACHE_VERSION = 1
-TRAIN_FEATURES_HINT = "python -m distgan.eval train-features --data {path}"
 
 
 def default_test_path(cfg: EvalConfig, data_path: str) -> Optional[str]:
@@ -64,98 +55,15 @@ def default_test_path(cfg: EvalConfig, data_path: str) -> Optional[str]:
     return candidate if os.path.isdir(candidate) else None
 
 
-def file_digest(*paths: Path) -> str:
-    sha = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                sha.update(chunk)
-    return sha.hexdigest()
-
-
-@dataclass
-class FeatureNet:
-    """The network whose features the metrics compare, and the classifier that labels images (coverage)."""
-
-    kind: str  # "classifier" or "inception"
-    extractor: nn.Module
-    classifier: Optional[FeatureClassifier]
-    digest: str  # hash of the weights: keys the disk cache
-
-
-def load_feature_net(cfg: EvalConfig, data_path: str, info: DatasetInfo) -> FeatureNet:
-    """Resolve eval.features (auto: the classifier beside the shards, else Inception when configured)."""
-    classifier_path = Path(data_path) / CLASSIFIER_FILE
-    have_classifier = os.path.isdir(data_path) and classifier_path.is_file()
-    kind = cfg.features
-    if kind == "auto":
-        kind = "classifier" if have_classifier else "inception" if cfg.inception_weights else None
-        if kind is None:
-            raise ConfigError(
-                f"eval.features=auto: no feature network for '{data_path}' (no {classifier_path} and no "
-                f"eval.inception_weights). Train one: {TRAIN_FEATURES_HINT.format(path=data_path)}"
-            )
-    if kind not in ("classifier", "inception"):
-        raise ConfigError(f"eval.features={cfg.features!r}: expected auto, classifier or inception")
-    if kind == "classifier" and not have_classifier:
-        raise ConfigError(f"eval.features=classifier: {classifier_path} not found. Train it: "
-                          + TRAIN_FEATURES_HINT.format(path=data_path))
-    if kind == "inception" and not cfg.inception_weights:
-        raise ConfigError("eval.features=inception needs eval.inception_weights (a local FID Inception-v3 file)")
-    classifier = load_classifier(classifier_path) if have_classifier else None
-    if classifier is not None:
-        expected = (info.channels, info.resolution)
-        if (classifier.hparams["channels"], classifier.hparams["resolution"]) != expected:
-            raise ConfigError(
-                f"{classifier_path} was trained on {classifier.hparams['channels']}x{classifier.hparams['resolution']}"
-                f" images but '{data_path}' holds {expected[0]}x{expected[1]}: retrain it with "
-                + TRAIN_FEATURES_HINT.format(path=data_path))
-    if kind == "classifier":
-        return FeatureNet("classifier", classifier.feature_extractor(), classifier, file_digest(classifier_path))
-    weights = Path(cfg.inception_weights)
-    net = load_inception_features(weights)
-    labels_from = [classifier_path] if classifier is not None else []  # its labels are cached too
-    return FeatureNet("inception", net, classifier, file_digest(weights, *labels_from))
-
-
-def read_images(info: DatasetInfo, data_cfg: DataConfig, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``n`` distinct images (uint8 [N, C, R, R]) and labels (-1 unknown) from ``info``'s shards.
-
-    Shards are read in an order shuffled by ``seed`` until ``n`` images are in hand, then the images are
-    shuffled by ``seed``: a deterministic sample, whatever the process count. (The training stream is not
-    used: its blocks repeat samples when n exceeds a block.)
-    """
-    rng = np.random.default_rng([seed, 1])
-    images, labels, have = [], [], 0
-    for index in rng.permutation(len(info.shards)):
-        shard = read_shard(info.shards[index], resolution=info.resolution, channels=info.channels,
-                           skip_bad=data_cfg.skip_bad_samples, allow_pipe=data_cfg.allow_pipe)
-        images.append(shard.images)
-        labels.append(shard.labels)
-        have += len(shard.labels)
-        if have >= n:
-            break
-    if have == 0:
-        raise ConfigError(f"no images in the shards of {info.shards[0]} ...: cannot compute real statistics")
-    order = rng.permutation(have)[:n]
-    return np.concatenate(images)[order], np.concatenate(labels)[order]
-
-
-def to_float(images: Tensor) -> Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1], as the training stream gives them."""
-    return images.float() / 127.5 - 1.0
-
-
 class Evaluator:
     """Figures of a generator against real data; ``evaluate`` is collective (call it on every rank)."""
 
     def __init__(self, cfg: EvalConfig, data_cfg: DataConfig, info: DatasetInfo, device: torch.device,
                  seed: int, z_dist: str = "normal"):
-        if cfg.n < 2 or cfg.batch < 1:
-            raise ConfigError(f"eval.n={cfg.n} and eval.batch={cfg.batch}: need n >= 2 and batch >= 1")
+        validate_eval(cfg)  # a hand-built EvalConfig gets the checks a loaded config had
         self.cfg, self.data_cfg, self.info = cfg, data_cfg, info
         self.device, self.seed, self.z_dist = torch.device(device), seed, z_dist
-        self.metrics = list(cfg.metrics) or list(DEFAULT_METRICS)
+        self.metrics = list(cfg.metrics) or names()
         self.net = load_feature_net(cfg, data_cfg.path, info)
         self.net.extractor.to(self.device)
         if self.net.classifier is not None:
@@ -166,31 +74,37 @@ class Evaluator:
             raise ConfigError(f"test split '{self.test_path}' holds {self.test_info.channels}x{self.test_info.resolution} "
                               f"images but data.path holds {info.channels}x{info.resolution}: fix eval.test_path")
         self._real: Optional[dict[str, Tensor]] = None
-        self._real_stats: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self._memo: dict = {}  # the metrics' own statistics of the real data (MetricContext.memo)
         self._reference: Optional[dict[str, float]] = None
         self._skip_warned: set[str] = set()
         self.last_modes_covered: Optional[int] = None
         self._check_metrics()
 
     def _check_metrics(self) -> None:
-        if "coverage" in self.metrics and self.net.classifier is None:
-            self._skip("coverage", f"coverage needs the classifier {Path(self.data_cfg.path) / CLASSIFIER_FILE}: "
-                       + TRAIN_FEATURES_HINT.format(path=self.data_cfg.path))
-        if self.test_info is None:
-            fix = (f"no test split (eval.test_path unset and no folder {self.data_cfg.path.rstrip('/')}_test): "
+        no_test = (f"no test split (eval.test_path unset and no folder {self.data_cfg.path.rstrip('/')}_test): "
                    f"prepare one, e.g. python -m distgan.prepare fashion-mnist --split test --out "
                    f"{self.data_cfg.path.rstrip('/')}_test")
-            if "parzen" in self.metrics:
-                self._skip("parzen", "Parzen log-likelihood skipped: " + fix)
-            self._skip("reference", "real-vs-real reference skipped: " + fix)
+        for metric in self._metrics():
+            title = metric.title or metric.name
+            if metric.needs_labels and self.net.classifier is None:
+                self._skip(metric.name, f"{title} needs the classifier {Path(self.data_cfg.path) / CLASSIFIER_FILE}: "
+                           + TRAIN_FEATURES_HINT.format(path=self.data_cfg.path))
+            if metric.needs_test_split and self.test_info is None:
+                self._skip(metric.name, f"{title} skipped: {no_test}")
+        if self.test_info is None:
+            self._skip("real-vs-real reference", "real-vs-real reference skipped: " + no_test)
 
     def _skip(self, what: str, message: str) -> None:
         if what not in self._skip_warned:
             log.warning(message)
             self._skip_warned.add(what)
 
-    def _wants(self, metric: str) -> bool:
-        return metric in self.metrics and metric not in self._skip_warned
+    def _metrics(self) -> list[Metric]:
+        """The metrics asked for (in registry order), less those skipped for want of a classifier or test split."""
+        return [m for m in METRICS.values() if m.name in self.metrics and m.name not in self._skip_warned]
+
+    def _needs_images(self) -> bool:
+        return any(metric.needs_images for metric in self._metrics())
 
     # ------------------------------------------------------------------ real data (rank 0, once)
 
@@ -294,6 +208,7 @@ class Evaluator:
         z, per_rank, batch = self.latents(generator.z_dim, world_size)
         mine = z[rank * per_rank:(rank + 1) * per_rank]
         feats, labels, images = [], [], []
+        keep_images = self._needs_images()
         was_training = generator.training
         generator.eval()
         try:
@@ -303,7 +218,7 @@ class Evaluator:
                 feats.append(f)
                 if y is not None:
                     labels.append(y)
-                if self._wants("parzen"):
+                if keep_images:
                     images.append(x)
         finally:
             generator.train(was_training)
@@ -320,13 +235,13 @@ class Evaluator:
         n = self.cfg.n
         feats = gather(feats.contiguous())[:n].cpu()
         labels = gather(labels.contiguous())[:n].cpu() if labels is not None else None
-        images = gather(images.contiguous())[:min(n, PARZEN_SAMPLES)].cpu() if images is not None else None
+        images = gather(images.contiguous())[:n].cpu() if images is not None else None
         if rank != 0:
             return {}
         generated = time.perf_counter()
         if not bool(torch.isfinite(feats).all()) or (images is not None and not bool(torch.isfinite(images).all())):
             log.error("evaluation: the generated images or their features are not finite (did the generator diverge?)")
-            return {key: math.nan for m in self.metrics if self._wants(m) for key in FIGURE_KEYS[m]}
+            return {key: math.nan for metric in self._metrics() for key in metric.figures}
         figures = self._figures(feats, labels, images)
         if "modes_covered" in figures:
             self._watch_coverage(int(figures["modes_covered"]))
@@ -336,32 +251,18 @@ class Evaluator:
 
     def _figures(self, feats: Tensor, labels: Optional[Tensor], images: Optional[Tensor]) -> dict[str, float]:
         """The figures of a sample (generated, or the test split) against the real train statistics."""
-        real = self.real_data()
+        ctx = MetricContext(features=feats, labels=labels, images=images, real=self.real_data(),
+                            num_classes=self.net.classifier.hparams["num_classes"] if self.net.classifier else None,
+                            seed=REAL_SEED, memo=self._memo)
         out: dict[str, float] = {}
-        if self._wants("fd"):
-            if self._real_stats is None:
-                self._real_stats = feature_stats(real["train_features"])
-            mu, sigma = feature_stats(feats)
-            out["fd"] = frechet_distance(*self._real_stats, mu, sigma)
-        if self._wants("kid"):
-            # subsets as large as both sets are all the same set: one is enough (and its std is 0)
-            whole = len(real["train_features"]) == len(feats) <= KID_SUBSET_SIZE
-            out["kid"], out["kid_std"] = kernel_inception_distance(
-                real["train_features"], feats, 1 if whole else KID_SUBSETS, KID_SUBSET_SIZE, seed=REAL_SEED)
-        if self._wants("pr"):
-            pr = precision_recall(real["train_features"], feats, k=PR_K)
-            out["precision"], out["recall"] = pr["precision"], pr["recall"]
-        if self._wants("coverage") and labels is not None:
-            num_classes = self.net.classifier.hparams["num_classes"]
-            hist = torch.bincount(real["train_labels"], minlength=num_classes)
-            cov = class_coverage(labels, num_classes, real_hist=hist)
-            out["modes_covered"], out["kl_to_real"] = float(cov["modes_covered"]), cov["kl_to_real"]
-        if self._wants("parzen") and images is not None:
-            val = to_float(real["val_images"])
-            sigma = select_parzen_sigma(images, val)
-            test = to_float(real["test_parzen_images"])
-            out["parzen_ll"], out["parzen_se"] = parzen_log_likelihood(images, test, sigma)
-            out["parzen_sigma"] = sigma
+        for metric in self._metrics():
+            if (metric.needs_labels and labels is None) or (metric.needs_images and images is None):
+                continue
+            figures = metric.compute(ctx)
+            missing = set(metric.figures) - set(figures)
+            if missing:
+                raise ValueError(f"metric {metric.name!r} did not compute {sorted(missing)}")
+            out.update({key: float(figures[key]) for key in metric.figures})
         return out
 
     def _watch_coverage(self, modes: int) -> None:
@@ -375,7 +276,8 @@ class Evaluator:
     def reference(self) -> dict[str, float]:
         """Real-vs-real figures (test split against the train statistics): the floor; {} without a test split.
 
-        Not collective: call it on rank 0 (it is computed once, then kept).
+        Image metrics (Parzen) put real train images in place of generated ones. Not collective: call it on
+        rank 0 (it is computed once, then kept).
         """
         if self._reference is not None:
             return self._reference
@@ -384,12 +286,29 @@ class Evaluator:
         real = self.real_data()
         test_feats = real["test_features"][:self.cfg.n]
         test_labels = real["test_labels"][:self.cfg.n] if "test_labels" in real else None
-        figures = self._figures(test_feats, test_labels, None)
-        if self._wants("parzen"):  # train images in the window, scored on the test split
-            samples = to_float(real["train_parzen_images"])
-            sigma = select_parzen_sigma(samples, to_float(real["val_images"]))
-            figures["parzen_ll"], figures["parzen_se"] = parzen_log_likelihood(
-                samples, to_float(real["test_parzen_images"]), sigma)
-            figures["parzen_sigma"] = sigma
-        self._reference = figures
-        return figures
+        images = to_float(real["train_parzen_images"]) if self._needs_images() else None
+        self._reference = self._figures(test_feats, test_labels, images)
+        return self._reference
+
+
+def evaluate_export(model: nn.Module, meta: dict, export: Path, data_cfg: DataConfig, eval_cfg: EvalConfig, seed: int,
+                    device: torch.device) -> dict:
+    """The figures of an exported generator (``model``, ``meta`` as load_generator_export gives them), the
+    real-vs-real "reference" and a "meta" record: what ``python -m distgan.eval`` prints."""
+    if not eval_cfg.metrics:
+        eval_cfg = dataclasses.replace(eval_cfg, metrics=names())
+    info = read_dataset_info(data_cfg.path, allow_pipe=data_cfg.allow_pipe)
+    if (meta["channels"], meta["resolution"]) != (info.channels, info.resolution):
+        raise ConfigError(f"{export} makes {meta['channels']}x{meta['resolution']} images but {data_cfg.path} holds "
+                          f"{info.channels}x{info.resolution}: pass --data with the run's data")
+    evaluator = Evaluator(eval_cfg, data_cfg, info, device, seed, z_dist=meta["generator"]["z_dist"])
+    start = time.perf_counter()
+    figures = evaluator.evaluate(model, rank=0, world_size=1, gather=lambda t: t)
+    record: dict = dict(figures)
+    reference = evaluator.reference()
+    if reference:
+        record["reference"] = reference
+    record["meta"] = {"export": str(export), "step": meta.get("step"), "n": eval_cfg.n, "seed": seed,
+                      "metrics": eval_cfg.metrics, "features": evaluator.net.kind, "data": data_cfg.path,
+                      "test_data": evaluator.test_path, "seconds": round(time.perf_counter() - start, 2)}
+    return record

@@ -1,6 +1,12 @@
-"""Readers for raw datasets: IDX (MNIST, Fashion-MNIST), the CIFAR-10 python archive, image folders, npz.
+"""Readers of raw datasets: IDX (MNIST, Fashion-MNIST), the CIFAR-10 python archive, image folders, npz.
 
-Each reader gives uint8 HxWxC images (C = 1 or 3) in a fixed order, labels when known, and class names.
+Each reader gives uint8 HxWxC images (C = 1 or 3) in a fixed order, labels when known, and class names,
+as a ``RawDataset``; ``SOURCES`` maps the names ``python -m distgan.prepare`` accepts to the readers.
+
+To add a format: write ``read_NAME(src, split, resolution, channels, limit) -> RawDataset`` (its docstring's
+first line is the --help text; ``from_array`` does the resizing for in-memory arrays) and add one
+``RawFormat`` entry to ``SOURCES`` at the end of this file. A format that can be downloaded also gets an
+entry in ``distgan.data.download.REMOTES``.
 """
 from __future__ import annotations
 
@@ -11,27 +17,27 @@ import pickle
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 from PIL import Image
 
-from distgan.data.shards import DataError
+from distgan.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("fashion-mnist", "mnist", "cifar10", "folder", "npz")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 MNIST_CLASSES = [str(i) for i in range(10)]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "F"}
+SPLITS = ("train", "test")
 
 
 @dataclass
-class Source:
-    """A dataset ready to be written: lazy images (HxWxC uint8) and labels, in order."""
+class RawDataset:
+    """A raw dataset ready to be written as shards: lazy images (HxWxC uint8) and labels, in order."""
 
     images: Iterable[np.ndarray]
     labels: Optional[Iterable[int]]
@@ -62,9 +68,9 @@ def fit_image(image: Image.Image | np.ndarray, resolution: Optional[int], channe
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def _from_array(images: np.ndarray, labels: Optional[np.ndarray], classes: Optional[list[str]],
-                resolution: Optional[int], channels: Optional[int], limit: Optional[int]) -> Source:
-    """A Source over an N,H,W,C uint8 array; images are converted only when resolution/channels differ."""
+def from_array(images: np.ndarray, labels: Optional[np.ndarray], classes: Optional[list[str]],
+               resolution: Optional[int], channels: Optional[int], limit: Optional[int]) -> RawDataset:
+    """A RawDataset over an N,H,W,C uint8 array; images are converted only when resolution/channels differ."""
     if limit is not None:
         images, labels = images[:limit], (labels[:limit] if labels is not None else None)
     n, height, width, have = images.shape
@@ -76,7 +82,7 @@ def _from_array(images: np.ndarray, labels: Optional[np.ndarray], classes: Optio
         stream: Iterable[np.ndarray] = iter(images)
     else:
         stream = (fit_image(image, resolution, channels) for image in images)
-    return Source(stream, labels.tolist() if labels is not None else None, classes, n, resolution, channels)
+    return RawDataset(stream, labels.tolist() if labels is not None else None, classes, n, resolution, channels)
 
 
 # ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
@@ -275,7 +281,12 @@ def scan_folder(root: str | Path) -> tuple[list[Path], Optional[list[int]], Opti
     return files, [index[part[0]] for part in parts], classes
 
 
-def _folder_source(root: str | Path, resolution: Optional[int], channels: Optional[int], limit: Optional[int]) -> Source:
+def read_folder(root: Path, split: str, resolution: Optional[int], channels: Optional[int],
+                limit: Optional[int]) -> RawDataset:
+    """An image folder: every image under it (sorted); first-level sub-folders name the classes.
+
+    ``split`` is ignored: a folder is one split.
+    """
     files, labels, classes = scan_folder(root)
     if limit is not None:
         files, labels = files[:limit], (labels[:limit] if labels is not None else None)
@@ -303,31 +314,79 @@ def _folder_source(root: str | Path, resolution: Optional[int], channels: Option
             except OSError as err:
                 raise DataError(f"{path}: cannot decode image: {err}") from None
 
-    return Source(images(), labels, classes, len(files), resolution, channels)
+    return RawDataset(images(), labels, classes, len(files), resolution, channels)
 
 
-# ---------------------------------------------------------------- dispatch
+# ---------------------------------------------------------------- readers of whole datasets
+
+
+def _read_idx_dataset(name: str, classes: list[str], src: Path, split: str, resolution: Optional[int],
+                      channels: Optional[int], limit: Optional[int]) -> RawDataset:
+    if not src.is_dir():
+        hint = (" Install it with `apt-get install dataset-fashion-mnist`," if name == "fashion-mnist" else "")
+        raise DataError(f"{name}: no folder {src}.{hint} pass --download to fetch it, or --src DIR with the IDX files")
+    images, labels = load_idx_split(src, split)
+    return from_array(images[..., None], labels, classes, resolution, channels, limit)
+
+
+def read_fashion_mnist(src: Path, split: str, resolution: Optional[int], channels: Optional[int],
+                       limit: Optional[int]) -> RawDataset:
+    """Fashion-MNIST: a folder of IDX files (train-*, t10k-*, gzipped or not)."""
+    return _read_idx_dataset("fashion-mnist", FASHION_MNIST_CLASSES, src, split, resolution, channels, limit)
+
+
+def read_mnist(src: Path, split: str, resolution: Optional[int], channels: Optional[int],
+               limit: Optional[int]) -> RawDataset:
+    """MNIST: a folder of IDX files (train-*, t10k-*, gzipped or not)."""
+    return _read_idx_dataset("mnist", MNIST_CLASSES, src, split, resolution, channels, limit)
+
+
+def read_cifar10(src: Path, split: str, resolution: Optional[int], channels: Optional[int],
+                 limit: Optional[int]) -> RawDataset:
+    """CIFAR-10: the official python archive (cifar-10-python.tar.gz) or its extracted folder."""
+    images, labels, classes = load_cifar10(src, split)
+    return from_array(images, labels, classes, resolution, channels, limit)
+
+
+def read_npz(src: Path, split: str, resolution: Optional[int], channels: Optional[int],
+             limit: Optional[int]) -> RawDataset:
+    """An .npz file: array 'images' or 'x' (uint8 or floats), optional 'labels' or 'y'.
+
+    ``split`` is ignored: a file is one split.
+    """
+    images, labels = load_npz(src)
+    return from_array(images, labels, None, resolution, channels, limit)
+
+
+# ---------------------------------------------------------------- the table
+
+
+Reader = Callable[[Path, str, Optional[int], Optional[int], Optional[int]], RawDataset]
+
+
+@dataclass(frozen=True)
+class RawFormat:
+    """One entry of SOURCES: its reader, what --src names, and where --src points when not given."""
+
+    read: Reader  # (src, split, resolution, channels, limit) -> RawDataset
+    src: str  # what --src must name, for help and errors
+    default_src: Optional[str] = None  # a fixed default --src (downloadable formats default to the cache)
+
+
+SOURCES: dict[str, RawFormat] = {
+    "fashion-mnist": RawFormat(read_fashion_mnist, "folder with the IDX files", FASHION_MNIST_DIR),
+    "mnist": RawFormat(read_mnist, "folder with the IDX files"),
+    "cifar10": RawFormat(read_cifar10, "CIFAR-10 archive or folder"),
+    "folder": RawFormat(read_folder, "image folder"),
+    "npz": RawFormat(read_npz, ".npz file"),
+}
 
 
 def open_source(name: str, src: str | Path, *, split: str = "train", resolution: Optional[int] = None,
-                channels: Optional[int] = None, limit: Optional[int] = None) -> Source:
-    """The named source read from ``src`` (a folder, archive or file, as the source needs)."""
-    if split not in ("train", "test"):
+                channels: Optional[int] = None, limit: Optional[int] = None) -> RawDataset:
+    """The raw dataset ``name`` (a key of SOURCES) read from ``src`` (a folder, archive or file, as it needs)."""
+    if split not in SPLITS:
         raise DataError(f"split {split!r}: expected train or test")
-    src = Path(src)
-    if name in ("fashion-mnist", "mnist"):
-        if not src.is_dir():
-            hint = (" Install it with `apt-get install dataset-fashion-mnist`," if name == "fashion-mnist" else "")
-            raise DataError(f"{name}: no folder {src}.{hint} pass --download to fetch it, or --src DIR with the IDX files")
-        images, labels = load_idx_split(src, split)
-        classes = FASHION_MNIST_CLASSES if name == "fashion-mnist" else MNIST_CLASSES
-        return _from_array(images[..., None], labels, classes, resolution, channels, limit)
-    if name == "cifar10":
-        images, labels, classes = load_cifar10(src, split)
-        return _from_array(images, labels, classes, resolution, channels, limit)
-    if name == "npz":
-        images, labels = load_npz(src)
-        return _from_array(images, labels, None, resolution, channels, limit)
-    if name == "folder":
-        return _folder_source(src, resolution, channels, limit)
-    raise DataError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
+    if name not in SOURCES:
+        raise DataError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
+    return SOURCES[name].read(Path(src), split, resolution, channels, limit)

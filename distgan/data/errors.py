@@ -1,0 +1,5 @@
+"""The one exception of the data package, so every data module can raise it without importing another."""
+
+
+class DataError(ValueError):
+    """A data problem; the message names the file (shard) and key, and what to do."""

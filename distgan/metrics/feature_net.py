@@ -1,0 +1,140 @@
+"""The feature network of a dataset: the classifier distgan trains and keeps beside the shards, or Inception-v3.
+
+``load_feature_net`` resolves eval.features for the Evaluator; ``train_feature_classifier`` is the body of
+``python -m distgan.eval train-features``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from distgan.config import ConfigError, DataConfig, EvalConfig
+from distgan.data.errors import DataError
+from distgan.data.shards import DatasetInfo, read_dataset_info, read_images, to_float
+from distgan.data.stream import make_batch_iterator
+from distgan.metrics.features import (
+    CLASSIFIER_FILE, FeatureClassifier, evaluate_classifier, load_classifier, save_classifier, train_classifier,
+)
+from distgan.metrics.inception import load_inception_features
+
+log = logging.getLogger(__name__)
+
+TRAIN_FEATURES_HINT = "python -m distgan.eval train-features --data {path}"
+TRAIN_FEATURES_DEFAULTS = dict(steps=2000, batch=64, lr=3e-3)
+CLASSIFIER_EVAL_IMAGES = 10_000  # test (or held-out) images the accuracy is measured on
+
+
+def file_digest(*paths: Path) -> str:
+    sha = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                sha.update(chunk)
+    return sha.hexdigest()
+
+
+@dataclass
+class FeatureNet:
+    """The network whose features the metrics compare, and the classifier that labels images (coverage)."""
+
+    kind: str  # "classifier" or "inception"
+    extractor: nn.Module
+    classifier: Optional[FeatureClassifier]
+    digest: str  # hash of the weights: keys the disk cache
+
+
+def load_feature_net(cfg: EvalConfig, data_path: str, info: DatasetInfo) -> FeatureNet:
+    """Resolve eval.features (auto: the classifier beside the shards, else Inception when configured)."""
+    classifier_path = Path(data_path) / CLASSIFIER_FILE
+    have_classifier = os.path.isdir(data_path) and classifier_path.is_file()
+    kind = cfg.features
+    if kind == "auto":
+        kind = "classifier" if have_classifier else "inception" if cfg.inception_weights else None
+        if kind is None:
+            raise ConfigError(
+                f"eval.features=auto: no feature network for '{data_path}' (no {classifier_path} and no "
+                f"eval.inception_weights). Train one: {TRAIN_FEATURES_HINT.format(path=data_path)}"
+            )
+    if kind == "classifier" and not have_classifier:
+        raise ConfigError(f"eval.features=classifier: {classifier_path} not found. Train it: "
+                          + TRAIN_FEATURES_HINT.format(path=data_path))
+    if kind == "inception" and not cfg.inception_weights:
+        raise ConfigError("eval.features=inception needs eval.inception_weights (a local FID Inception-v3 file)")
+    classifier = load_classifier(classifier_path) if have_classifier else None
+    if classifier is not None:
+        expected = (info.channels, info.resolution)
+        if (classifier.hparams["channels"], classifier.hparams["resolution"]) != expected:
+            raise ConfigError(
+                f"{classifier_path} was trained on {classifier.hparams['channels']}x{classifier.hparams['resolution']}"
+                f" images but '{data_path}' holds {expected[0]}x{expected[1]}: retrain it with "
+                + TRAIN_FEATURES_HINT.format(path=data_path))
+    if kind == "classifier":
+        return FeatureNet("classifier", classifier.feature_extractor(), classifier, file_digest(classifier_path))
+    weights = Path(cfg.inception_weights)
+    net = load_inception_features(weights)
+    labels_from = [classifier_path] if classifier is not None else []  # its labels are cached too
+    return FeatureNet("inception", net, classifier, file_digest(weights, *labels_from))
+
+
+# ---------------------------------------------------------------- train the classifier beside the shards
+
+
+def _labeled(stream: Iterator, where: str) -> Iterator[tuple[Tensor, Tensor]]:
+    for images, labels in stream:
+        if (labels < 0).any():
+            raise DataError(f"{where}: some samples have no label (.cls); train-features needs labels on every sample")
+        yield images, labels
+
+
+def train_feature_classifier(data: str, test_data: Optional[str] = None, steps: int = TRAIN_FEATURES_DEFAULTS["steps"],
+                             batch: int = TRAIN_FEATURES_DEFAULTS["batch"], lr: float = TRAIN_FEATURES_DEFAULTS["lr"],
+                             seed: int = 0) -> dict:
+    """Train the feature classifier on the labeled shards in ``data``, save it there, and report its accuracy.
+
+    The accuracy is measured on ``test_data``, else ``DATA_test`` when it exists, else the last train shard
+    (held out of training).
+    """
+    if not os.path.isdir(data):
+        raise DataError(f"--data {data}: not a folder; train-features saves the classifier beside the shards")
+    if steps < 1:
+        raise ConfigError(f"--steps {steps}: must be at least 1")
+    data_cfg = DataConfig(path=data, num_workers=1)
+    info = read_dataset_info(data)
+    test_path = test_data or (data.rstrip("/") + "_test" if os.path.isdir(data.rstrip("/") + "_test") else None)
+    if test_path:
+        held_info, train_path, measured_on = read_dataset_info(test_path), data, f"test split {test_path}"
+    elif len(info.shards) >= 2:
+        held_info = dataclasses.replace(info, shards=info.shards[-1:], count=None)
+        train_path, measured_on = "::".join(info.shards[:-1]), f"held-out train shard {info.shards[-1]}"
+    else:
+        raise DataError(f"{data} has one shard and no test split: prepare a test split (python -m distgan.prepare "
+                        f"SOURCE --split test --out {data.rstrip('/')}_test) or more shards (--shard-size)")
+    held_images, held_labels = read_images(held_info, data_cfg, CLASSIFIER_EVAL_IMAGES, seed=seed)
+    if (held_labels < 0).any():
+        raise DataError(f"{held_info.shards[0]}: samples without labels (.cls). train-features needs a labeled dataset; "
+                        "without labels evaluate with --features inception --inception-weights FILE")
+    num_classes = len(info.classes) if info.classes else int(held_labels.max()) + 1
+    start = time.perf_counter()
+    stream = make_batch_iterator(dataclasses.replace(data_cfg, path=train_path), batch, 0, 1, seed)
+    try:
+        model = train_classifier(_labeled(stream, data), info.channels, info.resolution, num_classes, steps,
+                                 lr=lr, seed=seed)
+    finally:
+        stream.close()
+    images = to_float(torch.from_numpy(held_images))
+    accuracy = evaluate_classifier(model, images, torch.from_numpy(held_labels))
+    path = Path(data) / CLASSIFIER_FILE
+    save_classifier(model, path, accuracy=accuracy)
+    log.info("feature classifier: accuracy %.4f on %d images of the %s; saved %s", accuracy, len(images),
+             measured_on, path)
+    return {"path": str(path), "accuracy": accuracy, "accuracy_on": measured_on, "accuracy_images": len(images),
+            "num_classes": num_classes, "steps": steps, "seconds": round(time.perf_counter() - start, 1)}

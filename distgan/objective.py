@@ -1,0 +1,72 @@
+"""What each phase of a training step computes: the adversarial loss of ``cfg.loss`` and its penalty wiring.
+
+The trainer decides when a phase runs and steps its optimizer (see ``Trainer.fit``); this object decides
+what the phase's loss is, from the pure functions in distgan.losses. Losses and penalties are computed in
+at least fp32 whatever the autocast precision; a penalty is added to the D loss so that there is one
+backward (and one DDP all-reduce) per phase, never a penalty-only pass.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Callable, Optional
+
+from torch import Tensor, nn
+
+from distgan import losses
+from distgan.config import LossConfig
+from distgan.precision import at_least_fp32
+
+Autocast = Callable[[], AbstractContextManager]
+Figures = dict[str, Tensor]
+
+
+class GANObjective:
+    """The D and G losses for ``cfg.kind``, with ``cfg.penalty`` on D when a step is a regularization step."""
+
+    def __init__(self, cfg: LossConfig) -> None:
+        self.kind, self.penalty = cfg.kind, cfg.penalty
+        self.penalty_weight = losses.penalty_weight(cfg.penalty, cfg.penalty_weight, cfg.penalty_interval)
+        self.reg_interval = cfg.penalty_interval if cfg.penalty != "none" else 0  # 0: never
+
+    @property
+    def needs_alpha(self) -> bool:
+        """Whether a regularization step mixes real and fake images (WGAN-GP's interpolates)."""
+        return self.penalty == "wgan-gp"
+
+    def discriminator(self, D: nn.Module, real: Tensor, fake: Tensor, *, regularize: bool, alpha: Optional[Tensor],
+                      autocast: Autocast, grad_scale: float) -> tuple[Tensor, Figures]:
+        """D's loss on real images and (detached) generated ones, plus the weighted penalty when ``regularize``.
+
+        ``grad_scale`` is the fp16 loss scale (1 otherwise): the penalty's inner gradient is taken on scaled
+        outputs and unscaled after, as in PyTorch's AMP gradient-penalty recipe.
+        """
+        fake = at_least_fp32(fake)
+        if regularize and self.penalty == "r1":
+            real = real.detach().requires_grad_(True)
+        if regularize and self.penalty == "r2":
+            fake = fake.detach().requires_grad_(True)
+        with autocast():
+            real_logits, fake_logits = D(real), D(fake)
+            loss = losses.discriminator_loss(self.kind, at_least_fp32(real_logits), at_least_fp32(fake_logits))
+        figures = {"loss_d": loss.detach(), "d_real": real_logits.detach().float().mean(),
+                   "d_fake": fake_logits.detach().float().mean()}
+        if not regularize:
+            return loss, figures
+        if self.penalty == "r1":
+            value = losses.r1_penalty(real_logits, real, grad_scale=grad_scale)
+        elif self.penalty == "r2":
+            value = losses.r1_penalty(fake_logits, fake, grad_scale=grad_scale)
+        else:
+            x_hat = losses.interpolate(real, fake, alpha=alpha)
+            with autocast():
+                hat_logits = D(x_hat)
+            value = losses.wgan_gp_penalty(hat_logits, x_hat, grad_scale=grad_scale)
+        figures["penalty"] = value.detach()
+        return loss + self.penalty_weight * value, figures
+
+    def generator(self, D: nn.Module, G: nn.Module, z: Tensor, autocast: Autocast) -> tuple[Tensor, Figures]:
+        """G's loss on D's logits for G(z); the caller holds D frozen so that only G gets gradients."""
+        with autocast():
+            loss = losses.generator_loss(self.kind, at_least_fp32(D(G(z))))
+        return loss, {"loss_g": loss.detach()}
+
