@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import require_fashion_mnist
 from distgan import prepare
 from distgan.data import download as dl
 from distgan.data.errors import DataError
@@ -26,7 +27,6 @@ from distgan.data.raw import FASHION_MNIST_DIR, load_idx_split, open_source, rea
 from distgan.data.shards import read_dataset_info, read_shard, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
-HAVE_FASHION = Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file()
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -70,8 +70,8 @@ def test_idx_reader(tmp_path, gz):
         read_idx(tmp_path / "cut")
 
 
-@pytest.mark.skipif(not HAVE_FASHION, reason="Debian package dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_reads():
+    require_fashion_mnist()
     images, labels = load_idx_split(FASHION_MNIST_DIR, "train")
     assert images.shape == (60000, 28, 28) and images.dtype == np.uint8
     assert sorted(set(labels.tolist())) == list(range(10))
@@ -293,9 +293,9 @@ def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
 # ---------------------------------------------------------------- CLI end to end
 
 
-@pytest.mark.skipif(not HAVE_FASHION, reason="Debian package dataset-fashion-mnist not installed")
 @pytest.mark.timeout(120)
 def test_cli_fashion_mnist(tmp_path):
+    require_fashion_mnist()
     out = tmp_path / "fm"
     result = subprocess.run(
         [sys.executable, "-m", "distgan.prepare", "fashion-mnist", "--out", str(out), "--limit", "1000",
