@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import textwrap
 from pathlib import Path
@@ -258,3 +259,31 @@ def test_diverged_generator_gives_nan_figures_not_an_exception(shards, classifie
         figures = evaluator.evaluate(Diverged(), 0, 1, identity)
     assert set(figures) == FIGURES and all(np.isnan(v) for v in figures.values())
     assert any("not finite" in r.message for r in caplog.records)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("features", ["classifier", "inception"])
+def test_training_evaluates_with_each_feature_network(shards, classifier_report, tmp_path, features):
+    """eval.features=classifier and =inception (a local Inception-v3 file, here randomly initialised and shaped
+    like pytorch-fid's) both evaluate inside training; auto is covered by the smoke run above."""
+    overrides, data = [f"eval.features={features}"], shards
+    if features == "inception":
+        # shards without a test split beside them: Inception-v3 on a CPU then sees 8 images, not the
+        # 1,000 test images of the real-vs-real reference
+        data = tmp_path / "train_only"
+        shutil.copytree(shards, data, ignore=shutil.ignore_patterns("eval_cache"))
+        from distgan.metrics import FIDInceptionV3
+
+        torch.manual_seed(0)
+        state = FIDInceptionV3().state_dict()
+        state["fc.weight"], state["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)
+        torch.save(state, tmp_path / "pt_inception-test.pth")
+        overrides.append(f"eval.inception_weights={tmp_path / 'pt_inception-test.pth'}")
+    run = tmp_path / "run"
+    run_cli("distgan.train", "--config", "smoke", f"data.path={data}", f"run.dir={run}", "log.wandb=false",
+            "train.steps=2", "log.every=1", "log.sample_every=2", "checkpoint.every=2", "eval.metrics=[fd]",
+            "eval.n=4", "eval.batch=4", "eval.best_metric=fd", *overrides)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    fd = [r["eval/fd"] for r in records if "eval/fd" in r]
+    assert len(fd) == 1 and math.isfinite(fd[0]) and fd[0] > 0
+    assert json.loads((run / "checkpoints" / "best" / "best.json").read_text())["metric"] == "fd"

@@ -122,10 +122,13 @@ REFUSED: list[tuple[tuple[str, ...], str]] = [
     (("loss.kind=wasserstein", "discriminator.norm=layer"), "without a Lipschitz constraint"),
 ]
 
-# values no in-process CPU case can train, each covered (as a refusal) by the named test
+# values no in-process CPU case here can train, each covered by the named test (fp16/bf16: as a refusal)
 COVERED_ELSEWHERE: dict[tuple[str, str], str] = {
     ("train.mixed_precision", "fp16"): "tests/distributed/test_launch.py::test_mixed_precision_on_cpu_is_a_clear_error",
     ("train.mixed_precision", "bf16"): "tests/distributed/test_launch.py::test_mixed_precision_on_cpu_is_a_clear_error",
+    # evaluation needs a feature network (a trained classifier or an Inception file) beside the data
+    ("eval.features", "classifier"): "tests/test_eval.py::test_training_evaluates_with_each_feature_network",
+    ("eval.features", "inception"): "tests/test_eval.py::test_training_evaluates_with_each_feature_network",
 }
 
 
