@@ -9,8 +9,11 @@ The runs of the table are data (RUNS below). For each one the script prepares th
 missing, trains the feature classifier if missing, trains the run into WORK/NAME with ``--resume auto`` (a run
 whose export exists is skipped, an interrupted one resumes), evaluates it with ``python -m distgan.eval``, and
 copies the raw outputs into bench/results/NAME/: eval.json, the last lines of metrics.jsonl, config.yaml, the
-final sample grid, and run.json (commands, images seen, machine, torch version, date, wall seconds). The
-classifier's accuracy goes to bench/results/classifier.json.
+final sample grid, and run.json (commands, commit, images seen, machine, torch version, date, and the training
+wall seconds with the load average: measured on a shared CPU, they are not a speed figure). The classifier's
+accuracy goes to bench/results/classifier.json. Every command runs from a copy of distgan/ and configs/ at HEAD,
+made once into WORK/src (a working tree others edit while this trains is not the code measured), with
+OMP_NUM_THREADS from --threads.
 
 The table is generated from bench/results/ alone (no torch, no data, no training) and written into
 BENCHMARKS.md between the marker comments; it is never edited by hand (tests/test_bench_results.py checks).
@@ -270,7 +273,7 @@ def load_results(results: Path = RESULTS) -> tuple[dict[str, dict], Optional[dic
 
 def _cells(f: dict) -> list[str]:
     return [f"{f['fd']:.4g}", f"{f['kid']:.4g}", f"{f['precision']:.3f}", f"{f['recall']:.3f}",
-            f"{f['modes_covered']:.0f}", f"{f['kl_to_real']:.3g}", f"{f['parzen_ll']:.4g} ({f['parzen_se']:.3g})"]
+            f"{f['modes_covered']:.0f}", f"{f['kl_to_real']:.3g}", f"{f['parzen_ll']:.1f} ({f['parzen_se']:.2f})"]
 
 
 def _distinct(values: list[str]) -> str:
