@@ -225,7 +225,8 @@ def collect(run: Run, run_dir: Path, train_cmd: str, eval_cmd: str, quick: bool,
     lines = [l for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     (out / "metrics_tail.jsonl").write_text("".join(l + "\n" for l in lines[-METRICS_TAIL:]))
     last = json.loads(lines[-1])
-    shutil.copy(run_dir / "config.yaml", out / "config.yaml")
+    # the resolved config, with paths relative to the repository (the results speak of no machine's folders)
+    (out / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace(f"{REPO}/", ""))
     evaluation = json.loads((run_dir / "eval.json").read_text())
     evaluation["meta"] = {k: rel(Path(v)) if k in ("export", "data", "test_data") and v else v
                           for k, v in evaluation["meta"].items()}
