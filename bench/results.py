@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from distgan.metrics import registry
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 MARKDOWN = REPO / "BENCHMARKS.md"
@@ -272,9 +274,12 @@ def load_results(results: Path = RESULTS) -> tuple[dict[str, dict], Optional[dic
     return found, json.loads(classifier.read_text()) if classifier.is_file() else None
 
 
+# the table's figure columns: (header, template) of every registered metric, in registration order
+COLUMNS = [column for metric in registry.METRICS.values() for column in metric.columns]
+
+
 def _cells(f: dict) -> list[str]:
-    return [f"{f['fd']:.4g}", f"{f['kid']:.4g}", f"{f['precision']:.3f}", f"{f['recall']:.3f}",
-            f"{f['modes_covered']:.0f}", f"{f['kl_to_real']:.3g}", f"{f['parzen_ll']:.1f} ({f['parzen_se']:.2f})"]
+    return [template.format(**f) for _, template in COLUMNS]
 
 
 def _distinct(values: list[str]) -> str:
@@ -307,8 +312,7 @@ def render_table(results: Path = RESULTS) -> str:
                      "(`bench/results/classifier.json`).")
         lines.append("")
     measured_fd = [r["eval"]["fd"] for r in found.values()]
-    header = ("| run | config, overrides | images seen | fd | kid | precision | recall | modes covered "
-              "| KL to real | Parzen LL (se) | sample grid |")
+    header = "| run | config, overrides | images seen | " + " | ".join(h for h, _ in COLUMNS) + " | sample grid |"
     lines += [header, "|---" * header.count(" | ") + "|---|"]
     reference = None
     missing = []
@@ -316,13 +320,14 @@ def render_table(results: Path = RESULTS) -> str:
         config = f"`{run.config}`" + (f" `{' '.join(run.overrides)}`" if run.overrides else "")
         if run.name not in found:
             missing.append(run.name)
-            lines.append(f"| {run.label} | {config} | not yet measured |" + " |" * 8)
+            lines.append(f"| {run.label} | {config} | not yet measured |" + " |" * (len(COLUMNS) + 1))
             continue
         r, f = found[run.name]["run"], found[run.name]["eval"]
         reference = reference or f.get("reference")
         cells = _cells(f)
         if f["fd"] == min(measured_fd):
-            cells[0] = f"**{cells[0]}**"
+            fd_column = [h for h, _ in COLUMNS].index("fd")
+            cells[fd_column] = f"**{cells[fd_column]}**"
         grid = f"[grid](bench/results/{run.name}/{r['files']['grid']})" if "grid" in r["files"] else "-"
         lines.append(f"| {run.label} | {config} | {r['images_seen']:,} | " + " | ".join(cells) + f" | {grid} |")
     if reference:

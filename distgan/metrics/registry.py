@@ -132,4 +132,4 @@ register(Metric("coverage", ("modes_covered", "kl_to_real"), lazy("distgan.metri
 register(Metric("parzen", ("parzen_ll", "parzen_se", "parzen_sigma"), lazy("distgan.metrics.parzen"),
                 higher_is_better=("parzen_ll",), diagnostics=("parzen_se", "parzen_sigma"), needs_test_split=True,
                 needs_images=True, title="Parzen log-likelihood",
-                columns=(("Parzen LL (se)", "{parzen_ll:.4g} ({parzen_se:.3g})"),)))
+                columns=(("Parzen LL (se)", "{parzen_ll:.1f} ({parzen_se:.2f})"),)))
