@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from distgan.checkpoint import module_tensors
@@ -38,8 +38,11 @@ def load_generator_export(path: Path, device: str | torch.device = "cpu") -> tup
     """Rebuild an exported generator (eval mode) and return it with its metadata."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no exported generator there (a finished run writes generator_ema.safetensors)")
-    with safe_open(str(path), framework="pt") as fh:
-        raw = (fh.metadata() or {}).get("distgan")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("distgan")
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); re-export it or point at another") from err
     if raw is None:
         raise ValueError(f"{path}: not a distgan export (no 'distgan' metadata)")
     meta = json.loads(raw)

@@ -55,7 +55,11 @@ def generate(model, n: int, z_dim: int, z_dist: str, seed: int, batch: int) -> t
 def main(argv=None) -> int:
     args = parse_args(argv)
     export = args.export or args.run / "generator_ema.safetensors"
-    model, meta = load_generator_export(export)
+    try:
+        model, meta = load_generator_export(export)
+    except (FileNotFoundError, ValueError) as err:  # missing, foreign or corrupt export: one line, exit 2
+        print(f"distgan.sample: error: {err}", file=sys.stderr)
+        return 2
     g = meta["generator"]
     if args.interpolate:
         za = sample_latent(1, g["z_dim"], g["z_dist"], torch.Generator().manual_seed(args.seed))[0]

@@ -181,3 +181,15 @@ def test_fresh_start_never_overwrites_a_run(tmp_path):
             resume=str(tmp_path / "checkpoints" / "step-00000002")).fit()
     steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_sample_names_a_missing_or_corrupt_export(tmp_path):
+    """One line and exit 2 for a missing or corrupt export, and nothing written (it was a traceback, exit 1)."""
+    corrupt = tmp_path / "bad.safetensors"
+    corrupt.write_bytes(b"junk")
+    for export in (tmp_path / "missing.safetensors", corrupt):
+        proc = subprocess.run([sys.executable, "-m", "distgan.sample", "--export", str(export), "--n", "2", "--out",
+                               str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and str(export) in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
