@@ -1,28 +1,41 @@
-"""Checkpoints: atomic writes, keep-last-K, latest discovery, resume, and the best checkpoint by a metric.
+"""Checkpoints: atomic writes, integrity manifests, keep-last-K, newest-intact discovery, lineage, the best one.
 
 Layout of one checkpoint (a folder, renamed into place only when complete):
     checkpoints/step-00001000/
         G.safetensors  D.safetensors  G_ema.safetensors   model weights and buffers
         optim.pt        optimizer + loss-scaler states (tensors and plain data: loads with weights_only=True)
-        state.json      counters; written last, so its presence marks a complete checkpoint
-Nothing here is unpickled beyond torch.load(weights_only=True).
+        config.yaml     the config the run had when it wrote this checkpoint
+        state.json      counters and a manifest (bytes and SHA-256 of every other file); written last
+Everything is fsynced before the folder is renamed into place. Nothing here is unpickled beyond
+torch.load(weights_only=True).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from distgan.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds the manifest and config.yaml; version 1 checkpoints still load
+STEP_FOLDER = re.compile(r"step-(\d{8})")  # exactly what save_checkpoint names; anything else is not ours
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be resumed from; the message names it and says why."""
 
 
 @dataclass
@@ -50,88 +63,206 @@ def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone().cpu() for k, v in module.state_dict().items()}
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
 def save_checkpoint(
     directory: Path,
     state: TrainState,
     modules: dict[str, torch.nn.Module],
     optim_state: dict,
     keep: int,
+    config_yaml: str = "",
 ) -> Path:
     """Write ``directory/step-XXXXXXXX`` atomically (temp folder, fsync, rename); keep the last ``keep``."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{state.step:08d}"
-    tmp = directory / f".tmp-step-{state.step:08d}-{os.getpid()}"
+    tmp = directory / f".tmp-step-{state.step:08d}-{os.getpid()}"  # this process's own: another's is left alone
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    for name, module in modules.items():
-        save_file(module_tensors(module), str(tmp / f"{name}.safetensors"))
-    torch.save(optim_state, tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **asdict(state)}, indent=2))
-    for child in tmp.iterdir():
-        with open(child, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():  # a re-run of the same step: replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    try:
+        _write_files(tmp, state, modules, optim_state, config_yaml)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replaced = None
+    if final.exists():  # a re-run of the same step: move the old one aside first, delete it only after the rename
+        replaced = directory / f".replaced-{final.name}-{os.getpid()}"
+        os.rename(final, replaced)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if replaced is not None:
+            os.rename(replaced, final)
+        raise
     _fsync_dir(directory)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     _prune(directory, keep)
     return final
 
 
+def _write_files(folder: Path, state: TrainState, modules: dict[str, torch.nn.Module], optim_state: dict,
+                 config_yaml: str) -> None:
+    for name, module in modules.items():
+        save_file(module_tensors(module), str(folder / f"{name}.safetensors"))
+    torch.save(optim_state, folder / "optim.pt")
+    if config_yaml:
+        (folder / "config.yaml").write_text(config_yaml)
+    manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(folder.iterdir())}
+    (folder / "state.json").write_text(json.dumps(
+        {"format_version": FORMAT_VERSION, **asdict(state), "manifest": manifest}, indent=2))
+    for child in folder.iterdir():
+        _fsync_file(child)
+    _fsync_dir(folder)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _prune(directory: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints; remove temp folders whose writer (a pid on this host) is gone."""
     complete = list_checkpoints(directory)
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in directory.glob(".tmp-step-*"):  # left by a crash mid-write
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in list(directory.glob(".tmp-step-*")) + list(directory.glob(".replaced-step-*")):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):  # left by a crash mid-write
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints (those with state.json), oldest first."""
+    """Checkpoints written to completion (named step-XXXXXXXX, with state.json), oldest first.
+
+    Completion is not integrity: ``verify_checkpoint`` checks the files against the manifest.
+    """
     if not directory.is_dir():
         return []
-    found = [p for p in directory.glob("step-*") if (p / "state.json").is_file()]
+    found = [p for p in directory.iterdir() if STEP_FOLDER.fullmatch(p.name) and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def verify_checkpoint(path: Path) -> Optional[str]:
+    """None if the checkpoint is intact, else why not (unreadable state.json, a file missing, resized or changed)."""
+    try:
+        meta = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"state.json unreadable ({err})"
+    if not isinstance(meta, dict) or meta.get("format_version") not in (1, FORMAT_VERSION):
+        return "state.json is not a distgan checkpoint of a known format"
+    for name, expected in (meta.get("manifest") or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {expected['bytes']}"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest (corrupted on disk)"
+    return None
+
+
 def find_resume_path(resume: Optional[str], run_dir: Path) -> Optional[Path]:
-    """``auto``: the run's latest complete checkpoint, or None for a fresh start; else the given path."""
+    """``auto``: the run's newest intact checkpoint (each newer damaged one is named in a warning), or None for
+    a fresh start; else the given checkpoint (or the newest intact one in a given checkpoints/ folder)."""
     if resume is None:
         return None
     if resume == "auto":
-        found = list_checkpoints(run_dir / "checkpoints")
-        return found[-1] if found else None
+        return _newest_intact(run_dir / "checkpoints", required=False)
     path = Path(resume)
-    if path.is_dir() and path.name == "checkpoints":
-        found = list_checkpoints(path)
-        path = found[-1] if found else path
+    if path.is_dir() and not (path / "state.json").exists():
+        return _newest_intact(path, required=True)
     if not (path / "state.json").is_file():
-        raise FileNotFoundError(
-            f"--resume {resume}: no complete checkpoint there (expected a folder with state.json, "
-            f"e.g. {run_dir / 'checkpoints' / 'step-00001000'}); use --resume auto to pick the latest"
+        raise CheckpointError(
+            f"--resume {resume}: no checkpoint there (expected a folder with state.json, e.g. "
+            f"{run_dir / 'checkpoints' / 'step-00001000'}); use --resume auto to pick the newest intact one"
         )
+    problem = verify_checkpoint(path)
+    if problem:
+        raise CheckpointError(f"--resume {resume}: the checkpoint is damaged ({problem}); resume from an older one "
+                              "or use --resume auto, which skips damaged checkpoints")
     return path
+
+
+def _newest_intact(directory: Path, required: bool) -> Optional[Path]:
+    for path in reversed(list_checkpoints(directory)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: %s", path, problem)
+    if required:
+        raise CheckpointError(f"--resume {directory}: no intact checkpoint in this folder")
+    return None
+
+
+def set_aside_newer(directory: Path, step: int) -> Optional[Path]:
+    """Move checkpoints newer than ``step`` (another branch of the run) into ``abandoned-<time>/``: kept, named,
+    and never again found by discovery."""
+    newer = [p for p in list_checkpoints(directory) if checkpoint_step(p) > step]
+    best = directory / "best"
+    if read_best_step(best) is not None and read_best_step(best) > step:
+        newer.append(best)
+    if not newer:
+        return None
+    aside = directory / time.strftime("abandoned-%Y%m%d-%H%M%S", time.gmtime())
+    aside.mkdir()
+    for path in newer:
+        os.rename(path, aside / path.name)
+    _fsync_dir(directory)
+    return aside
 
 
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module]) -> tuple[TrainState, dict]:
     """Load weights into ``modules`` (strict) and return the counters and the optimizer state."""
     meta = json.loads((path / "state.json").read_text())
-    if meta.pop("format_version", None) != FORMAT_VERSION:
-        raise ValueError(f"{path}/state.json: unknown checkpoint format (expected version {FORMAT_VERSION})")
+    if meta.pop("format_version", None) not in (1, FORMAT_VERSION):
+        raise CheckpointError(f"{path}/state.json: unknown checkpoint format (expected version {FORMAT_VERSION})")
+    meta.pop("manifest", None)
     for name, module in modules.items():
         file = path / f"{name}.safetensors"
         if not file.is_file():
-            raise FileNotFoundError(f"{file} is missing: the checkpoint {path} is incomplete")
-        tensors = load_file(str(file))
+            raise CheckpointError(
+                f"{file} is missing: the checkpoint has no {name}" + (" (EMA was off when it was written: resume "
+                                                                      "with ema.enabled=false)" if name == "G_ema" else ""))
+        try:
+            tensors = load_file(str(file))
+        except SafetensorError as err:
+            raise CheckpointError(f"{file}: unreadable ({err}); resume from an older checkpoint") from None
         missing, unexpected = module.load_state_dict(tensors, strict=False)
         if missing or unexpected:
-            raise ValueError(
+            raise CheckpointError(
                 f"{file} does not fit the model built from the config (missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}): resume with the config the run was started with ({path.parent.parent}/config.yaml)"
+                f"{unexpected[:5]}): resume with the config the run was started with ({path}/config.yaml)"
             )
     optim_state = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
     return TrainState(**meta), optim_state
+
+
+def checkpoint_config(path: Path) -> Optional[str]:
+    """The config.yaml saved in a checkpoint (None for a version-1 checkpoint, which has none)."""
+    file = path / "config.yaml"
+    return file.read_text() if file.is_file() else None
 
 
 def save_best(run_dir: Path, state: TrainState, modules: dict[str, torch.nn.Module], best: dict) -> Path:
@@ -144,5 +275,16 @@ def save_best(run_dir: Path, state: TrainState, modules: dict[str, torch.nn.Modu
 
 
 def read_best(run_dir: Path) -> Optional[dict]:
+    """best.json, or None when there is none or it cannot be read (the best is then found again)."""
     path = run_dir / "checkpoints" / "best" / "best.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        best = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        log.warning("%s is unreadable; the best checkpoint will be chosen anew", path)
+        return None
+    return best if isinstance(best, dict) and {"metric", "value", "step"} <= best.keys() else None
+
+
+def read_best_step(best_dir: Path) -> Optional[int]:
+    best = read_best(best_dir.parent.parent)
+    return int(best["step"]) if best else None

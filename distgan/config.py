@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,10 +16,13 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from distgan.errors import UserError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+MAX_LAYER_SIZE = 1 << 16  # channels, hidden units or latent size beyond this are a typo (and gigabytes of weights)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem; the message names the key, the value and the fix."""
 
 
@@ -245,7 +249,13 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     dotted, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({' '.join(str(err).split())}); "
+                          "quote strings that contain ':', '[' or '{'") from None
+    except RecursionError:
+        raise ConfigError(f"override '{dotted}=...': the value is nested too deeply") from None
     out: dict = {}
     node = out
     parts = dotted.strip().split(".")
@@ -279,7 +289,11 @@ def load_config(name_or_path: Optional[str], overrides: list[str] = ()) -> Confi
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to be a distgan config") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read it as a YAML text file ({err})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for text in overrides:
@@ -310,9 +324,25 @@ def validate(cfg: Config) -> None:
         "discriminator.width": d.width, "train.stop_check_every": t.stop_check_every,
         "data.shards_per_block": cfg.data.shards_per_block,
     }
+    positive.update({f"{net}.hidden[{i}]": h for net, hidden in (("generator", cfg.generator.hidden),
+                                                                  ("discriminator", d.hidden))
+                     for i, h in enumerate(hidden)})
+    positive.update({"generator.max_width": cfg.generator.max_width, "discriminator.max_width": d.max_width,
+                     "discriminator.maxout_pieces": d.maxout_pieces})
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' = {value}: must be at least 1")
+    _check_finite(cfg, "")
+    validate_generator(cfg.generator)
+    at_least_zero = {
+        "run.seed": cfg.run.seed, "train.max_grad_norm": t.max_grad_norm, "loss.penalty_weight": loss.penalty_weight,
+        "ema.half_life_kimg": cfg.ema.half_life_kimg, "ema.rampup": cfg.ema.rampup, "ema.start_step": cfg.ema.start_step,
+        "generator.leaky_slope": cfg.generator.leaky_slope, "discriminator.leaky_slope": d.leaky_slope,
+        "eval.every": cfg.eval.every,
+    }
+    for key, value in at_least_zero.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' = {value}: must be 0 or more")
     if not 0.0 <= d.dropout < 1.0:
         raise ConfigError(f"config key 'discriminator.dropout' = {d.dropout}: must be in [0, 1)")
     if t.cpu_threads < 0:
@@ -338,11 +368,33 @@ def validate(cfg: Config) -> None:
     for key, opt in (("g_optim", cfg.g_optim), ("d_optim", cfg.d_optim)):
         if opt.momentum < 0 or opt.weight_decay < 0:
             raise ConfigError(f"config key '{key}.momentum'/'{key}.weight_decay' must be 0 or more")
-        if opt.lr <= 0:
-            raise ConfigError(f"config key '{key}.lr' = {opt.lr}: must be positive")
+        if opt.lr <= 0 or opt.eps <= 0:
+            raise ConfigError(f"config key '{key}.lr' = {opt.lr} / '{key}.eps' = {opt.eps}: must be positive")
         if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
             raise ConfigError(f"config key '{key}.betas' = {opt.betas}: must be two numbers in [0, 1)")
     validate_eval(cfg.eval)
+
+
+def validate_generator(cfg: GeneratorConfig) -> None:
+    """The generator section on its own (an export's metadata sizes a network from it)."""
+    sizes = {"generator.z_dim": cfg.z_dim, "generator.width": cfg.width, "generator.max_width": cfg.max_width,
+             **{f"generator.hidden[{i}]": h for i, h in enumerate(cfg.hidden)}}
+    for key, value in sizes.items():
+        if not 1 <= value <= MAX_LAYER_SIZE:
+            raise ConfigError(f"config key '{key}' = {value}: must be between 1 and {MAX_LAYER_SIZE}")
+    if not (math.isfinite(cfg.leaky_slope) and cfg.leaky_slope >= 0):
+        raise ConfigError(f"config key 'generator.leaky_slope' = {cfg.leaky_slope}: must be 0 or more")
+
+
+def _check_finite(node: Any, prefix: str) -> None:
+    """Every float in the config is a number: NaN and infinity (YAML .nan, .inf) are refused by key."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"config key '{key}' = {value}: must be a finite number")
 
 
 def validate_eval(cfg: EvalConfig) -> None:

@@ -22,8 +22,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from distgan.cli import add_debug_flag, run_command
 from distgan.config import ConfigError, DataConfig, EvalConfig, load_config
-from distgan.data.errors import DataError
 from distgan.metrics import registry
 from distgan.metrics.feature_net import TRAIN_FEATURES_DEFAULTS, train_feature_classifier
 
@@ -56,6 +56,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="latent seed (default: the run's run.seed, else 0)")
     p.add_argument("--batch", type=int, help="images per generator/feature batch")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    add_debug_flag(p)
     return p
 
 
@@ -102,6 +103,7 @@ def train_features_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=TRAIN_FEATURES_DEFAULTS["batch"])
     p.add_argument("--lr", type=float, default=TRAIN_FEATURES_DEFAULTS["lr"])
     p.add_argument("--seed", type=int, default=0)
+    add_debug_flag(p)
     return p
 
 
@@ -111,26 +113,28 @@ def train_features_parser() -> argparse.ArgumentParser:
 def plot_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distgan.eval plot", description="Plot a run's metrics.jsonl to DIR/plots/.")
     p.add_argument("--run", type=Path, required=True)
+    add_debug_flag(p)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    command = argv[0] if argv and argv[0] in ("train-features", "plot") else "evaluate"
-    try:
-        if command == "train-features":
-            args = train_features_parser().parse_args(argv[1:])
-            result = train_feature_classifier(args.data, args.test_data, args.steps, args.batch, args.lr, args.seed)
-        elif command == "plot":
-            from distgan.plots import plot_run
+    debug = "--debug" in argv  # every sub-command's parser accepts it
+    return run_command("distgan.eval", lambda: run(argv), debug=debug)
 
-            result = {"plots": [str(p) for p in plot_run(plot_parser().parse_args(argv[1:]).run)]}
-        else:
-            result = evaluate_command(eval_parser().parse_args(argv))
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
-        print(f"distgan.eval: error: {err}", file=sys.stderr)
-        return 2
+
+def run(argv: list[str]) -> int:
+    command = argv[0] if argv and argv[0] in ("train-features", "plot") else "evaluate"
+    if command == "train-features":
+        args = train_features_parser().parse_args(argv[1:])
+        result = train_feature_classifier(args.data, args.test_data, args.steps, args.batch, args.lr, args.seed)
+    elif command == "plot":
+        from distgan.plots import plot_run
+
+        result = {"plots": [str(p) for p in plot_run(plot_parser().parse_args(argv[1:]).run)]}
+    else:
+        result = evaluate_command(eval_parser().parse_args(argv))
     print(json.dumps(result))
     return 0
 

@@ -16,7 +16,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from distgan.checkpoint import module_tensors
-from distgan.config import GeneratorConfig, section_from_dict
+from distgan.config import ConfigError, GeneratorConfig, section_from_dict, validate_generator
+from distgan.errors import UserError
 from distgan.nn import build_generator
 
 EXPORT_VERSION = 1
@@ -34,21 +35,52 @@ def export_generator(path: Path, model: torch.nn.Module, generator_cfg: Generato
     return path
 
 
-def load_generator_export(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild an exported generator (eval mode) and return it with its metadata."""
+class ExportError(UserError):
+    """An exported generator that is missing, foreign, corrupt or does not fit its own metadata."""
+
+
+MAX_RESOLUTION = 4096  # metadata sizes the network: refuse numbers no real export has before building it
+
+
+def read_export_metadata(path: Path) -> dict:
+    """The export's metadata, checked before anything is allocated from it."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no exported generator there (a finished run writes generator_ema.safetensors)")
+        raise ExportError(f"{path}: no exported generator there (a finished run writes generator_ema.safetensors; "
+                          "pass --run DIR or --export FILE)")
     try:
         with safe_open(str(path), framework="pt") as fh:
             raw = (fh.metadata() or {}).get("distgan")
-    except SafetensorError as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({err}); re-export it or point at another") from err
+    except (SafetensorError, OSError) as err:
+        raise ExportError(f"{path}: not a readable safetensors file ({err}); re-export it or point at another") from None
     if raw is None:
-        raise ValueError(f"{path}: not a distgan export (no 'distgan' metadata)")
-    meta = json.loads(raw)
-    if meta.get("format_version") != EXPORT_VERSION:
-        raise ValueError(f"{path}: export format {meta.get('format_version')} is not {EXPORT_VERSION}")
-    model = build_generator(section_from_dict(GeneratorConfig, meta["generator"], "generator"), meta["resolution"],
-                            meta["channels"])
-    model.load_state_dict(load_file(str(path)))
+        raise ExportError(f"{path}: not a distgan export (no 'distgan' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ExportError(f"{path}: its 'distgan' metadata is not JSON; the file is not a distgan export") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != EXPORT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ExportError(f"{path}: export format {version} is not {EXPORT_VERSION}; export it with this version")
+    resolution, channels = meta.get("resolution"), meta.get("channels")
+    if not (isinstance(resolution, int) and 1 <= resolution <= MAX_RESOLUTION and channels in (1, 3)):
+        raise ExportError(f"{path}: metadata says resolution {resolution!r} and channels {channels!r} "
+                          f"(expected 1..{MAX_RESOLUTION} and 1 or 3): the export is damaged")
+    return meta
+
+
+def load_generator_export(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild an exported generator (eval mode) and return it with its metadata."""
+    meta = read_export_metadata(path)
+    try:
+        generator_cfg = section_from_dict(GeneratorConfig, meta.get("generator"), "generator")
+        validate_generator(generator_cfg)
+    except ConfigError as err:
+        raise ExportError(f"{path}: the generator section of its metadata is not valid: {err}") from None
+    model = build_generator(generator_cfg, meta["resolution"], meta["channels"])
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"{path}: its weights cannot be loaded ({first}); the file is truncated or does not "
+                          "match its metadata: re-export it") from None
     return model.to(device).eval(), meta

@@ -4,12 +4,13 @@ matplotlib's object API with the Agg canvas: no screen, no pyplot global state (
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
+
+from distgan.tracking import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +35,6 @@ def _number(value: Any) -> float | None:
         except ValueError:
             return None
     return None
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl (a torn last line, e.g. from a killed run, is skipped with a warning)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: plots are drawn from a run's metrics.jsonl (is this a run dir?)")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s line %d is not JSON; skipped", path, number)
-            continue
-        if isinstance(record, dict) and _number(record.get("step")) is not None:
-            records.append(record)
-    return records
 
 
 def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from distgan.cli import add_debug_flag, run_command
 from distgan.export import load_generator_export
 from distgan.nn import sample_latent
 from distgan.tracking import image_grid, save_grid
@@ -32,7 +33,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--interpolate", action="store_true", help="spherical interpolation between two seeds, as a grid")
     mode.add_argument("--shards", action="store_true", help="write webdataset shards + dataset.json")
     p.add_argument("--force", action="store_true", help="with --shards: replace an existing output")
-    return p.parse_args(argv)
+    add_debug_flag(p)
+    args = p.parse_args(argv)
+    for name in ("n", "batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: must be at least 1")
+    return args
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -54,12 +60,12 @@ def generate(model, n: int, z_dim: int, z_dist: str, seed: int, batch: int) -> t
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    return run_command("distgan.sample", lambda: sample(args), debug=args.debug)
+
+
+def sample(args: argparse.Namespace) -> int:
     export = args.export or args.run / "generator_ema.safetensors"
-    try:
-        model, meta = load_generator_export(export)
-    except (FileNotFoundError, ValueError) as err:  # missing, foreign or corrupt export: one line, exit 2
-        print(f"distgan.sample: error: {err}", file=sys.stderr)
-        return 2
+    model, meta = load_generator_export(export)
     g = meta["generator"]
     if args.interpolate:
         za = sample_latent(1, g["z_dim"], g["z_dist"], torch.Generator().manual_seed(args.seed))[0]

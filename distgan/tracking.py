@@ -114,11 +114,31 @@ class RunLog:
         self.metrics_file.close()
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line that is not a JSON record (a torn or NUL-padded tail after a
+    crash) is skipped with a warning."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: it is a run's metrics.jsonl (is this a run dir?)")
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            log.warning("%s line %d is not a metrics record (torn by a crash?); skipped", path, number)
+    return records
+
+
 def _open_metrics(path: Path, start_step: int):
     """Append from ``start_step``: lines logged after the checkpoint a run resumes from are dropped."""
     kept = []
     if start_step > 0 and path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= start_step]
+        kept = [json.dumps(r) for r in read_metrics(path) if r["step"] <= start_step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)

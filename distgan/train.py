@@ -9,7 +9,8 @@ import logging
 import os
 import sys
 
-from distgan.config import ConfigError, describe, load_config
+from distgan.cli import add_debug_flag, run_command
+from distgan.config import describe, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -19,9 +20,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="a YAML file, or a name in configs/ (e.g. fashion_mnist)")
-    parser.add_argument("--resume", help="'auto' (latest checkpoint in run.dir, or a fresh start) or a checkpoint path")
+    parser.add_argument("--resume", help="'auto' (latest intact checkpoint in run.dir, or a fresh start) or a "
+                                         "checkpoint path")
+    add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=1000 run.dir=runs/a")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
 
 def setup_logging() -> None:
@@ -38,20 +41,20 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command("distgan.train", lambda: train(args), debug=args.debug)
+
+
+def train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
     from distgan.trainer import NonFiniteError, Trainer  # torch and accelerate load only after the config is valid
 
     try:
         trainer = Trainer(cfg, resume=args.resume)
         trainer.fit()
         trainer.close()
-    except (ConfigError, NonFiniteError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ConfigError) else 3
+    except NonFiniteError as err:  # the run diverged: not the user's typo, but not a bug either
+        print(f"distgan.train: error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

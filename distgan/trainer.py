@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from contextlib import contextmanager
@@ -27,10 +28,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from accelerate.utils import broadcast_object_list
+
 from distgan.checkpoint import (
-    TrainState, find_resume_path, list_checkpoints, load_checkpoint, read_best, save_best, save_checkpoint,
+    TrainState, checkpoint_config, checkpoint_step, find_resume_path, list_checkpoints, load_checkpoint, read_best,
+    save_best, save_checkpoint, set_aside_newer,
 )
 from distgan.config import Config, ConfigError, OptimizerConfig, dump_yaml
+from distgan.errors import UserError
+from distgan.rundir import RunDirLock, check_resume_config, record_config, refuse_overwrite, set_aside_results
 from distgan.data.stream import DataSource, ShardSource
 from distgan.distributed import any_rank, make_accelerator, set_cpu_threads
 from distgan.ema import EMA
@@ -122,13 +128,8 @@ class Trainer:
         self.g_phase = Phase("g", self.G, self.opt_g, frozen=self.D_plain)
 
         self.state = TrainState(world_size=self.world)
-        self.resumed_from = find_resume_path(resume, self.run_dir)
-        existing = list_checkpoints(self.run_dir / "checkpoints")
-        if resume is None and existing:
-            raise ConfigError(
-                f"run dir {self.run_dir} already has checkpoints (latest {existing[-1].name}): pass --resume auto "
-                "to continue it, or choose another run.dir (nothing is overwritten)"
-            )
+        self.lock = RunDirLock(self.run_dir)
+        self.resumed_from = self._claim_run_dir(resume)
         if self.resumed_from is not None:
             self._load(self.resumed_from)
         self.stop = StopRequest(self.run_dir)
@@ -329,7 +330,7 @@ class Trainer:
         name = self.cfg.eval.best_metric
         if not name or not math.isfinite(figures.get(name, math.nan)):
             return
-        if self.best is None or is_better(name, figures[name], self.best["value"]):
+        if self.best is None or self.best["metric"] != name or is_better(name, figures[name], self.best["value"]):
             self.best = {"metric": name, "value": figures[name], "step": self.state.step}
             save_best(self.run_dir, self.state, self._modules(), self.best)
             log.info("best %s so far: %.4g at step %d", name, figures[name], self.state.step)
@@ -341,6 +342,46 @@ class Trainer:
         if self.ema is not None:
             modules["G_ema"] = self.ema.model
         return modules
+
+    def _claim_run_dir(self, resume: Optional[str]) -> Optional[Path]:
+        """The main process locks the run dir and decides what to resume (one answer for every rank, even when
+        ranks see a shared filesystem at different moments); other ranks follow its decision or its error."""
+        decision: list = [None, None]  # [checkpoint path or None, error message or None]
+        if self.accelerator.is_main_process:
+            try:
+                decision[0] = self._resume_decision(resume)
+            except UserError as err:
+                self.lock.release()
+                decision[1] = str(err)
+        if self.world > 1:
+            decision = broadcast_object_list(decision, from_process=0)
+        if decision[1] is not None:
+            raise ConfigError(decision[1])
+        return Path(decision[0]) if decision[0] is not None else None
+
+    def _resume_decision(self, resume: Optional[str]) -> Optional[str]:
+        run_dir = self.run_dir
+        self.lock.acquire()
+        path = find_resume_path(resume, run_dir)
+        if resume is None:
+            refuse_overwrite(run_dir)
+        elif path is None:
+            aside = set_aside_results(run_dir)
+            if aside is not None:
+                log.warning("--resume auto: no intact checkpoint in %s; its earlier results are kept in %s and "
+                            "training starts from step 0", run_dir, aside)
+        else:
+            saved = checkpoint_config(path)
+            if saved is None and (path.parent.parent / "config.yaml").is_file():  # a version-1 checkpoint
+                saved = (path.parent.parent / "config.yaml").read_text()
+            check_resume_config(saved, dump_yaml(self.cfg), path)
+            aside = set_aside_newer(run_dir / "checkpoints", checkpoint_step(path))
+            if aside is not None:
+                if (run_dir / "metrics.jsonl").is_file():
+                    shutil.copy2(run_dir / "metrics.jsonl", aside / "metrics.jsonl")
+                log.warning("resuming from %s: the checkpoints written after it (another branch of this run) and "
+                            "its metrics.jsonl are kept in %s", path, aside)
+        return str(path) if path is not None else None
 
     def _load(self, path: Path) -> None:
         self.state, optim = load_checkpoint(path, self._modules())
@@ -362,7 +403,7 @@ class Trainer:
             optim = {"g": self.opt_g.state_dict(), "d": self.opt_d.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else {}}
             path = save_checkpoint(self.run_dir / "checkpoints", self.state, self._modules(), optim,
-                                   self.cfg.checkpoint.keep)
+                                   self.cfg.checkpoint.keep, config_yaml=dump_yaml(self.cfg))
             log.info("checkpoint %s", path)
         self.accelerator.wait_for_everyone()
         return path
@@ -377,7 +418,7 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            record_config(self.run_dir, dump_yaml(cfg), self.state.step, resumed=self.resumed_from is not None)
             if self.stop.file.exists() and self.stop.file.stat().st_mtime < self.started_at:
                 self.stop.clear()  # only a request older than this process is stale
             if cfg.log.wandb:
@@ -409,6 +450,7 @@ class Trainer:
                     save_gif(frames, self.run_dir / "progress.gif")
                 self.run_log.write(f"done: {st.step} steps, {st.images_seen} images in {seconds:.0f} s; run dir {self.run_dir}")
             self.run_log.close()
+            self.lock.release()
         self.stop.restore()
         for tracker in acc.trackers:
             tracker.finish()

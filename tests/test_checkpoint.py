@@ -60,7 +60,7 @@ def test_find_resume_path(tmp_path):
     save_checkpoint(run / "checkpoints", TrainState(step=9), {"G": _model()}, {}, keep=3)
     assert find_resume_path("auto", run).name == "step-00000009"
     assert find_resume_path(str(run / "checkpoints" / "step-00000005"), run).name == "step-00000005"
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint.*--resume auto"):
+    with pytest.raises(ck.CheckpointError, match="no checkpoint there.*--resume auto"):
         find_resume_path(str(run / "nothing"), run)
 
 

@@ -174,7 +174,7 @@ def test_fresh_start_never_overwrites_a_run(tmp_path):
 
     cfg = load_config("smoke", [f"run.dir={tmp_path}", "train.steps=4", "log.every=1", "checkpoint.every=2"])
     Trainer(cfg, source=MemorySource()).fit()
-    with pytest.raises(ConfigError, match=r"already has checkpoints \(latest step-00000004\): pass --resume auto"):
+    with pytest.raises(ConfigError, match=r"already holds a run \(metrics.jsonl, .*checkpoints.*\): pass --resume auto"):
         Trainer(cfg, source=MemorySource())
     # a resume from step 2 drops the log lines written after that checkpoint
     Trainer(load_config("smoke", [f"run.dir={tmp_path}", "train.steps=3", "log.every=1"]), source=MemorySource(),

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from distgan.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -211,9 +212,9 @@ def load_classifier(path: str | os.PathLike) -> FeatureClassifier:
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"'{meta_path}' is not valid JSON ({err}); re-save the classifier") from err
+        raise UserError(f"'{meta_path}' is not valid JSON ({err}); re-save the classifier") from err
     if meta.get("arch_version") != ARCH_VERSION:
-        raise ValueError(
+        raise UserError(
             f"'{meta_path}': arch_version {meta.get('arch_version')!r}, but this distgan builds version "
             f"{ARCH_VERSION}; retrain the classifier with this version"
         )
@@ -222,6 +223,6 @@ def load_classifier(path: str | os.PathLike) -> FeatureClassifier:
                                   meta["feature_dim"], meta["width"])
         model.load_state_dict(load_file(str(path)))
     except (KeyError, RuntimeError) as err:
-        raise ValueError(f"'{path}' / '{meta_path}' do not describe a FeatureClassifier: {err}") from err
+        raise UserError(f"'{path}' / '{meta_path}' do not describe a FeatureClassifier: {err}") from err
     model.accuracy = meta.get("accuracy")
     return model.eval()

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from distgan.errors import UserError
 
 INCEPTION_DIM = 2048
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's (and torch-fidelity's) FID weights
@@ -179,9 +180,9 @@ def load_inception_features(weights_path: str | os.PathLike) -> FIDInceptionV3:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or pickled-code files
-        raise ValueError(f"Inception weights file '{path}' could not be read with weights_only=True: {err}") from err
+        raise UserError(f"Inception weights file '{path}' could not be read with weights_only=True: {err}") from err
     if not isinstance(state, dict):
-        raise ValueError(f"Inception weights file '{path}' holds a {type(state).__name__}, expected {expected_file}")
+        raise UserError(f"Inception weights file '{path}' holds a {type(state).__name__}, expected {expected_file}")
     model = FIDInceptionV3()
     wanted = model.state_dict()
     missing = sorted(k for k in wanted if k not in state and not k.endswith("num_batches_tracked"))
@@ -189,7 +190,7 @@ def load_inception_features(weights_path: str | os.PathLike) -> FIDInceptionV3:
     reshaped = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
                 for k, v in wanted.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
     if missing or unexpected or reshaped:
-        raise ValueError(
+        raise UserError(
             f"Inception weights file '{path}' does not match: expected {expected_file} with keys like "
             f"'Conv2d_1a_3x3.conv.weight'. Missing {len(missing)} keys {missing[:3]}, unexpected {len(unexpected)} "
             f"{unexpected[:3]}, wrong shape {len(reshaped)} {reshaped[:3]}"

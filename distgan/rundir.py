@@ -1,0 +1,184 @@
+"""The run directory's guard rails: one writer at a time, no run overwritten, a config history, safe resumes.
+
+- A lock file (``.lock``: pid, host, Slurm job, start time) admits one training at a time; a lock left by a
+  process that is gone (same host, or the same Slurm job requeued) is named in the log and taken over.
+- A fresh start refuses a run dir that already holds results; ``--resume auto`` with no intact checkpoint
+  moves earlier results aside (``previous-<time>/``) instead of overwriting them.
+- Every start and resume keeps its config in ``configs/`` (config.yaml is the current one); a resume that
+  changes a key that shapes the networks or gives the saved state its meaning is refused with the list of
+  changed keys; other changes (steps, logging, learning rates) are logged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from distgan.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+# what a run dir holds once training has written anything (a fresh start must not overwrite it)
+RESULTS = ("metrics.jsonl", "samples", "generator_ema.safetensors", "generator_ema.json", "progress.gif",
+           "plots", "checkpoints", "eval.json", "configs", "config.yaml", "wandb")
+# keys that may change when a run is resumed: they do not change shapes or what the saved state means
+RESUMABLE_CHANGES = (
+    "run.dir", "run.name", "data.path", "data.num_workers", "data.cache_mb", "data.skip_bad_samples",
+    "data.allow_pipe", "g_optim.lr", "d_optim.lr", "train.steps", "train.mixed_precision", "train.on_nonfinite",
+    "train.max_grad_norm", "train.collective_timeout_s", "train.stop_check_every", "train.cpu_threads",
+    "log.", "checkpoint.", "eval.",
+)
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """The process's start time in clock ticks since boot (tells a live process from a reused pid), Linux only."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class RunDirLock:
+    """``run_dir/.lock``, held by the main process for the whole training."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_FILE
+        self.held = False
+
+    def _mine(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "pid_start": _process_start(os.getpid()), "host": socket.gethostname(),
+                "slurm_job": os.environ.get("SLURM_JOB_ID"), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def _stale(self, holder: dict[str, Any]) -> Optional[str]:
+        """Why the holder is gone, or None when it may still be running."""
+        if holder.get("slurm_job") and holder.get("slurm_job") == os.environ.get("SLURM_JOB_ID"):
+            return f"an earlier run of Slurm job {holder['slurm_job']} (requeued)"
+        if holder.get("host") == socket.gethostname():
+            if holder.get("pid") == os.getpid():
+                return "an earlier training in this process"
+            start = _process_start(int(holder.get("pid", -1)))
+            if start is None or (holder.get("pid_start") and start != holder["pid_start"]):
+                return f"process {holder.get('pid')} on {holder.get('host')}, which has exited"
+        return None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read()
+                reason = self._stale(holder)
+                if reason is None:
+                    raise ConfigError(
+                        f"run dir {self.path.parent} is in use by process {holder.get('pid')} on "
+                        f"{holder.get('host')} (since {holder.get('since')}): wait for it to finish or stop it. If it "
+                        f"is gone (a crashed node), delete {self.path}"
+                    ) from None
+                log.warning("taking over %s, left by %s", self.path, reason)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self._mine(), fh)
+            self.held = True
+            return
+        raise ConfigError(f"{self.path}: another training took the run dir while this one started; use one run.dir "
+                          "per training")
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) else {}
+        except (OSError, ValueError):  # written half by a crash: its age decides
+            age = time.time() - self.path.stat().st_mtime if self.path.exists() else 1e9
+            return {} if age > 60 else {"pid": "?", "host": "?", "since": "just now"}
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def existing_results(run_dir: Path) -> list[str]:
+    return [name for name in RESULTS if (run_dir / name).exists()]
+
+
+def refuse_overwrite(run_dir: Path) -> None:
+    """A fresh start (no --resume) in a run dir that holds results is refused: nothing is overwritten."""
+    found = existing_results(run_dir)
+    if found:
+        raise ConfigError(
+            f"run dir {run_dir} already holds a run ({', '.join(found)}): pass --resume auto to continue it, or "
+            "choose another run.dir (nothing is overwritten)"
+        )
+
+
+def set_aside_results(run_dir: Path) -> Optional[Path]:
+    """Move a run's earlier results into ``previous-<time>/`` (for a restart that has no checkpoint to resume)."""
+    found = [name for name in existing_results(run_dir) if name != "checkpoints"]
+    if not found:
+        return None
+    aside = run_dir / time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime())
+    aside.mkdir()
+    for name in found:
+        os.rename(run_dir / name, aside / name)
+    return aside
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(before_yaml: str, after_yaml: str) -> tuple[list[str], list[str]]:
+    """(refused, allowed) descriptions ``key: old -> new`` of the keys that differ between two configs."""
+    before, after = flatten(yaml.safe_load(before_yaml) or {}), flatten(yaml.safe_load(after_yaml) or {})
+    refused, allowed = [], []
+    for key in sorted(before.keys() | after.keys()):
+        old, new = before.get(key, "(unset)"), after.get(key, "(unset)")
+        if old == new:
+            continue
+        change = f"{key}: {old} -> {new}"
+        ok = any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
+        (allowed if ok else refused).append(change)
+    return refused, allowed
+
+
+def check_resume_config(saved_yaml: Optional[str], current_yaml: str, checkpoint: Path) -> None:
+    """Refuse a resume whose config changes shapes or the meaning of the saved state; log other changes."""
+    if saved_yaml is None:
+        return
+    refused, allowed = config_changes(saved_yaml, current_yaml)
+    if refused:
+        raise ConfigError(
+            f"resuming {checkpoint} with a different config: {'; '.join(refused)}. These keys change the networks, "
+            "the data stream or what the saved state means; resume with the run's config (its config.yaml) or start "
+            "a new run.dir"
+        )
+    for change in allowed:
+        log.info("resume changes %s", change)
+
+
+def record_config(run_dir: Path, config_yaml: str, step: int, resumed: bool) -> Path:
+    """config.yaml (the current config) and ``configs/NNNN-start|resume-step-S.yaml`` (every one so far)."""
+    history = run_dir / "configs"
+    history.mkdir(parents=True, exist_ok=True)
+    number = len(list(history.glob("*.yaml"))) + 1
+    kept = history / f"{number:04d}-{'resume' if resumed else 'start'}-step-{step:08d}.yaml"
+    kept.write_text(config_yaml)
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(config_yaml)
+    os.replace(tmp, run_dir / "config.yaml")
+    return kept
