@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from distgan.cli import add_debug_flag, run_command
+from distgan.errors import UserError
 from distgan.export import load_generator_export
 from distgan.nn import sample_latent
 from distgan.tracking import image_grid, save_grid
@@ -34,11 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--shards", action="store_true", help="write webdataset shards + dataset.json")
     p.add_argument("--force", action="store_true", help="with --shards: replace an existing output")
     add_debug_flag(p)
-    args = p.parse_args(argv)
-    for name in ("n", "batch"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} {getattr(args, name)}: must be at least 1")
-    return args
+    return p.parse_args(argv)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -64,6 +61,9 @@ def main(argv=None) -> int:
 
 
 def sample(args: argparse.Namespace) -> int:
+    for name in ("n", "batch"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
     export = args.export or args.run / "generator_ema.safetensors"
     model, meta = load_generator_export(export)
     g = meta["generator"]

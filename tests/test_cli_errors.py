@@ -1,0 +1,116 @@
+"""Every user error in every command is one line naming the file, key or value, and exit status 2.
+
+The commands' main() functions run in-process (the same code as the console scripts, without a second of
+torch import per case); one case goes through a real process to check the exit status end to end.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from distgan import eval as eval_cli
+from distgan import sample as sample_cli
+from distgan import train as train_cli
+from distgan.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(capsys, main, argv) -> str:
+    """Run a command that must fail on user input; return its one stderr line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+DEEP = "[" * 5000 + "]" * 5000
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["train.max_grad_norm=-1"], "'train.max_grad_norm' = -1.0: must be 0 or more"),
+    (["loss.penalty_weight=-10"], "'loss.penalty_weight' = -10.0: must be 0 or more"),
+    (["ema.half_life_kimg=-1"], "'ema.half_life_kimg' = -1.0: must be 0 or more"),
+    (["data.cache_mb=-1"], "'data.cache_mb' = -1: must be 0 or more"),
+    (["run.seed=-1"], "'run.seed' = -1: must be 0 or more"),
+    (["data.shards_per_block=0"], "'data.shards_per_block' = 0: must be at least 1"),
+    (["g_optim.lr=.nan"], "'g_optim.lr' = nan: must be a finite number"),
+    (["train.collective_timeout_s=.inf"], "'train.collective_timeout_s' = inf: must be a finite number"),
+    (["discriminator.hidden=[64, -3]"], "'discriminator.hidden[1]' = -3: must be at least 1"),
+    (["generator.width=100000000"], "'generator.width' = 100000000: must be between 1 and 65536"),
+    (["train.steps=[1"], "override 'train.steps=[1': the value is not valid YAML"),
+    ([f"train.steps={DEEP}"], "override 'train.steps=...': the value is nested too deeply"),
+])
+def test_train_refuses_bad_values_in_one_line(capsys, overrides, expected):
+    line = one_line_error(capsys, train_cli.main, ["--config", "smoke", *overrides])
+    assert line.startswith("distgan.train: error: ") and expected in line
+
+
+def test_train_overrides_may_come_before_the_flags():
+    args = train_cli.parse_args(["train.steps=3", "--config", "smoke", "log.every=1", "--resume", "auto"])
+    assert args.config == "smoke" and args.resume == "auto" and args.overrides == ["train.steps=3", "log.every=1"]
+
+
+def test_train_with_missing_data_names_the_prepare_command(tmp_path):
+    """Through a real process: the mission's command on a machine without the data."""
+    proc = subprocess.run([sys.executable, "-m", "distgan.train", "--config", "smoke", f"run.dir={tmp_path / 'r'}",
+                           f"data.path={tmp_path / 'nothing'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and str(tmp_path / "nothing") in errors[0] and "distgan.prepare" in errors[0]
+
+
+def test_debug_shows_the_traceback(capsys):
+    with pytest.raises(ConfigError, match="run.seed"):
+        train_cli.main(["--config", "smoke", "run.seed=-1", "--debug"])
+
+
+def test_train_resume_from_a_missing_checkpoint(capsys, tmp_path):
+    line = one_line_error(capsys, train_cli.main, ["--config", "smoke", f"run.dir={tmp_path}", "data.path=x",
+                                                   "--resume", str(tmp_path / "step-9")])
+    assert "no such folder" in line or "no checkpoint there" in line
+
+
+def _export(path: Path, meta: dict, tensors=None) -> Path:
+    save_file(tensors or {"w": torch.zeros(1)}, str(path), metadata={"distgan": json.dumps(meta)})
+    return path
+
+
+GOOD_META = {"format_version": 1, "generator": {"arch": "mlp", "z_dim": 4, "hidden": [8]}, "resolution": 8,
+             "channels": 1, "classes": None, "step": 1, "ema": True}
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "no exported generator there"),
+    ("junk", "not a readable safetensors file"),
+    ("huge", "resolution 1000000000 and channels 1"),
+    ("bad-generator", "generator section of its metadata is not valid: config key 'generator.hidden[0]' = -8"),
+    ("weights-mismatch", "its weights cannot be loaded"),
+    ("n0", "--n 0: must be at least 1"),
+])
+def test_sample_refuses_bad_exports_and_arguments(capsys, tmp_path, case, expected):
+    path = tmp_path / "g.safetensors"
+    n = "4"
+    if case == "junk":
+        path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    elif case == "huge":
+        _export(path, {**GOOD_META, "resolution": 10**9})
+    elif case == "bad-generator":
+        _export(path, {**GOOD_META, "generator": {"arch": "mlp", "hidden": [-8]}})
+    elif case in ("weights-mismatch", "n0"):
+        _export(path, GOOD_META)
+        n = "0" if case == "n0" else n
+    line = one_line_error(capsys, sample_cli.main, ["--export", str(path), "--n", n, "--out", str(tmp_path / "o")])
+    assert line.startswith("distgan.sample: error: ") and expected in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_refuses_a_folder_that_is_not_a_run(capsys, tmp_path):
+    line = one_line_error(capsys, eval_cli.main, ["--run", str(tmp_path)])
+    assert "config.yaml not found" in line
+    line = one_line_error(capsys, eval_cli.main, ["plot", "--run", str(tmp_path)])
+    assert "metrics.jsonl not found" in line
