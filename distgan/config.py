@@ -42,6 +42,7 @@ class DataConfig:
     cache_mb: int = 256  # decoded shards kept in memory per data worker (MB)
     skip_bad_samples: bool = False  # skip (and count) unreadable or misshapen samples instead of failing
     allow_pipe: bool = False  # allow 'pipe:' shard URLs (they run shell commands)
+    prepare: Optional[str] = None  # a distgan.prepare source (fashion-mnist, mnist, cifar10) that makes data.path on first use (downloaded, checksums verified, when not installed locally)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from distgan.checkpoint import (
 )
 from distgan.config import Config, ConfigError, OptimizerConfig, dump_yaml
 from distgan.errors import UserError
+from distgan.first_use import needs_preparing, prepare_data
 from distgan.rundir import RunDirLock, check_resume_config, record_config, refuse_overwrite, set_aside_results
 from distgan.data.stream import DataSource, ShardSource
 from distgan.distributed import any_rank, make_accelerator, set_cpu_threads
@@ -110,6 +111,8 @@ class Trainer:
             self.rank, self.world, socket.gethostname(), os.environ.get("SLURM_NODEID", "-"),
             acc.device, torch.get_num_threads(), self.local_batch,
         )
+        if source is None and needs_preparing(cfg.data):
+            self._on_main_process(lambda: prepare_data(cfg.data))
         self.source = source or ShardSource(cfg.data)
         res, ch = self.source.resolution, self.source.channels
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -129,7 +132,8 @@ class Trainer:
 
         self.state = TrainState(world_size=self.world)
         self.lock = RunDirLock(self.run_dir)
-        self.resumed_from = self._claim_run_dir(resume)
+        resume_path = self._on_main_process(lambda: self._claim_run_dir(resume))
+        self.resumed_from = Path(resume_path) if resume_path is not None else None
         if self.resumed_from is not None:
             self._load(self.resumed_from)
         self.stop = StopRequest(self.run_dir)
@@ -343,25 +347,32 @@ class Trainer:
             modules["G_ema"] = self.ema.model
         return modules
 
-    def _claim_run_dir(self, resume: Optional[str]) -> Optional[Path]:
-        """The main process locks the run dir and decides what to resume (one answer for every rank, even when
-        ranks see a shared filesystem at different moments); other ranks follow its decision or its error."""
-        decision: list = [None, None]  # [checkpoint path or None, error message or None]
+    def _on_main_process(self, decide: Callable[[], Any]) -> Any:
+        """Run ``decide`` on the main process only and give every rank its answer (or its user error): one answer
+        for all ranks, even when they see a shared filesystem at different moments."""
+        decision: list = [None, None]  # [result, error message]
         if self.accelerator.is_main_process:
             try:
-                decision[0] = self._resume_decision(resume)
+                decision[0] = decide()
             except UserError as err:
-                self.lock.release()
                 decision[1] = str(err)
         if self.world > 1:
             decision = broadcast_object_list(decision, from_process=0)
         if decision[1] is not None:
             raise ConfigError(decision[1])
-        return Path(decision[0]) if decision[0] is not None else None
+        return decision[0]
+
+    def _claim_run_dir(self, resume: Optional[str]) -> Optional[str]:
+        """Lock the run dir and decide what to resume from (main process only)."""
+        self.lock.acquire()
+        try:
+            return self._resume_decision(resume)
+        except BaseException:
+            self.lock.release()
+            raise
 
     def _resume_decision(self, resume: Optional[str]) -> Optional[str]:
         run_dir = self.run_dir
-        self.lock.acquire()
         path = find_resume_path(resume, run_dir)
         if resume is None:
             refuse_overwrite(run_dir)

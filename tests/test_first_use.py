@@ -1,0 +1,56 @@
+"""The mission's command on a fresh machine: cifar10.yaml (data.prepare: cifar10) downloads its archive from the
+official address (here a local server standing in for it), checks the checksum, writes the shards, then trains."""
+import hashlib
+import json
+import os
+
+import pytest
+
+from distgan.config import ConfigError, load_config
+from distgan.data import download as dl
+from distgan.trainer import Trainer
+from test_data import http_folder, make_cifar  # noqa: F401 (http_folder is a fixture)
+
+TINY = ["train.steps=1", "train.batch_size=8", "generator.width=8", "discriminator.width=8", "data.num_workers=0",
+        "data.shards_per_block=1", "log.every=1", "log.sample_every=1", "log.n_samples=4", "log.wandb=false",
+        "log.gif=false", "log.progress_bar=false"]
+
+
+@pytest.fixture
+def cifar_server(http_folder, tmp_path, monkeypatch):
+    """A CIFAR-10 archive served at a local mirror; REMOTES carries its checksum, the cache is empty."""
+    www, url = http_folder
+    archive, _ = make_cifar(tmp_path / "raw", per_batch=4)
+    (www / archive.name).write_bytes(archive.read_bytes())
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(dl.REMOTES, "cifar10", dl.Remote("https://unused.invalid/", {archive.name: md5}))
+    monkeypatch.setenv(dl.MIRROR_ENV, url)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return www / archive.name
+
+
+@pytest.mark.timeout(180)
+def test_cifar10_config_prepares_its_data_on_first_use(cifar_server, tmp_path):
+    data = tmp_path / "data" / "cifar10"
+    cfg = load_config("cifar10", [*TINY, f"data.path={data}", f"run.dir={tmp_path / 'run'}"])
+    assert cfg.data.prepare == "cifar10"
+    Trainer(cfg).fit()
+    info = json.loads((data / "dataset.json").read_text())
+    assert info["count"] == 20 and info["resolution"] == 32 and info["channels"] == 3
+    assert (tmp_path / "cache" / "distgan" / "cifar10" / cifar_server.name).is_file()
+    assert (tmp_path / "run" / "generator_ema.safetensors").is_file()
+
+
+@pytest.mark.timeout(120)
+def test_a_wrong_checksum_stops_before_anything_is_written(cifar_server, tmp_path):
+    cifar_server.write_bytes(cifar_server.read_bytes()[:-10] + b"0123456789")  # the server sends another file
+    data = tmp_path / "data" / "cifar10"
+    cfg = load_config("cifar10", [*TINY, f"data.path={data}", f"run.dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="MD5 .* differs from the official"):
+        Trainer(cfg)
+    assert not data.exists() and not os.path.exists(tmp_path / "run")
+
+
+def test_an_unknown_source_is_named():
+    with pytest.raises(ConfigError, match=r"data.prepare = 'cifar100': not a distgan.prepare source"):
+        Trainer(load_config("smoke", ["data.prepare=cifar100", "data.path=/nonexistent-data"]))
