@@ -301,16 +301,16 @@ elif (( STATUS == 0 )); then
     # No signal came, yet no export appeared: a STOP file someone wrote, or training wrote elsewhere.
     log "training exited without exporting $EXPORT and without a signal (a STOP file in the run dir?);" \
         "last checkpoint $CHECKPOINT; not requeued; $RESUBMIT"
+elif DOWN=$(down_nodes) && [[ -n $DOWN ]]; then
+    # srun returns once slurmctld has declared the node dead; Slurm then requeues the job itself
+    # (--requeue) and ends this shell (its TERM may come before srun returns: checked first).
+    log "a node of this job failed ($DOWN): srun exit status $STATUS; Slurm requeues the job (--requeue)," \
+        "which resumes from the last checkpoint, $CHECKPOINT"
 elif [[ -n $STOP_SIGNAL ]]; then
     # scancel and the time limit send TERM to the job step too: the launcher passes it on to training,
     # which checkpoints, and then exits non-zero itself. The job ends CANCELLED or TIMEOUT.
     log "stopped by SIG$STOP_SIGNAL (scancel, time limit or preemption): launcher status $STATUS; last checkpoint" \
         "$CHECKPOINT; not requeued; $RESUBMIT"
-elif DOWN=$(down_nodes) && [[ -n $DOWN ]]; then
-    # srun returns once slurmctld has declared the node dead; Slurm then requeues the job itself
-    # (--requeue) and ends this shell: the requeued job resumes from the last checkpoint.
-    log "a node of this job failed ($DOWN): srun exit status $STATUS; Slurm requeues the job (--requeue)," \
-        "which resumes from the last checkpoint, $CHECKPOINT"
 else
     log "training FAILED (srun exit status $STATUS): a training process exited with an error or was killed" \
         "(the 'srun: error:' lines above name its node and task; --kill-on-bad-exit ended the others)." \
