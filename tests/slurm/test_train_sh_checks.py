@@ -24,7 +24,8 @@ FAKE_SRUN = """\
 if [[ " $* " == *" accelerate launch "* ]]; then
     printf '%s\\n' "$@" > "$STUB_DIR/launch.args"
     last=${@: -1}
-    mkdir -p "${last#run.dir=}" && echo exported > "${last#run.dir=}/generator_ema.safetensors"
+    mkdir -p "${last#run.dir=}"
+    [[ -n ${STUB_NO_EXPORT:-} ]] || echo exported > "${last#run.dir=}/generator_ema.safetensors"
     exit 0
 fi
 printf '%b\\n' "$PROBE"
@@ -133,6 +134,19 @@ def test_nodes_with_different_gpu_counts_are_refused(run_train_sh):
 def test_fewer_cpus_than_processes_are_refused(run_train_sh):
     done = run_train_sh(probe="n1 8 2\nn2 8 2", SLURM_CPUS_PER_TASK="2")
     assert_refused(done, "2 CPU(s) per node for 8 training processes", "--cpus-per-task=8")
+    done = run_train_sh("data.num_workers=2", probe="n1 8 8\nn2 8 8", SLURM_CPUS_PER_TASK="8")
+    assert done.returncode == 0, done.stderr  # a CPU per process, none for the data workers: a warning
+    assert "warning: 8 CPU(s) per node for 8 process(es) x (1 + 2 data workers)" in done.stdout
+    assert "--cpus-per-task=24" in done.stdout
+
+
+def test_an_exit_without_export_or_signal_is_not_called_a_stop_on_request(run_train_sh):
+    """The line train.sh used to print when training wrote elsewhere: 'stopped on request at checkpoint none'."""
+    done = run_train_sh(STUB_NO_EXPORT="1")
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert "training exited without exporting" in last and "without a signal" in last, last
+    assert "stopped on request" not in done.stdout
 
 
 def test_launch_is_explicit_c10d_rendezvous_on_a_port_below_the_ephemeral_range(run_train_sh, tmp_path):
