@@ -52,7 +52,7 @@ def run_train_sh(tmp_path: Path):
     def run(*overrides: str, probe: str = "n1 0 4\nn2 0 4", **env: str) -> subprocess.CompletedProcess:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RUN_DIR", "GPUS_", "MASTER_"))}
         base.update(PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(REPO), STUB_DIR=str(stubs),
-                    PROBE=probe, CONFIG="smoke", SLURM_JOB_ID="4321", SLURM_JOB_NAME="distgan",
+                    PROBE=probe, CONFIG="smoke", SLURM_JOB_ID="14321", SLURM_JOB_NAME="distgan",
                     SLURM_SUBMIT_DIR=str(submit), SLURM_JOB_NUM_NODES="2", SLURM_CPUS_PER_TASK="4",
                     SLURM_JOB_NODELIST="n[1-2]")
         base.update(env)
@@ -107,7 +107,7 @@ def test_a_run_dir_override_becomes_the_folder_train_sh_watches(run_train_sh):
 def test_default_run_dir_is_the_job_name_and_id(run_train_sh):
     done = run_train_sh("train.steps=3")
     assert done.returncode == 0, done.stderr
-    assert launch_args(run_train_sh.stubs)[-1] == f"run.dir={run_train_sh.submit / 'runs' / 'distgan-4321'}"
+    assert launch_args(run_train_sh.stubs)[-1] == f"run.dir={run_train_sh.submit / 'runs' / 'distgan-14321'}"
 
 
 def test_run_dir_and_a_different_override_are_refused(run_train_sh):
@@ -162,7 +162,7 @@ def test_launch_is_explicit_c10d_rendezvous_on_a_port_below_the_ephemeral_range(
     assert config.parent == run_train_sh.submit / "logs" and "gpu_ids: all" in config.read_text()
     assert args[args.index("--rdzv_backend") + 1] == "c10d"
     port = int(args[args.index("--main_process_port") + 1])
-    assert port == 20000 + 4321 % 10000
+    assert port == 20000 + 14321 % 10000 == 24321  # not 34321 (% 20000): ephemeral
     low, _high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     assert port < low
     assert "exec accelerate launch --machine_rank \"$SLURM_NODEID\" --rdzv_conf" in " ".join(args), shlex.join(args)
