@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,7 @@ class LocalSlurmCluster:
         self.env: dict[str, str] = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.pids: dict[str, int] = {}  # daemon name (slurmctld, n1, n2, ...) -> PID
         self._procs: dict[str, subprocess.Popen] = {}
+        self._started: dict[str, dict] = {}  # daemon name -> pid, cmdline, create_time (saved in cluster.json)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def __enter__(self) -> "LocalSlurmCluster":
@@ -92,10 +94,16 @@ class LocalSlurmCluster:
         out.close()
         self._procs[name] = proc
         self.pids[name] = proc.pid
+        # What `cluster.py stop` checks before it signals a PID: the same program, started at the same time.
+        self._started[name] = {"pid": proc.pid, "cmdline": argv, "create_time": psutil.Process(proc.pid).create_time()}
 
     def _save_state(self) -> None:
-        state = {"conf": str(self.conf), "pids": self.pids}
-        (self.root / STATE_FILE).write_text(json.dumps(state, indent=1))
+        state = {"conf": str(self.conf), "uid": os.getuid(), "daemons": self._started}
+        path = self.root / STATE_FILE
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # ours, and only ours to write
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(state, indent=1))
 
     def stop(self, grace: float = 10.0) -> None:
         """Cancel every job, then end the daemons this cluster started (by PID) and any job leftovers."""
@@ -230,17 +238,45 @@ class LocalSlurmCluster:
 
 
 # -- CLI -----------------------------------------------------------------------------------------
-def _running_daemons(root: Path) -> dict[str, int]:
-    """The daemons recorded in ``root``'s state file that still run (checked by command line: PIDs get reused)."""
+class NotOurs(Exception):
+    """A folder or state file that this user's ``cluster.py start`` did not make, or that others could change."""
+
+
+def check_private(path: Path, what: str) -> None:
+    """``path`` (not followed if a link) is owned by this user and writable by no one else; NotOurs otherwise.
+
+    ``stop`` signals the PIDs listed in the folder's state file: a folder (or file) that someone else owns
+    or may write could list any process."""
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        raise NotOurs(f"{what} {path} is a symbolic link: give the real folder that `cluster.py start` made")
+    if st.st_uid != os.getuid():
+        raise NotOurs(f"{what} {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}): "
+                      "give a folder of your own")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise NotOurs(f"{what} {path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}): "
+                      f"chmod go-w {path}, or give a folder only you can write")
+
+
+def running_daemons(root: Path) -> dict[str, int]:
+    """The daemons that ``root``'s state file lists and that still run, as started: the PID's command line
+    and start time must be the recorded ones (a PID reused by another process is left alone)."""
+    check_private(root, "cluster folder")
     path = root / STATE_FILE
-    if not path.is_file():
-        return {}
-    state = json.loads(path.read_text())
+    if not path.exists():
+        raise NotOurs(f"{path} does not exist: {root} is not a folder that `cluster.py start` made (nothing to stop)")
+    check_private(path, "state file")
+    try:
+        daemons = json.loads(path.read_text())["daemons"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise NotOurs(f"{path} is not a state file that `cluster.py start` wrote ({err!r}): stop its daemons by hand")
     running = {}
-    for name, pid in state["pids"].items():
+    for name, daemon in daemons.items():
         try:
-            if state["conf"] in psutil.Process(pid).cmdline() and alive(pid):
-                running[name] = pid
+            proc = psutil.Process(daemon["pid"])
+            if (proc.cmdline() == daemon["cmdline"] and abs(proc.create_time() - daemon["create_time"]) < 0.01
+                    and alive(proc.pid)):
+                running[name] = proc.pid
         except psutil.Error:
             pass
     return running
@@ -253,15 +289,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    root = args.dir.resolve()
-    running = _running_daemons(root)
-    if args.action == "stop":
-        stop_cluster(root, running.values(), cancel="slurmctld" in running)
-        print(f"stopped {len(running)} daemon(s) of {root / 'slurm.conf'}; now: unset SLURM_CONF")
-        return 0
-    if running:
-        parser.error(f"a cluster already runs in {root} (pids {running}): stop it first")
-    root.mkdir(parents=True, exist_ok=True)
+    root = args.dir.absolute()
+    try:
+        if args.action == "stop":
+            running = running_daemons(root)
+            stop_cluster(root.resolve(), running.values(), cancel="slurmctld" in running, uid=os.getuid())
+            print(f"stopped {len(running)} daemon(s) of {root / 'slurm.conf'}; now: unset SLURM_CONF")
+            return 0
+        if root.exists() or root.is_symlink():
+            check_private(root, "cluster folder")
+            running = running_daemons(root) if (root / STATE_FILE).exists() else {}
+            if running:
+                raise NotOurs(f"a cluster already runs in {root} (pids {running}): stop it first")
+        else:
+            root.mkdir(parents=True, mode=0o700)
+    except NotOurs as err:
+        print(f"cluster.py {args.action}: {err}", file=sys.stderr)
+        return 2
     cluster = LocalSlurmCluster(root, nodes=args.nodes)
     cluster.__enter__()  # the daemons outlive this command; `stop` ends them by the PIDs in cluster.json
     print(f"export SLURM_CONF={cluster.conf}")

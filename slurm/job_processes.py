@@ -54,20 +54,21 @@ def terminate(pids: Iterable[int], grace: float = 10.0) -> None:
 
 
 def cluster_processes(root: Path, job_id: int | None = None, node: str | None = None,
-                      env: dict[str, str] | None = None) -> list[int]:
+                      env: dict[str, str] | None = None, uid: int | None = None) -> list[int]:
     """PIDs of the job processes of the cluster whose state folder is ``root``.
 
     Job processes carry the cluster's SLURM_CONF, SLURM_JOB_ID and SLURMD_NODENAME in their
     environment. slurmstepd clears its own environment, so it is known by its title
     (``slurmstepd: [JOB.STEP]``) and by the slurmd log of its node that it keeps open.
     ``job_id`` and ``node`` narrow the result to one job and one node; ``env`` to the processes
-    whose environment has these values (e.g. ``{"RANK": "1"}``: one training process; never slurmstepd).
+    whose environment has these values (e.g. ``{"RANK": "1"}``: one training process; never slurmstepd);
+    ``uid`` to the processes of that user.
     """
     conf, logs = str(root / "slurm.conf"), root / "log"
     me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if proc.pid in me:
+    for proc in psutil.process_iter(["cmdline", "uids"]):
+        if proc.pid in me or (uid is not None and proc.info["uids"] and proc.info["uids"].real != uid):
             continue
         try:
             title = " ".join(proc.info["cmdline"] or [])
@@ -92,8 +93,10 @@ def cluster_processes(root: Path, job_id: int | None = None, node: str | None = 
     return found
 
 
-def stop_cluster(root: Path, daemons: Iterable[int], grace: float = 10.0, cancel: bool = True) -> None:
-    """Cancel every job, wait for its processes, end the ``daemons`` by PID, then kill job leftovers.
+def stop_cluster(root: Path, daemons: Iterable[int], grace: float = 10.0, cancel: bool = True,
+                 uid: int | None = None) -> None:
+    """Cancel every job, wait for its processes, end the ``daemons`` by PID, then kill job leftovers
+    (only user ``uid``'s, when given: the CLI signals nothing that another user runs).
 
     The daemons go last but one: a slurmd whose slurmstepd are still running waits for them, and a
     slurmstepd whose slurmd is gone lingers (it ignores SIGTERM).
@@ -106,10 +109,10 @@ def stop_cluster(root: Path, daemons: Iterable[int], grace: float = 10.0, cancel
     except (OSError, subprocess.TimeoutExpired) as err:
         log.warning("scancel failed while stopping %s: %s", root, err)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and cluster_processes(root):
+    while time.monotonic() < deadline and cluster_processes(root, uid=uid):
         time.sleep(0.2)
     terminate(daemons, grace)
-    leftovers = cluster_processes(root)
+    leftovers = cluster_processes(root, uid=uid)
     if leftovers:
         log.warning("killing job processes left behind: %s", leftovers)
         terminate(leftovers, grace=1)

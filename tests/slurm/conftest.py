@@ -45,6 +45,8 @@ def cluster_lib() -> ModuleType:
 
 @pytest.fixture(scope="session")
 def slurm_cluster(cluster_lib: ModuleType, tmp_path_factory: pytest.TempPathFactory):
-    """Two nodes, n1 and n2, both on this machine; stopped (every PID it started) at the session's end."""
-    with cluster_lib.LocalSlurmCluster(tmp_path_factory.mktemp("slurm-cluster"), nodes=2) as cluster:
+    """Three nodes, n1 to n3, all on this machine; stopped (every PID it started) at the session's end.
+
+    2-node jobs run on n1 and n2; n3 is where a requeued job goes when a test kills n2 (a node failure)."""
+    with cluster_lib.LocalSlurmCluster(tmp_path_factory.mktemp("slurm-cluster"), nodes=3) as cluster:
         yield cluster

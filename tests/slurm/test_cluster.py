@@ -48,7 +48,9 @@ total = torch.tensor([acc.process_index + 1.0])
 dist.all_reduce(total)
 print(f"RESULT rank={acc.process_index} world={acc.num_processes} node={os.environ['SLURMD_NODENAME']} "
       f"nodeid={os.environ['SLURM_NODEID']} backend={dist.get_backend()} sum={total.item():g} "
-      f"threads={torch.get_num_threads()} config={args.config} run_dir={run_dir} start={start}", flush=True)
+      f"threads={torch.get_num_threads()} config={args.config} run_dir={run_dir} start={start} "
+      f"cuda_visible={os.environ.get('CUDA_VISIBLE_DEVICES', '-')} debug={os.environ.get('ACCELERATE_DEBUG_MODE', '-')}",
+      flush=True)
 step = start
 while step < steps:
     time.sleep(step_time)
@@ -84,13 +86,25 @@ def gone(pid: int) -> bool:
         return True
 
 
+FAKE_CONFIG = '''\
+"""Stand-in for distgan.config: train.sh loads the config (with the overrides) to learn run.dir and data.num_workers."""
+from types import SimpleNamespace
+
+def load_config(name, overrides=()):
+    values = {"run.dir": "runs/default", "data.num_workers": 0, **dict(o.split("=", 1) for o in overrides)}
+    return SimpleNamespace(run=SimpleNamespace(dir=values["run.dir"]),
+                           data=SimpleNamespace(num_workers=int(values["data.num_workers"])))
+'''
+
+
 @pytest.fixture
 def submit_dir(tmp_path: Path) -> Path:
-    """A working folder for train.sh: its logs/ folder and the stand-in distgan.train."""
+    """A working folder for train.sh: its logs/ folder and the stand-in distgan.train (and distgan.config)."""
     (tmp_path / "logs").mkdir()
     (tmp_path / "distgan").mkdir()
     (tmp_path / "distgan" / "__init__.py").write_text("")
     (tmp_path / "distgan" / "train.py").write_text(FAKE_TRAINER)
+    (tmp_path / "distgan" / "config.py").write_text(FAKE_CONFIG)
     return tmp_path
 
 
@@ -106,7 +120,7 @@ def results(log: str) -> list[dict[str, str]]:
 @pytest.mark.timeout(90)
 def test_two_node_job_runs_one_task_on_each_node(slurm_cluster, tmp_path):
     slurm_cluster.wait_nodes_idle(30)
-    assert slurm_cluster.node_states() == {"n1": "idle", "n2": "idle"}
+    assert slurm_cluster.node_states() == {"n1": "idle", "n2": "idle", "n3": "idle"}
     out = tmp_path / "hosts.out"
     job = slurm_cluster.sbatch("#!/bin/bash\nsrun bash -c 'echo task $SLURM_NODEID on $SLURMD_NODENAME $(hostname)'\n",
                                "--nodes=2", "--ntasks-per-node=1", f"--output={out}")
@@ -123,15 +137,22 @@ def test_train_sh_launches_one_rank_per_node_over_gloo(slurm_cluster, submit_dir
     run_dir = submit_dir / "runs" / "wiring"
     run_dir.mkdir(parents=True)
     (run_dir / "STOP").touch()  # stale, from an earlier run: train.sh must remove it before training
-    env = {**job_env(), "CONFIG": "smoke.yaml", "RUN_DIR": str(run_dir)}
+    # a user's default accelerate config (gpu_ids, debug) must not leak into the job: train.sh passes its own
+    hf = submit_dir / "hf" / "accelerate"
+    hf.mkdir(parents=True)
+    (hf / "default_config.yaml").write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\n"
+                                            "gpu_ids: '0'\ndebug: true\nnum_machines: 1\n")
+    env = {**job_env(), "CONFIG": "smoke.yaml", "RUN_DIR": str(run_dir), "HF_HOME": str(submit_dir / "hf")}
     job = slurm_cluster.sbatch(TRAIN_SH, "--nodes=2", "--cpus-per-task=1", env=env, cwd=submit_dir,
                                script_args=["train.steps=5"])
     state = slurm_cluster.wait(job, timeout=120)
     log = (submit_dir / "logs" / f"distgan-{job}.out").read_text()
     assert state == "COMPLETED", log
 
-    ranks = sorted(results(log), key=lambda r: int(r["rank"]))
-    assert [r["rank"] for r in ranks] == ["0", "1"], log
+    # one rank on each node; which node gets rank 0 is the c10d rendezvous's choice (sorted host names and
+    # launcher PIDs: on this one-host cluster, either), not SLURM_NODEID's
+    ranks = sorted(results(log), key=lambda r: int(r["nodeid"]))
+    assert sorted(r["rank"] for r in ranks) == ["0", "1"], log
     assert [(r["nodeid"], r["node"]) for r in ranks] == [("0", "n1"), ("1", "n2")]
     assert {r["world"] for r in ranks} == {"2"}
     assert {r["backend"] for r in ranks} == {"gloo"}
@@ -141,7 +162,9 @@ def test_train_sh_launches_one_rank_per_node_over_gloo(slurm_cluster, submit_dir
     assert "finished at step 5" in log and "training finished" in log  # the stale STOP file did not stop it
     assert (run_dir / "checkpoints" / "step.txt").read_text() == "5"
     assert not (run_dir / "STOP").exists()
-    assert f"main 127.0.0.1:{20000 + job % 20000}" in log
+    assert {(r["cuda_visible"], r["debug"]) for r in ranks} == {("-", "-")}  # the default config was not read
+    assert f"main 127.0.0.1:{20000 + job % 10000}" in log
+    assert "Traceback" not in log and "DistNetworkError" not in log, log  # c10d: no exit-barrier traceback
 
 
 @pytest.mark.timeout(90)
@@ -173,5 +196,6 @@ def test_cli_starts_and_stops_a_cluster(cluster_lib, tmp_path):
     finally:
         stopped = subprocess.run([*cli, "stop", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert stopped.returncode == 0, stopped.stderr
-    assert sorted(state["pids"]) == ["n1", "n2", "slurmctld"]
-    assert [p for p in state["pids"].values() if not gone(p)] == []
+    assert sorted(state["daemons"]) == ["n1", "n2", "slurmctld"]
+    assert stopped.stdout.startswith("stopped 3 daemon(s)"), stopped.stdout  # each matched what start recorded
+    assert [d["pid"] for d in state["daemons"].values() if not gone(d["pid"])] == []

@@ -38,13 +38,16 @@ class Job:
         return self.log.read_text() if self.log.exists() else ""
 
 
-def submit(cluster, folder: Path, shards: Path, steps: int, *overrides: str) -> Job:
-    """Submit train.sh on 2 nodes x 1 CPU process from ``folder``, training ``steps`` steps on ``shards``."""
+def submit(cluster, folder: Path, shards: Path, steps: int, *overrides: str, run_dir: str | None = None) -> Job:
+    """Submit train.sh on 2 nodes x 1 CPU process from ``folder``, training ``steps`` steps on ``shards``
+    (in ``run_dir``, given as the override run.dir=..., or else in train.sh's default run folder)."""
     (folder / "logs").mkdir(exist_ok=True)
-    args = [f"data.path={shards}", f"train.steps={steps}", *overrides]
-    job = cluster.sbatch(TRAIN_SH, "--nodes=2", "--cpus-per-task=1", env={"CONFIG": "smoke"}, cwd=folder,
-                         script_args=args)
-    return Job(job, folder / "logs" / f"distgan-{job}.out", folder / "runs" / f"distgan-{job}")
+    args = [f"data.path={shards}", f"train.steps={steps}", *overrides, *([f"run.dir={run_dir}"] if run_dir else [])]
+    # this working tree's distgan, not whichever one is installed
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    job = cluster.sbatch(TRAIN_SH, "--nodes=2", "--cpus-per-task=1", env={"CONFIG": "smoke", "PYTHONPATH": path},
+                         cwd=folder, script_args=args)
+    return Job(job, folder / "logs" / f"distgan-{job}.out", folder / (run_dir or f"runs/distgan-{job}"))
 
 
 def metrics(job: Job) -> list[dict]:
@@ -86,9 +89,11 @@ def test_two_node_run_completes_with_every_file_in_one_run_dir(slurm_cluster, fa
     info = slurm_cluster.job_info(job.id)
     assert (info["ExitCode"], info["Restarts"], info["NodeList"]) == ("0:0", "0", "n[1-2]"), info
 
-    # rank, world size, node id, device, threads: one process on each node, one thread each (--cpus-per-task=1)
-    ranks = sorted(RANK_LINE.findall(log))
-    assert ranks == [("0", "2", "0", "cpu", "1"), ("1", "2", "1", "cpu", "1")], log
+    # rank, world size, node id, device, threads: one process on each node, one thread each (--cpus-per-task=1);
+    # which node gets rank 0 is the c10d rendezvous's choice
+    ranks = RANK_LINE.findall(log)
+    assert sorted(r[0] for r in ranks) == ["0", "1"] and sorted(r[2] for r in ranks) == ["0", "1"], log
+    assert {r[1:2] + r[3:] for r in ranks} == {("2", "cpu", "1")}, log
     assert f"done: {steps} steps, {steps * GLOBAL_BATCH} images" in log
     assert "training finished" in log and "requeue" not in log
 
@@ -109,8 +114,9 @@ def test_two_node_run_completes_with_every_file_in_one_run_dir(slurm_cluster, fa
 @pytest.mark.timeout(200)
 def test_usr1_checkpoints_requeues_and_resumes_without_losing_a_step(slurm_cluster, fashion_shards, tmp_path):
     steps = 150
+    # run.dir given as an override: train.sh must put STOP (its only way to reach training on USR1) there
     job = submit(slurm_cluster, tmp_path, fashion_shards, steps, "log.every=1", "log.sample_every=50",
-                 "checkpoint.every=50")
+                 "checkpoint.every=50", run_dir="runs/by-override")
     wait_for_steps(slurm_cluster, job, 3)
     slurm_cluster.signal_job(job.id, "USR1")  # what --signal=B:USR1@120 does before the time limit
 
@@ -163,9 +169,9 @@ def test_scancel_checkpoints_and_ends_without_requeue(slurm_cluster, fashion_sha
 def test_killed_rank_fails_the_job_quickly_without_requeue(slurm_cluster, fashion_shards, tmp_path):
     job = submit(slurm_cluster, tmp_path, fashion_shards, 5000, "log.every=1", "log.sample_every=1000")
     wait_for_steps(slurm_cluster, job, 3)
-    rank1 = slurm_cluster.job_pids(job.id, node="n2", env={"RANK": "1"})
-    assert len(rank1) == 1, f"rank 1's training process on n2: {rank1}"
-    os.kill(rank1[0], signal.SIGKILL)  # the process dies, the node stays up
+    on_n2 = slurm_cluster.job_pids(job.id, node="n2", env={"LOCAL_RANK": "0"})
+    assert len(on_n2) == 1, f"the training process on n2: {on_n2}"
+    os.kill(on_n2[0], signal.SIGKILL)  # the process dies, the node stays up
     killed = time.monotonic()
 
     state = slurm_cluster.wait(job.id, timeout=90)
@@ -205,3 +211,36 @@ def test_stop_asked_for_while_training_starts_is_not_lost(slurm_cluster, fashion
     assert f"training stopped on request (SIGTERM) at checkpoint {job.run_dir}/checkpoints/step-{n:08d}" in log
     assert "requeueing" not in log and not (job.run_dir / "generator_ema.safetensors").exists()
     assert_ended_cleanly(slurm_cluster, job, tmp_path)
+
+
+@pytest.mark.timeout(240)
+def test_a_dead_node_requeues_the_job_which_resumes_from_its_last_checkpoint(slurm_cluster, fashion_shards, tmp_path):
+    """n2's slurmd and every job process on it are SIGKILLed (a node failure). Slurm declares n2 DOWN, requeues
+    the job (--requeue), which starts again on n1 and n3 and resumes from the last periodic checkpoint."""
+    steps = 100  # far more than run before the kill lands (about 20 steps/s once started)
+    job = submit(slurm_cluster, tmp_path, fashion_shards, steps, "log.every=1", "log.sample_every=1000",
+                 "checkpoint.every=5")
+    wait_for_steps(slurm_cluster, job, 7)  # past the first checkpoint, step 5
+    slurm_cluster.stop_node("n2")
+    try:
+        state = slurm_cluster.wait(job.id, timeout=200, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    finally:
+        slurm_cluster.start_node("n2")  # back for the next tests; the job no longer runs there
+    log = job.text()
+    assert state == "COMPLETED", log
+    info = slurm_cluster.job_info(job.id)
+    assert (info["Restarts"], info["NodeList"]) == ("1", "n[1,3]"), info
+    resumed = re.findall(r"resumed from (\S+) at step (\d+)", log)
+    assert len(resumed) == 2 and resumed[0] == resumed[1], log  # both ranks, from the same checkpoint
+    n = int(resumed[0][1])
+    assert 5 <= n < steps and n % 5 == 0 and resumed[0][0] == str(job.run_dir / "checkpoints" / f"step-{n:08d}"), log
+    first = log[:log.index("(restart 1)")]  # what train.sh said as the node died: not "failed", not "not requeued"
+    assert "a node of this job failed (n2: down" in first and "not requeued" not in first.lower(), log
+    final = checkpoint_states(job)[steps]  # the data stream continued from the checkpoint: one batch per step
+    assert (final["images_seen"], final["batches_consumed"], final["world_size"]) == (steps * GLOBAL_BATCH, steps, 2)
+    assert {m["step"] for m in metrics(job)} == set(range(1, steps + 1))
+    _, meta = load_generator_export(job.run_dir / "generator_ema.safetensors")
+    assert meta["step"] == steps
+    assert "training finished" in log
+    assert_ended_cleanly(slurm_cluster, job, tmp_path)
+    slurm_cluster.wait_nodes_idle(60)
