@@ -136,6 +136,7 @@ class EvalConfig:
     best_metric: Optional[str] = None  # keep the best checkpoint by this figure (e.g. fd: lower is better)
     test_path: Optional[str] = None  # test-split shards for real-vs-real references and Parzen (default: DATA_test)
     batch: int = 250  # images per generator/feature batch during evaluation
+    classifier_steps: int = 2000  # steps of the feature classifier trained on first use (labeled data, no classifier yet)
 
 
 @dataclass
@@ -412,6 +413,8 @@ def validate_eval(cfg: EvalConfig) -> None:
     for metric in cfg.metrics:
         if metric not in registry.METRICS:
             raise ConfigError(f"eval.metrics has '{metric}'{_closest(metric, registry.names())}")
+    if cfg.classifier_steps < 1:
+        raise ConfigError(f"eval.classifier_steps={cfg.classifier_steps}: must be at least 1")
     if cfg.n < 2 or cfg.batch < 1:
         raise ConfigError(f"eval.n={cfg.n} and eval.batch={cfg.batch}: need n >= 2 and batch >= 1")
 

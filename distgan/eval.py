@@ -55,6 +55,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", help="local FID Inception-v3 weights file")
     p.add_argument("--seed", type=int, help="latent seed (default: the run's run.seed, else 0)")
     p.add_argument("--batch", type=int, help="images per generator/feature batch")
+    p.add_argument("--classifier-steps", type=int, help="steps of the feature classifier when it is trained on first "
+                                                         "use (default: eval.classifier_steps, 2000)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add_debug_flag(p)
     return p
@@ -78,7 +80,8 @@ def evaluate_command(args: argparse.Namespace) -> dict:
             raise ConfigError("--export needs --data DIR (the real shards to compare with)")
         export = args.export
     overrides = {"n": args.n, "features": args.features, "inception_weights": args.inception_weights,
-                 "test_path": args.test_data, "batch": args.batch, "metrics": args.metrics}
+                 "test_path": args.test_data, "batch": args.batch, "metrics": args.metrics,
+                 "classifier_steps": args.classifier_steps}
     eval_cfg = dataclasses.replace(eval_cfg, **{k: v for k, v in overrides.items() if v is not None})
     data_cfg = dataclasses.replace(data_cfg, path=args.data or data_cfg.path, num_workers=0)
     seed = args.seed if args.seed is not None else seed

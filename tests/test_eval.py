@@ -287,3 +287,25 @@ def test_training_evaluates_with_each_feature_network(shards, classifier_report,
     fd = [r["eval/fd"] for r in records if "eval/fd" in r]
     assert len(fd) == 1 and math.isfinite(fd[0]) and fd[0] > 0
     assert json.loads((run / "checkpoints" / "best" / "best.json").read_text())["metric"] == "fd"
+
+
+def test_eval_trains_the_feature_classifier_on_first_use(smoke_run, shards, tmp_path):
+    """Right after a run, on data with labels but no classifier yet: evaluation trains it once, then evaluates."""
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for f in list(shards.glob("*.tar")) + [shards / "dataset.json"]:
+        shutil.copy(f, fresh / f.name)
+    out = json.loads(run_cli("distgan.eval", "--export", str(smoke_run / "generator_ema.safetensors"), "--data",
+                             str(fresh), "--n", "100", "--metrics", "fd", "coverage", "--classifier-steps", "150").stdout)
+    trained = out["meta"]["feature_classifier_trained"]
+    assert trained["steps"] == 150 and trained["accuracy"] > 0.6 and (fresh / CLASSIFIER_FILE).is_file()
+    assert out["meta"]["features"] == "classifier" and out["fd"] > 0 and 1 <= out["modes_covered"] <= 10
+
+
+def test_eval_on_unlabeled_data_names_the_inception_file(smoke_run, tmp_path, capsys):
+    images = np.random.default_rng(0).integers(0, 256, size=(40, 28, 28, 1), dtype=np.uint8)
+    write_shards(list(images), None, tmp_path / "unlabeled", shard_size=20, progress=False)
+    assert eval_main(["--export", str(smoke_run / "generator_ema.safetensors"), "--data", str(tmp_path / "unlabeled"),
+                      "--n", "20", "--metrics", "fd"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no labels" in err[0] and "pt_inception-2015-12-05-6726825d.pth" in err[0]

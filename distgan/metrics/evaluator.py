@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from distgan.config import ConfigError, DataConfig, EvalConfig, validate_eval
 
 from distgan.data.shards import DatasetInfo, read_dataset_info, read_images, to_float
-from distgan.metrics.feature_net import TRAIN_FEATURES_HINT, load_feature_net
+from distgan.metrics.feature_net import TRAIN_FEATURES_HINT, ensure_feature_net, load_feature_net
 from distgan.metrics.features import CLASSIFIER_FILE
 from distgan.metrics.parzen import PARZEN_SAMPLES, PARZEN_TEST, PARZEN_VALIDATION
 from distgan.metrics.registry import METRICS, Metric, MetricContext, names
@@ -301,6 +301,7 @@ def evaluate_export(model: nn.Module, meta: dict, export: Path, data_cfg: DataCo
     if (meta["channels"], meta["resolution"]) != (info.channels, info.resolution):
         raise ConfigError(f"{export} makes {meta['channels']}x{meta['resolution']} images but {data_cfg.path} holds "
                           f"{info.channels}x{info.resolution}: pass --data with the run's data")
+    trained = ensure_feature_net(eval_cfg, data_cfg.path, info)
     evaluator = Evaluator(eval_cfg, data_cfg, info, device, seed, z_dist=meta["generator"]["z_dist"])
     start = time.perf_counter()
     figures = evaluator.evaluate(model, rank=0, world_size=1, gather=lambda t: t)
@@ -311,4 +312,6 @@ def evaluate_export(model: nn.Module, meta: dict, export: Path, data_cfg: DataCo
     record["meta"] = {"export": str(export), "step": meta.get("step"), "n": eval_cfg.n, "seed": seed,
                       "metrics": eval_cfg.metrics, "features": evaluator.net.kind, "data": data_cfg.path,
                       "test_data": evaluator.test_path, "seconds": round(time.perf_counter() - start, 2)}
+    if trained is not None:
+        record["meta"]["feature_classifier_trained"] = trained
     return record
