@@ -136,6 +136,7 @@ class EvalConfig:
     best_metric: Optional[str] = None  # keep the best checkpoint by this figure (e.g. fd: lower is better)
     test_path: Optional[str] = None  # test-split shards for real-vs-real references and Parzen (default: DATA_test)
     batch: int = 250  # images per generator/feature batch during evaluation
+    reference_stats: Optional[str] = None  # a pytorch-fid style .npz (mu, sigma) of real features: fd uses it instead of computing them (python -m distgan.eval stats writes one)
     classifier_steps: int = 2000  # steps of the feature classifier trained on first use (labeled data, no classifier yet)
 
 
