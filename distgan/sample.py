@@ -1,4 +1,4 @@
-"""``python -m distgan.sample --run DIR | --export FILE --n N --out DIR [--grid] [--interpolate] [--shards]``
+"""``python -m distgan.sample --run DIR | --export FILE --n N --out DIR [--grid | --interpolate | --shards | --onnx F]``
 
 Images from a trained generator (the run's exported G_ema): PNG files, one grid, a latent interpolation
 between two seeds, or webdataset shards (to augment another data set).
@@ -6,6 +6,7 @@ between two seeds, or webdataset shards (to augment another data set).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,7 +16,7 @@ from PIL import Image
 
 from distgan.cli import add_debug_flag, run_command
 from distgan.errors import UserError
-from distgan.export import load_generator_export
+from distgan.export import export_onnx, load_generator_export
 from distgan.nn import sample_latent
 from distgan.tracking import image_grid, save_grid
 
@@ -26,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--run", type=Path, help="a run dir (uses its generator_ema.safetensors)")
     src.add_argument("--export", type=Path, help="an exported generator .safetensors file")
     p.add_argument("--n", type=int, default=64, help="number of images (interpolation: steps between the seeds)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--out", type=Path, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="latent seed (interpolation goes from --seed to --seed2)")
     p.add_argument("--seed2", type=int, default=1)
     p.add_argument("--batch", type=int, default=256)
@@ -34,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--grid", action="store_true", help="write one grid.png instead of single images")
     mode.add_argument("--interpolate", action="store_true", help="spherical interpolation between two seeds, as a grid")
     mode.add_argument("--shards", action="store_true", help="write webdataset shards + dataset.json")
+    mode.add_argument("--onnx", type=Path, metavar="FILE", help="write the generator as ONNX (any batch), checked "
+                                                               "with onnxruntime against PyTorch")
     p.add_argument("--truncation", type=float, help="the truncation trick for normal latents: with --truncation-mode "
                                                      "resample (BigGAN) every |z_i| above this is drawn again; with "
                                                      "scale, z is multiplied by it (0 < PSI <= 1)")
@@ -91,6 +94,11 @@ def sample(args: argparse.Namespace) -> int:
             raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
     export = args.export or args.run / "generator_ema.safetensors"
     model, meta = load_generator_export(export)
+    if args.onnx is not None:
+        print(json.dumps(export_onnx(model, meta, args.onnx, seed=args.seed)))
+        return 0
+    if args.out is None:
+        raise UserError("--out DIR is needed (where the images go)")
     g = meta["generator"]
     if args.truncation is not None and g["z_dist"] != "normal":
         raise UserError(f"--truncation: the generator draws {g['z_dist']} latents; truncation is for normal ones")

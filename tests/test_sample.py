@@ -1,4 +1,6 @@
 """distgan.sample's truncation trick: what it does to the latents, and through the CLI on an export."""
+import json
+
 import numpy as np
 import torch
 from PIL import Image
@@ -40,3 +42,22 @@ def test_the_cli_draws_truncated_samples_and_refuses_bad_values(tmp_path, capsys
     assert sample_main(["--export", str(export), "--n", "4", "--out", str(tmp_path / "x"), "--truncation", "2",
                         "--truncation-mode", "scale"]) == 2
     assert "must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_onnx_export_runs_in_onnxruntime_like_pytorch(tmp_path, capsys):
+    import onnxruntime  # a test extra: CI must have it
+
+    cfg = GeneratorConfig(arch="dcgan", z_dim=16, width=8)
+    torch.manual_seed(0)
+    model = build_generator(cfg, 28, 1).eval()
+    export = export_generator(tmp_path / "g.safetensors", model, cfg, 28, 1, ["a", "b"], 5, ema=True)
+    assert sample_main(["--export", str(export), "--onnx", str(tmp_path / "g.onnx")]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["max_abs_difference"] < 1e-4
+    session = onnxruntime.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    z = torch.randn(3, 16, generator=torch.Generator().manual_seed(9))  # another batch size than the export's
+    (images,) = session.run(["images"], {"z": z.numpy()})
+    with torch.no_grad():
+        assert np.abs(images - model(z).numpy()).max() < 1e-4
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["distgan"])
+    assert meta["classes"] == ["a", "b"] and meta["resolution"] == 28 and meta["generator"]["z_dim"] == 16
