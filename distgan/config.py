@@ -132,10 +132,12 @@ class EvalConfig:
     n: int = 10000  # generated images per evaluation
     metrics: list[str] = field(default_factory=list)  # e.g. [fd, kid, pr, coverage, parzen] (distgan.metrics.registry)
     features: Literal["auto", "classifier", "inception"] = "auto"  # auto: classifier beside the shards, else inception
-    inception_weights: Optional[str] = None  # local Inception-v3 weights file for standard FID
+    inception_weights: Optional[str] = None  # local FID Inception file: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or NVlabs' TorchScript inception-2015-12-05.pt
     best_metric: Optional[str] = None  # keep the best checkpoint by this figure (e.g. fd: lower is better)
     test_path: Optional[str] = None  # test-split shards for real-vs-real references and Parzen (default: DATA_test)
     batch: int = 250  # images per generator/feature batch during evaluation
+    reference_stats: Optional[str] = None  # a pytorch-fid style .npz (mu, sigma) of real features: fd uses it instead of computing them (python -m distgan.eval stats writes one)
+    classifier_steps: int = 2000  # steps of the feature classifier trained on first use (labeled data, no classifier yet)
 
 
 @dataclass
@@ -412,6 +414,8 @@ def validate_eval(cfg: EvalConfig) -> None:
     for metric in cfg.metrics:
         if metric not in registry.METRICS:
             raise ConfigError(f"eval.metrics has '{metric}'{_closest(metric, registry.names())}")
+    if cfg.classifier_steps < 1:
+        raise ConfigError(f"eval.classifier_steps={cfg.classifier_steps}: must be at least 1")
     if cfg.n < 2 or cfg.batch < 1:
         raise ConfigError(f"eval.n={cfg.n} and eval.batch={cfg.batch}: need n >= 2 and batch >= 1")
 

@@ -3,6 +3,7 @@
     python -m distgan.eval --run DIR | --export FILE --data DIR [--n N] [--metrics fd kid pr coverage parzen]
                            [--features auto|classifier|inception] [--inception-weights FILE] [--seed S]
     python -m distgan.eval train-features --data DIR [--steps N] [--seed S]
+    python -m distgan.eval stats --data DIR --out ref.npz [--n N] [--features ...]   (pytorch-fid's mu/sigma layout)
     python -m distgan.eval plot --run DIR
 
 The first form prints one JSON object (figures, the real-vs-real "reference", and "meta") on stdout and,
@@ -55,6 +56,10 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", help="local FID Inception-v3 weights file")
     p.add_argument("--seed", type=int, help="latent seed (default: the run's run.seed, else 0)")
     p.add_argument("--batch", type=int, help="images per generator/feature batch")
+    p.add_argument("--reference-stats", help="a .npz with mu and sigma of the real features (python -m distgan.eval "
+                                            "stats): fd compares with it")
+    p.add_argument("--classifier-steps", type=int, help="steps of the feature classifier when it is trained on first "
+                                                         "use (default: eval.classifier_steps, 2000)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add_debug_flag(p)
     return p
@@ -78,7 +83,8 @@ def evaluate_command(args: argparse.Namespace) -> dict:
             raise ConfigError("--export needs --data DIR (the real shards to compare with)")
         export = args.export
     overrides = {"n": args.n, "features": args.features, "inception_weights": args.inception_weights,
-                 "test_path": args.test_data, "batch": args.batch, "metrics": args.metrics}
+                 "test_path": args.test_data, "batch": args.batch, "metrics": args.metrics,
+                 "classifier_steps": args.classifier_steps, "reference_stats": args.reference_stats}
     eval_cfg = dataclasses.replace(eval_cfg, **{k: v for k, v in overrides.items() if v is not None})
     data_cfg = dataclasses.replace(data_cfg, path=args.data or data_cfg.path, num_workers=0)
     seed = args.seed if args.seed is not None else seed
@@ -107,6 +113,23 @@ def train_features_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ---------------------------------------------------------------- stats
+
+
+def stats_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m distgan.eval stats",
+                                description="Write mu and sigma of the real features (pytorch-fid's .npz layout), for "
+                                            "eval.reference_stats / --reference-stats.")
+    p.add_argument("--data", required=True, help="folder of real shards")
+    p.add_argument("--out", type=Path, required=True, help="the .npz to write")
+    p.add_argument("--n", type=int, default=EvalConfig.n, help="real images (default 10000)")
+    p.add_argument("--features", choices=typing.get_args(typing.get_type_hints(EvalConfig)["features"]), default="auto")
+    p.add_argument("--inception-weights", help="local FID Inception-v3 weights file")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    add_debug_flag(p)
+    return p
+
+
 # ---------------------------------------------------------------- plot
 
 
@@ -125,8 +148,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run(argv: list[str]) -> int:
-    command = argv[0] if argv and argv[0] in ("train-features", "plot") else "evaluate"
-    if command == "train-features":
+    command = argv[0] if argv and argv[0] in ("train-features", "plot", "stats") else "evaluate"
+    if command == "stats":
+        from distgan.metrics.evaluator import write_reference_stats
+
+        args = stats_parser().parse_args(argv[1:])
+        eval_cfg = EvalConfig(n=args.n, features=args.features, inception_weights=args.inception_weights)
+        result = write_reference_stats(DataConfig(path=args.data, num_workers=0), eval_cfg, args.out,
+                                       _device(args.device))
+    elif command == "train-features":
         args = train_features_parser().parse_args(argv[1:])
         result = train_feature_classifier(args.data, args.test_data, args.steps, args.batch, args.lr, args.seed)
     elif command == "plot":

@@ -1,4 +1,4 @@
-"""``python -m distgan.sample --run DIR | --export FILE --n N --out DIR [--grid] [--interpolate] [--shards]``
+"""``python -m distgan.sample --run DIR | --export FILE --n N --out DIR [--grid | --interpolate | --shards | --onnx F]``
 
 Images from a trained generator (the run's exported G_ema): PNG files, one grid, a latent interpolation
 between two seeds, or webdataset shards (to augment another data set).
@@ -6,15 +6,17 @@ between two seeds, or webdataset shards (to augment another data set).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 from PIL import Image
 
 from distgan.cli import add_debug_flag, run_command
 from distgan.errors import UserError
-from distgan.export import load_generator_export
+from distgan.export import export_onnx, load_generator_export
 from distgan.nn import sample_latent
 from distgan.tracking import image_grid, save_grid
 
@@ -25,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--run", type=Path, help="a run dir (uses its generator_ema.safetensors)")
     src.add_argument("--export", type=Path, help="an exported generator .safetensors file")
     p.add_argument("--n", type=int, default=64, help="number of images (interpolation: steps between the seeds)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--out", type=Path, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="latent seed (interpolation goes from --seed to --seed2)")
     p.add_argument("--seed2", type=int, default=1)
     p.add_argument("--batch", type=int, default=256)
@@ -33,6 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--grid", action="store_true", help="write one grid.png instead of single images")
     mode.add_argument("--interpolate", action="store_true", help="spherical interpolation between two seeds, as a grid")
     mode.add_argument("--shards", action="store_true", help="write webdataset shards + dataset.json")
+    mode.add_argument("--onnx", type=Path, metavar="FILE", help="write the generator as ONNX (any batch), checked "
+                                                               "with onnxruntime against PyTorch")
+    p.add_argument("--truncation", type=float, help="the truncation trick for normal latents: with --truncation-mode "
+                                                     "resample (BigGAN) every |z_i| above this is drawn again; with "
+                                                     "scale, z is multiplied by it (0 < PSI <= 1)")
+    p.add_argument("--truncation-mode", choices=("resample", "scale"), default="resample")
     p.add_argument("--force", action="store_true", help="with --shards: replace an existing output")
     add_debug_flag(p)
     return p.parse_args(argv)
@@ -48,10 +56,30 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) / so)[:, None] * a + (torch.sin(t * omega) / so)[:, None] * b
 
 
+def truncate(z: torch.Tensor, value: float, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """The truncation trick on normal latents: fidelity for variety. ``resample``: redraw every entry whose
+    magnitude exceeds ``value`` (Brock et al. 2019); ``scale``: shrink z towards the mean by ``value``."""
+    if mode == "scale":
+        if not 0 < value <= 1:
+            raise UserError(f"--truncation {value} with --truncation-mode scale: must be in (0, 1]")
+        return z * value
+    if value <= 0:
+        raise UserError(f"--truncation {value}: must be positive (entries above it are drawn again)")
+    z = z.clone()
+    outside = z.abs() > value
+    while outside.any():  # each redraw lands inside with probability P(|N(0,1)| <= value) > 0
+        z[outside] = torch.randn(int(outside.sum()), generator=gen)
+        outside = z.abs() > value
+    return z
+
+
 @torch.no_grad()
-def generate(model, n: int, z_dim: int, z_dist: str, seed: int, batch: int) -> torch.Tensor:
+def generate(model, n: int, z_dim: int, z_dist: str, seed: int, batch: int, truncation: Optional[float] = None,
+             mode: str = "resample") -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     z = sample_latent(n, z_dim, z_dist, gen)
+    if truncation is not None:
+        z = truncate(z, truncation, mode, gen)
     return torch.cat([model(z[i:i + batch]).float() for i in range(0, n, batch)])
 
 
@@ -66,7 +94,14 @@ def sample(args: argparse.Namespace) -> int:
             raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
     export = args.export or args.run / "generator_ema.safetensors"
     model, meta = load_generator_export(export)
+    if args.onnx is not None:
+        print(json.dumps(export_onnx(model, meta, args.onnx, seed=args.seed)))
+        return 0
+    if args.out is None:
+        raise UserError("--out DIR is needed (where the images go)")
     g = meta["generator"]
+    if args.truncation is not None and g["z_dist"] != "normal":
+        raise UserError(f"--truncation: the generator draws {g['z_dist']} latents; truncation is for normal ones")
     if args.interpolate:
         za = sample_latent(1, g["z_dim"], g["z_dist"], torch.Generator().manual_seed(args.seed))[0]
         zb = sample_latent(1, g["z_dim"], g["z_dist"], torch.Generator().manual_seed(args.seed2))[0]
@@ -74,7 +109,8 @@ def sample(args: argparse.Namespace) -> int:
             images = model(slerp(za, zb, torch.linspace(0, 1, args.n))).float()
         print(save_grid(images, args.out / "interpolation.png", nrow=args.n))
         return 0
-    images = generate(model, args.n, g["z_dim"], g["z_dist"], args.seed, args.batch)
+    images = generate(model, args.n, g["z_dim"], g["z_dist"], args.seed, args.batch, args.truncation,
+                      args.truncation_mode)
     if args.grid:
         print(save_grid(images, args.out / "grid.png"))
     elif args.shards:

@@ -145,10 +145,12 @@ class Trainer:
         self.evaluator = None
         if cfg.eval.metrics:
             from distgan.metrics.evaluator import Evaluator  # the metrics stack loads only when asked for
+            from distgan.metrics.feature_net import ensure_feature_net
 
             info = getattr(self.source, "info", None)
             if info is None:
                 raise ConfigError("eval.metrics needs shards with dataset.json (data.path); this data source has none")
+            self._on_main_process(lambda: ensure_feature_net(cfg.eval, cfg.data.path, info))  # first use: train it
             self.evaluator = Evaluator(cfg.eval, cfg.data, info, acc.device, cfg.run.seed, cfg.generator.z_dist)
         self.best = read_best(self.run_dir)
         self.logged_reference = False

@@ -287,3 +287,54 @@ def test_training_evaluates_with_each_feature_network(shards, classifier_report,
     fd = [r["eval/fd"] for r in records if "eval/fd" in r]
     assert len(fd) == 1 and math.isfinite(fd[0]) and fd[0] > 0
     assert json.loads((run / "checkpoints" / "best" / "best.json").read_text())["metric"] == "fd"
+
+
+def test_eval_trains_the_feature_classifier_on_first_use(smoke_run, shards, tmp_path):
+    """Right after a run, on data with labels but no classifier yet: evaluation trains it once, then evaluates."""
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for f in list(shards.glob("*.tar")) + [shards / "dataset.json"]:
+        shutil.copy(f, fresh / f.name)
+    out = json.loads(run_cli("distgan.eval", "--export", str(smoke_run / "generator_ema.safetensors"), "--data",
+                             str(fresh), "--n", "100", "--metrics", "fd", "coverage", "--classifier-steps", "150").stdout)
+    trained = out["meta"]["feature_classifier_trained"]
+    assert trained["steps"] == 150 and trained["accuracy"] > 0.6 and (fresh / CLASSIFIER_FILE).is_file()
+    assert out["meta"]["features"] == "classifier" and out["fd"] > 0 and 1 <= out["modes_covered"] <= 10
+
+
+def test_eval_on_unlabeled_data_names_the_inception_file(smoke_run, tmp_path, capsys):
+    images = np.random.default_rng(0).integers(0, 256, size=(40, 28, 28, 1), dtype=np.uint8)
+    write_shards(list(images), None, tmp_path / "unlabeled", shard_size=20, progress=False)
+    assert eval_main(["--export", str(smoke_run / "generator_ema.safetensors"), "--data", str(tmp_path / "unlabeled"),
+                      "--n", "20", "--metrics", "fd"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no labels" in err[0] and "pt_inception-2015-12-05-6726825d.pth" in err[0]
+
+
+def test_reference_stats_file_round_trip(smoke_run, shards, tmp_path):
+    """eval stats writes pytorch-fid's layout; evaluating against it gives the fd computed from the features."""
+    ref = tmp_path / "ref.npz"
+    out = json.loads(run_cli("distgan.eval", "stats", "--data", str(shards), "--out", str(ref), "--n", "300").stdout)
+    with np.load(ref) as f:
+        assert set(f.files) == {"mu", "sigma"} and f["mu"].shape == (out["dim"],)
+        assert f["sigma"].shape == (out["dim"], out["dim"]) and out["images"] == 300
+    export = str(smoke_run / "generator_ema.safetensors")
+    plain = json.loads(run_cli("distgan.eval", "--export", export, "--data", str(shards), "--n", "300", "--metrics",
+                               "fd").stdout)
+    with_file = json.loads(run_cli("distgan.eval", "--export", export, "--data", str(shards), "--n", "300",
+                                   "--metrics", "fd", "--reference-stats", str(ref)).stdout)
+    assert with_file["meta"]["reference_stats"] == str(ref)
+    assert with_file["fd"] == pytest.approx(plain["fd"], rel=1e-9)
+    moved = tmp_path / "moved.npz"
+    np.savez(moved, mu=np.load(ref)["mu"] + 1.0, sigma=np.load(ref)["sigma"])  # shifted by 1 in every dimension
+    shifted = json.loads(run_cli("distgan.eval", "--export", export, "--data", str(shards), "--n", "300",
+                                 "--metrics", "fd", "--reference-stats", str(moved)).stdout)
+    assert shifted["fd"] != pytest.approx(plain["fd"], rel=1e-3)
+
+
+def test_reference_stats_of_another_network_are_refused(smoke_run, shards, tmp_path, capsys):
+    bad = tmp_path / "inception.npz"
+    np.savez(bad, mu=np.zeros(2048), sigma=np.eye(2048))
+    assert eval_main(["--export", str(smoke_run / "generator_ema.safetensors"), "--data", str(shards), "--n", "50",
+                      "--metrics", "fd", "--reference-stats", str(bad)]) == 2
+    assert "computed with another feature network" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 import gzip
 import itertools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +206,37 @@ def test_inception_loader_errors_name_the_file_and_the_keys(inception_file, tmp_
     with pytest.raises(ValueError, match=r"broken.pth.*Missing 1 keys \['Mixed_7c.branch_pool.conv.weight'\]"
                                          r".*unexpected 1 \['AuxLogits.fc.weight'\]"):
         load_inception_features(broken)
+
+
+class _FakeScriptedInception(torch.nn.Module):
+    """The calling convention of NVlabs' TorchScript Inception: RGB in [0, 255], return_features=True."""
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        pooled = img.mean(dim=(2, 3))  # [N, 3]
+        return torch.cat([pooled, pooled.max(dim=1, keepdim=True).values], 1) if return_features else pooled
+
+
+def test_a_torchscript_inception_file_is_recognised_and_fed_0_255_rgb(tmp_path):
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.save(torch.jit.script(_FakeScriptedInception()), str(path))
+    net = load_inception_features(path)
+    gray = torch.rand(4, 1, 8, 8) * 2 - 1
+    features = extract_features(net, gray)
+    rgb255 = (gray.repeat(1, 3, 1, 1) + 1) * 127.5
+    assert features.shape == (4, 4) and torch.allclose(features, _FakeScriptedInception()(rgb255, True), atol=1e-4)
+    assert 0 <= features.min() and features.max() <= 255
+
+
+def test_the_two_fid_inception_files_agree_on_features():
+    """Both published FID Inception files on the same images (paths in DISTGAN_INCEPTION_PTH and
+    DISTGAN_INCEPTION_TS); they cannot be downloaded here, so this runs only where a user provides them."""
+    pth, ts = os.environ.get("DISTGAN_INCEPTION_PTH"), os.environ.get("DISTGAN_INCEPTION_TS")
+    if not (pth and ts and os.path.isfile(pth) and os.path.isfile(ts)):
+        pytest.skip("set DISTGAN_INCEPTION_PTH (pt_inception-2015-12-05-6726825d.pth) and DISTGAN_INCEPTION_TS "
+                    "(inception-2015-12-05.pt) to compare the two FID Inception files")
+    images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    a = extract_features(load_inception_features(pth), images).double()
+    b = extract_features(load_inception_features(ts), images).double()
+    assert a.shape == b.shape == (16, 2048)
+    # one network ported twice from TensorFlow: the features agree up to resize and rounding differences
+    assert ((a - b).norm(dim=1) / a.norm(dim=1)).max() < 0.05

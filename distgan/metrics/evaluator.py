@@ -24,6 +24,7 @@ import math
 import os
 import time
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable, Optional
 
 import numpy as np
@@ -34,8 +35,9 @@ from torch import Tensor, nn
 from distgan.config import ConfigError, DataConfig, EvalConfig, validate_eval
 
 from distgan.data.shards import DatasetInfo, read_dataset_info, read_images, to_float
-from distgan.metrics.feature_net import TRAIN_FEATURES_HINT, load_feature_net
+from distgan.metrics.feature_net import TRAIN_FEATURES_HINT, ensure_feature_net, load_feature_net
 from distgan.metrics.features import CLASSIFIER_FILE
+from distgan.metrics.frechet import load_reference_stats, save_reference_stats
 from distgan.metrics.parzen import PARZEN_SAMPLES, PARZEN_TEST, PARZEN_VALIDATION
 from distgan.metrics.registry import METRICS, Metric, MetricContext, names
 from distgan.nn import sample_latent
@@ -79,6 +81,9 @@ class Evaluator:
         self._skip_warned: set[str] = set()
         self.last_modes_covered: Optional[int] = None
         self._check_metrics()
+        if cfg.reference_stats:  # fd compares with these instead of the real features' own statistics
+            dim = self._features(torch.zeros(2, info.channels, info.resolution, info.resolution))[0].shape[1]
+            self._memo["fd_real_stats"] = load_reference_stats(Path(cfg.reference_stats), dim)
 
     def _check_metrics(self) -> None:
         no_test = (f"no test split (eval.test_path unset and no folder {self.data_cfg.path.rstrip('/')}_test): "
@@ -251,7 +256,7 @@ class Evaluator:
 
     def _figures(self, feats: Tensor, labels: Optional[Tensor], images: Optional[Tensor]) -> dict[str, float]:
         """The figures of a sample (generated, or the test split) against the real train statistics."""
-        ctx = MetricContext(features=feats, labels=labels, images=images, real=self.real_data(),
+        ctx = MetricContext(features=feats, labels=labels, images=images, real=_Lazy(self.real_data),
                             num_classes=self.net.classifier.hparams["num_classes"] if self.net.classifier else None,
                             seed=REAL_SEED, memo=self._memo)
         out: dict[str, float] = {}
@@ -291,6 +296,39 @@ class Evaluator:
         return self._reference
 
 
+class _Lazy(Mapping):
+    """The real data, computed on a metric's first look (none does with only fd and eval.reference_stats)."""
+
+    def __init__(self, load: Callable[[], dict[str, Tensor]]):
+        self._load, self._data = load, None
+
+    def _get(self) -> dict[str, Tensor]:
+        if self._data is None:
+            self._data = self._load()
+        return self._data
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+def write_reference_stats(data_cfg: DataConfig, eval_cfg: EvalConfig, out: Path, device: torch.device) -> dict:
+    """``python -m distgan.eval stats``: mu and sigma of eval.n real train images' features, pytorch-fid's layout."""
+    info = read_dataset_info(data_cfg.path, allow_pipe=data_cfg.allow_pipe)
+    ensure_feature_net(eval_cfg, data_cfg.path, info)
+    evaluator = Evaluator(dataclasses.replace(eval_cfg, metrics=["fd"], reference_stats=None), data_cfg, info, device,
+                          seed=0)
+    features = evaluator.real_data()["train_features"]
+    save_reference_stats(out, features)
+    return {"stats": str(out), "images": len(features), "dim": int(features.shape[1]), "features": evaluator.net.kind,
+            "data": data_cfg.path}
+
+
 def evaluate_export(model: nn.Module, meta: dict, export: Path, data_cfg: DataConfig, eval_cfg: EvalConfig, seed: int,
                     device: torch.device) -> dict:
     """The figures of an exported generator (``model``, ``meta`` as load_generator_export gives them), the
@@ -301,6 +339,7 @@ def evaluate_export(model: nn.Module, meta: dict, export: Path, data_cfg: DataCo
     if (meta["channels"], meta["resolution"]) != (info.channels, info.resolution):
         raise ConfigError(f"{export} makes {meta['channels']}x{meta['resolution']} images but {data_cfg.path} holds "
                           f"{info.channels}x{info.resolution}: pass --data with the run's data")
+    trained = ensure_feature_net(eval_cfg, data_cfg.path, info)
     evaluator = Evaluator(eval_cfg, data_cfg, info, device, seed, z_dist=meta["generator"]["z_dist"])
     start = time.perf_counter()
     figures = evaluator.evaluate(model, rank=0, world_size=1, gather=lambda t: t)
@@ -310,5 +349,8 @@ def evaluate_export(model: nn.Module, meta: dict, export: Path, data_cfg: DataCo
         record["reference"] = reference
     record["meta"] = {"export": str(export), "step": meta.get("step"), "n": eval_cfg.n, "seed": seed,
                       "metrics": eval_cfg.metrics, "features": evaluator.net.kind, "data": data_cfg.path,
-                      "test_data": evaluator.test_path, "seconds": round(time.perf_counter() - start, 2)}
+                      "test_data": evaluator.test_path, "reference_stats": eval_cfg.reference_stats,
+                      "seconds": round(time.perf_counter() - start, 2)}
+    if trained is not None:
+        record["meta"]["feature_classifier_trained"] = trained
     return record

@@ -24,7 +24,7 @@ from distgan.data.stream import make_batch_iterator
 from distgan.metrics.features import (
     CLASSIFIER_FILE, FeatureClassifier, evaluate_classifier, load_classifier, save_classifier, train_classifier,
 )
-from distgan.metrics.inception import load_inception_features
+from distgan.metrics.inception import INCEPTION_FILE, load_inception_features
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,25 @@ def load_feature_net(cfg: EvalConfig, data_path: str, info: DatasetInfo) -> Feat
     return FeatureNet("inception", net, classifier, file_digest(weights, *labels_from))
 
 
+def ensure_feature_net(cfg: EvalConfig, data_path: str, info: DatasetInfo) -> Optional[dict]:
+    """Train the classifier beside the shards on first use, when eval.features wants it and none is there yet
+    (call on one process). Returns train-features' report, or None when nothing had to be trained."""
+    classifier_path = Path(data_path) / CLASSIFIER_FILE
+    wanted = cfg.features == "classifier" or (cfg.features == "auto" and not cfg.inception_weights)
+    if not wanted or classifier_path.is_file() or not os.path.isdir(data_path):
+        return None
+    if not info.classes:
+        raise ConfigError(
+            f"eval.features={cfg.features}: '{data_path}' has no labels to train a feature classifier on; pass "
+            f"eval.inception_weights (--inception-weights) a local copy of {INCEPTION_FILE} (pytorch-fid's FID "
+            "Inception weights)")
+    log.info("no feature classifier beside %s yet: training it once (%d steps; kept at %s)", data_path,
+             cfg.classifier_steps, classifier_path)
+    report = train_feature_classifier(data_path, cfg.test_path, steps=cfg.classifier_steps, progress=True)
+    log.info("feature classifier accuracy %.4f on %s", report["accuracy"], report["accuracy_on"])
+    return report
+
+
 # ---------------------------------------------------------------- train the classifier beside the shards
 
 
@@ -97,7 +116,7 @@ def _labeled(stream: Iterator, where: str) -> Iterator[tuple[Tensor, Tensor]]:
 
 def train_feature_classifier(data: str, test_data: Optional[str] = None, steps: int = TRAIN_FEATURES_DEFAULTS["steps"],
                              batch: int = TRAIN_FEATURES_DEFAULTS["batch"], lr: float = TRAIN_FEATURES_DEFAULTS["lr"],
-                             seed: int = 0) -> dict:
+                             seed: int = 0, progress: bool = False) -> dict:
     """Train the feature classifier on the labeled shards in ``data``, save it there, and report its accuracy.
 
     The accuracy is measured on ``test_data``, else ``DATA_test`` when it exists, else the last train shard
@@ -127,7 +146,7 @@ def train_feature_classifier(data: str, test_data: Optional[str] = None, steps: 
     stream = make_batch_iterator(dataclasses.replace(data_cfg, path=train_path), batch, 0, 1, seed)
     try:
         model = train_classifier(_labeled(stream, data), info.channels, info.resolution, num_classes, steps,
-                                 lr=lr, seed=seed)
+                                 lr=lr, seed=seed, progress=progress)
     finally:
         stream.close()
     images = to_float(torch.from_numpy(held_images))

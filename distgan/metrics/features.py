@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm import tqdm
 from distgan.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ def train_classifier(
     lr: float = 1e-3,
     seed: int = 0,
     threads: Optional[int] = 1,
+    progress: bool = False,
 ) -> FeatureClassifier:
     """Train a FeatureClassifier for ``steps`` Adam steps (cosine-decayed lr) on (images, labels) batches.
 
@@ -134,18 +136,18 @@ def train_classifier(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = FeatureClassifier(channels, resolution, num_classes)
-        return _train(batches, model, steps, lr)
+        return _train(batches, model, steps, lr, progress)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(batches: Iterable[tuple[Tensor, Tensor]], model: FeatureClassifier, steps: int, lr: float
-           ) -> FeatureClassifier:
+def _train(batches: Iterable[tuple[Tensor, Tensor]], model: FeatureClassifier, steps: int, lr: float,
+           progress: bool = False) -> FeatureClassifier:
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / steps)))
     model.train()
     stream = iter(batches)
-    for step in range(steps):
+    for step in tqdm(range(steps), desc="feature classifier", unit="step", disable=not progress, mininterval=1.0):
         try:
             images, labels = next(stream)
         except StopIteration:

@@ -4,12 +4,15 @@ d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), computed in float64.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from distgan.errors import UserError
 from distgan.metrics.registry import MetricContext
 
 ArrayLike = Union[Tensor, np.ndarray, Sequence]
@@ -97,3 +100,26 @@ def figures(ctx: MetricContext) -> dict[str, float]:
     if "fd_real_stats" not in ctx.memo:
         ctx.memo["fd_real_stats"] = feature_stats(ctx.real["train_features"])
     return {"fd": frechet_distance(*ctx.memo["fd_real_stats"], *feature_stats(ctx.features))}
+
+
+def save_reference_stats(path: Path, features: ArrayLike) -> Path:
+    """mu and sigma of real features in the .npz layout pytorch-fid reads (``f["mu"]``, ``f["sigma"]``)."""
+    mu, sigma = feature_stats(features)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, mu=mu, sigma=sigma)
+    os.replace(tmp, path)
+    return path
+
+
+def load_reference_stats(path: Path, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """mu [D] and sigma [D, D] from a pytorch-fid style .npz, checked against the feature network's D."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"eval.reference_stats {path}: not an .npz with 'mu' and 'sigma' ({err}); write one with "
+                        "python -m distgan.eval stats") from None
+    if mu.shape != (dim,) or sigma.shape != (dim, dim) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"eval.reference_stats {path}: mu {mu.shape} / sigma {sigma.shape}, but the feature network "
+                        f"gives {dim} features: it was computed with another feature network (eval.features)")
+    return mu, sigma

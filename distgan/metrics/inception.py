@@ -6,15 +6,19 @@ FID figures comparable with published CIFAR-10 numbers.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
 from distgan.errors import UserError
 
 INCEPTION_DIM = 2048
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's (and torch-fidelity's) FID weights
+TORCHSCRIPT_INCEPTION_FILE = "inception-2015-12-05.pt"  # NVlabs' and clean-fid's TorchScript FID Inception
+
 
 class _Conv(nn.Module):
     """Conv (no bias) + BatchNorm (eps 1e-3) + ReLU; named .conv/.bn as in the weights file."""
@@ -163,13 +167,47 @@ class FIDInceptionV3(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
-def load_inception_features(weights_path: str | os.PathLike) -> FIDInceptionV3:
-    """FIDInceptionV3 with the weights of a local pytorch-fid / torch-fidelity FID Inception file.
+class TorchScriptInception(nn.Module):
+    """NVlabs' (and clean-fid's) TorchScript FID Inception, ``inception-2015-12-05.pt``, fed as they feed it:
+    RGB in [0, 255] (it resizes to 299 itself), ``return_features=True`` for the 2048 pool features."""
 
-    The file is a plain state_dict loaded with weights_only=True (no pickled code). Its 1008-way 'fc' head is
-    ignored (FID uses the pool features before it); BatchNorm 'num_batches_tracked' entries are optional.
+    def __init__(self, scripted: torch.jit.ScriptModule):
+        super().__init__()
+        self.net = scripted.eval()
+
+    def train(self, mode: bool = True) -> "TorchScriptInception":
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"TorchScriptInception takes images [N, 1 or 3, H, W] in [-1, 1], got {tuple(x.shape)}")
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        return self.net((x.float().clamp(-1, 1) + 1) * 127.5, return_features=True).float()
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives hold code/ and constants.pkl; torch.save's zip files hold neither."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def load_inception_features(weights_path: str | os.PathLike) -> nn.Module:
+    """FID Inception-v3 from a local file: pytorch-fid's / torch-fidelity's state dict (FIDInceptionV3), or
+    NVlabs' / clean-fid's TorchScript ``inception-2015-12-05.pt`` (TorchScriptInception).
+
+    A state dict is loaded with weights_only=True (no pickled code); its 1008-way 'fc' head is ignored (FID uses
+    the pool features before it); BatchNorm 'num_batches_tracked' entries are optional. A TorchScript file runs
+    TorchScript code of its own: use one from a source you trust (it is the file NVlabs publishes).
     """
     path = Path(weights_path)
+    if path.is_file() and _is_torchscript(path):
+        try:
+            return TorchScriptInception(torch.jit.load(str(path), map_location="cpu")).requires_grad_(False)
+        except RuntimeError as err:
+            raise UserError(f"Inception file '{path}' is a TorchScript archive torch cannot load: {err}") from None
     expected_file = (f"the FID Inception-v3 weights ({INCEPTION_FILE} from pytorch-fid or torch-fidelity, "
                      "a plain state_dict)")
     if not path.is_file():
