@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from distgan.export import load_generator_export
 
@@ -218,8 +220,10 @@ def test_a_dead_node_requeues_the_job_which_resumes_from_its_last_checkpoint(slu
     """n2's slurmd and every job process on it are SIGKILLed (a node failure). Slurm declares n2 DOWN, requeues
     the job (--requeue), which starts again on n1 and n3 and resumes from the last periodic checkpoint."""
     steps = 100  # far more than run before the kill lands (about 20 steps/s once started)
-    job = submit(slurm_cluster, tmp_path, fashion_shards, steps, "log.every=1", "log.sample_every=1000",
-                 "checkpoint.every=5")
+    overrides = ("log.every=1", "log.sample_every=1000", "checkpoint.every=5")
+    straight = submit(slurm_cluster, tmp_path / "straight", fashion_shards, steps, *overrides)
+    assert slurm_cluster.wait(straight.id, timeout=200, states=("COMPLETED", "FAILED", "CANCELLED")) == "COMPLETED"
+    job = submit(slurm_cluster, tmp_path, fashion_shards, steps, *overrides)
     wait_for_steps(slurm_cluster, job, 7)  # past the first checkpoint, step 5
     slurm_cluster.stop_node("n2")
     try:
@@ -241,6 +245,9 @@ def test_a_dead_node_requeues_the_job_which_resumes_from_its_last_checkpoint(slu
     assert {m["step"] for m in metrics(job)} == set(range(1, steps + 1))
     _, meta = load_generator_export(job.run_dir / "generator_ema.safetensors")
     assert meta["step"] == steps
+    # the same G_ema, bit for bit, as the job that no node failure interrupted
+    ours, theirs = (load_file(str(j.run_dir / "generator_ema.safetensors")) for j in (job, straight))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert "training finished" in log
     assert_ended_cleanly(slurm_cluster, job, tmp_path)
     slurm_cluster.wait_nodes_idle(60)
