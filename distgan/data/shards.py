@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from distgan.config import ConfigError, DataConfig
 from distgan.data.errors import DataError
-from distgan.data.tar import check_url, load_shard_bytes, tar_samples
+from distgan.data.tar import check_url, load_shard_bytes, tar_samples, url_scheme
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -109,6 +109,41 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_output_dir(out: str | os.PathLike, force: bool, protect: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse an output that writing shards would damage (DataError naming the path and the fix).
+
+    ``--out`` must be a local path (a ``pipe:`` or other URL would reach webdataset's writer). An existing
+    ``out`` is replaced only with ``force``, and only when it is a folder of distgan shards (dataset.json and
+    shard-*.tar, nothing else) that neither is nor holds a path in ``protect`` (the source being read).
+    """
+    text = os.fspath(out)
+    if url_scheme(text):
+        raise DataError(f"--out {text!r}: shards are written to a local folder, not a URL; pass a folder path")
+    out = Path(text)
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise DataError(f"--out {out} already exists; pass --force to replace it, or choose another --out")
+    refuse = f"--force will not replace {out}:"
+    if out.is_symlink() or not out.is_dir():
+        raise DataError(f"{refuse} it is {'a symbolic link' if out.is_symlink() else 'not a folder'}; remove it yourself or choose another --out")
+    resolved = out.resolve()
+    for path in protect:
+        source = Path(path).resolve()
+        if source == resolved or resolved in source.parents:
+            raise DataError(f"{refuse} it holds {path}, which this command reads; choose an --out outside it")
+    if not (out / DATASET_JSON).is_file():
+        raise DataError(f"{refuse} it has no {DATASET_JSON}, so distgan did not write it; remove it yourself or choose another --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name != DATASET_JSON and not _is_shard_name(p.name))
+    if foreign:
+        raise DataError(f"{refuse} it holds {foreign[0]!r}, which distgan did not write; move it away or choose another --out")
+
+
+def _is_shard_name(name: str) -> bool:
+    stem = name[len("shard-"):-len(".tar")]
+    return name.startswith("shard-") and name.endswith(".tar") and stem.isdigit()
+
+
 def write_shards(
     images: Iterable[np.ndarray],
     labels: Optional[Iterable[int]],
@@ -119,21 +154,23 @@ def write_shards(
     split: Optional[str] = None,
     shard_size: int = 5000,
     force: bool = False,
+    protect: Iterable[str | os.PathLike] = (),
     total: Optional[int] = None,
     progress: bool = True,
 ) -> DatasetInfo:
     """Write uint8 images (HxW, HxWxC or CxHxW arrays or CPU tensors, one square size) as shards + dataset.json.
 
     Everything is written into a temporary folder beside ``out_dir`` and renamed into place at the end,
-    so a failure never leaves a partial dataset. A label < 0 means unknown (no .cls is written).
+    so a failure never leaves a partial dataset. A label < 0 means unknown (no .cls is written). An existing
+    ``out_dir`` is replaced only as ``check_output_dir(out_dir, force, protect)`` allows.
     """
-    out = Path(out_dir)
     if shard_size < 1:
         raise DataError(f"shard_size = {shard_size}: must be at least 1")
-    if out.exists() and not force:
-        raise DataError(f"output folder {out} already exists; pass --force (force=True) to replace it")
+    check_output_dir(out_dir, force, protect)
+    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    # an absolute folder: the shard writer (webdataset's gopen) never sees something it could take for a URL
+    tmp = Path(tempfile.mkdtemp(dir=out.absolute().parent, prefix=f".{out.name}.partial-"))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset should get the usual permissions

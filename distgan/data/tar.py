@@ -34,13 +34,18 @@ def remote_schemes() -> list[str]:
     return sorted(s for s in gopen_schemes if s != "__default__")
 
 
+def url_scheme(url: str) -> str:
+    """The URL scheme of ``url``, lower case, as gopen sees it ("" for a plain path; leading spaces ignored)."""
+    return urlparse(url).scheme
+
+
 def check_url(url: str, allow_pipe: bool, where: str) -> str:
     """The scheme of ``url`` ("" for a plain path), after refusing ``pipe:`` (unless allowed) and unknown schemes.
 
     ``where`` starts the error message (``f"shard {url}"``, ``f"data.path {path!r}"``). The scheme is parsed the
-    way gopen parses it, so ``PIPE:cmd`` is refused too (a prefix test would let it through to gopen).
+    way gopen parses it, so ``PIPE:cmd`` and `` pipe:cmd`` are refused too (a prefix test would let them through).
     """
-    scheme = urlparse(url).scheme
+    scheme = url_scheme(url)
     if scheme == "pipe" and not allow_pipe:
         raise DataError(f"{where}: 'pipe:' URLs run shell commands; set data.allow_pipe=true to allow them")
     if scheme not in LOCAL_SCHEMES and scheme not in gopen_schemes:
