@@ -10,7 +10,6 @@ import gzip
 import io
 import os
 import zlib
-from pathlib import Path
 from typing import BinaryIO, Iterator
 from urllib.parse import urlparse
 from urllib.request import url2pathname
