@@ -123,9 +123,9 @@ def _read_idx_stream(stream: BinaryIO, path: Path, file_size: int, gzipped: bool
         raise DataError(f"{path}: not an IDX file (magic bytes {magic.hex()})")
     ndim, dtype = magic[3], np.dtype(_IDX_TYPES[magic[2]])
     header = stream.read(4 * ndim)
-    dims = tuple(int.from_bytes(header[4 * i:4 * i + 4], "big") for i in range(ndim))
     if len(header) < 4 * ndim:
         raise DataError(f"{path}: truncated IDX header")
+    dims = tuple(int.from_bytes(header[4 * i:4 * i + 4], "big") for i in range(ndim))
     row_bytes = math.prod(dims[1:]) * dtype.itemsize
     total = dims[0] * row_bytes
     capacity = file_size * _GZIP_MAX_RATIO if gzipped else file_size - 4 - 4 * ndim
@@ -172,6 +172,7 @@ def load_idx_split(folder: str | Path, split: str, limit: Optional[int] = None) 
 
 CIFAR_DIR = "cifar-10-batches-py"
 CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR_MAX_FILE = 64 << 20  # a real batch file is 31 MB: refuse reading anything much larger
 def _unpickle(data: bytes, name: str) -> dict:
     try:
         record = load_cifar_pickle(data)
@@ -193,6 +194,9 @@ def _cifar_files(src: Path, names: list[str]) -> dict[str, bytes]:
         missing = [n for n in names if not (src / n).is_file()]
         if missing:
             raise DataError(f"{src}: missing CIFAR-10 batch files {missing}")
+        too_big = [n for n in names if (src / n).stat().st_size > CIFAR_MAX_FILE]
+        if too_big:
+            raise DataError(f"{src / too_big[0]}: larger than {CIFAR_MAX_FILE} bytes; not a CIFAR-10 batch")
         return {n: (src / n).read_bytes() for n in names}
     if not src.is_file():
         raise DataError(f"{src}: no CIFAR-10 archive ({CIFAR_ARCHIVE}) or {CIFAR_DIR} folder; use --download or --src")
@@ -202,6 +206,8 @@ def _cifar_files(src: Path, names: list[str]) -> dict[str, bytes]:
             for member in archive:
                 base = member.name.rsplit("/", 1)[-1]
                 if member.isfile() and base in names and base not in found:
+                    if member.size > CIFAR_MAX_FILE:
+                        raise DataError(f"{src}: {member.name} has {member.size} bytes; not a CIFAR-10 batch")
                     found[base] = archive.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as err:
         raise DataError(f"{src}: cannot read the CIFAR-10 archive: {err}") from None
@@ -211,8 +217,9 @@ def _cifar_files(src: Path, names: list[str]) -> dict[str, bytes]:
     return found
 
 
-def load_cifar10(src: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(images N,32,32,3 uint8, labels int64, class names) from the official CIFAR-10 python version."""
+def load_cifar10(src: str | Path, split: str, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images N,32,32,3 uint8, labels int64, class names) from the official CIFAR-10 python version;
+    batches past the first ``limit`` images are not unpickled."""
     batches = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     files = _cifar_files(Path(src), batches + ["batches.meta"])
     classes = [c.decode() for c in _unpickle(files["batches.meta"], "batches.meta").get(b"label_names", [])]
@@ -224,8 +231,13 @@ def load_cifar10(src: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, l
             raise DataError(f"{name}: b'data' should be a uint8 array N x 3072, got {getattr(data, 'shape', type(data))}")
         if batch_labels is None or len(batch_labels) != len(data):
             raise DataError(f"{name}: b'labels' missing or not one per image")
+        try:
+            labels.append(np.asarray(batch_labels, dtype=np.int64))
+        except (TypeError, ValueError, OverflowError):
+            raise DataError(f"{name}: b'labels' are not integers") from None
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # rows are R, G, B planes (CHW)
-        labels.append(np.asarray(batch_labels, dtype=np.int64))
+        if limit is not None and sum(map(len, labels)) >= limit:
+            break
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), classes or None
 
 
@@ -376,7 +388,7 @@ def read_mnist(src: Path, split: str, resolution: Optional[int], channels: Optio
 def read_cifar10(src: Path, split: str, resolution: Optional[int], channels: Optional[int],
                  limit: Optional[int]) -> RawDataset:
     """CIFAR-10: the official python archive (cifar-10-python.tar.gz) or its extracted folder."""
-    images, labels, classes = load_cifar10(src, split)
+    images, labels, classes = load_cifar10(src, split, limit)
     return from_array(images, labels, classes, resolution, channels, limit)
 
 

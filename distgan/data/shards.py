@@ -131,17 +131,20 @@ def check_output_dir(out: str | os.PathLike, force: bool, protect: Iterable[str 
         raise DataError(f"--out {out} already exists; pass --force to replace it, or choose another --out")
     refuse = f"--force will not replace {out}:"
     if out.is_symlink() or not out.is_dir():
-        raise DataError(f"{refuse} it is {'a symbolic link' if out.is_symlink() else 'not a folder'}; remove it yourself or choose another --out")
+        what = "a symbolic link" if out.is_symlink() else "not a folder"
+        raise DataError(f"{refuse} it is {what}; remove it yourself or choose another --out")
     resolved = out.resolve()
     for path in protect:
         source = Path(path).resolve()
         if source == resolved or resolved in source.parents:
             raise DataError(f"{refuse} it holds {path}, which this command reads; choose an --out outside it")
     if not (out / DATASET_JSON).is_file():
-        raise DataError(f"{refuse} it has no {DATASET_JSON}, so distgan did not write it; remove it yourself or choose another --out")
+        raise DataError(f"{refuse} it has no {DATASET_JSON}, so distgan did not write it; "
+                        "remove it yourself or choose another --out")
     foreign = sorted(p.name for p in out.iterdir() if p.name != DATASET_JSON and not _is_shard_name(p.name))
     if foreign:
-        raise DataError(f"{refuse} it holds {foreign[0]!r}, which distgan did not write; move it away or choose another --out")
+        raise DataError(f"{refuse} it holds {foreign[0]!r}, which distgan did not write; "
+                        "move it away or choose another --out")
 
 
 def _is_shard_name(name: str) -> bool:

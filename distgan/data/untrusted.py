@@ -62,14 +62,16 @@ class _NdarrayType:
         raise pickle.UnpicklingError("numpy.ndarray called directly (CIFAR-10 batches use _reconstruct)")
 
 
+_INTEGER_DTYPES = ("u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8")
+
+
 class _Dtype:
     """Stands in for numpy.dtype(name): integer types only; its pickled state may set only the byte order."""
 
     def __init__(self, name: Any, align: Any = False, copy: Any = True):
-        dtype = np.dtype(name) if isinstance(name, str) and name in ("u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8") else None
-        if dtype is None:
+        if not (isinstance(name, str) and name in _INTEGER_DTYPES):
             raise pickle.UnpicklingError(f"dtype {name!r} is not an integer type")
-        self.dtype = dtype
+        self.dtype = np.dtype(name)
 
     def __setstate__(self, state: Any) -> None:
         order = state[1] if isinstance(state, tuple) and len(state) > 1 else None
