@@ -92,3 +92,26 @@ def test_write_shards_protects_the_export(tmp_path):
         export.write_bytes(b"weights")
         write_shards(np.zeros((2, 4, 4), np.uint8), None, run, force=True, protect=[export], progress=False)
     assert export.read_bytes() == b"weights"
+
+
+def test_sample_shards_force_replaces_only_its_own_shards(tmp_path, capsys):
+    from distgan import sample
+    from distgan.config import GeneratorConfig
+    from distgan.export import export_generator
+    from distgan.nn import build_generator
+
+    cfg = GeneratorConfig(arch="mlp", z_dim=4, hidden=[8], norm="none")
+    run = tmp_path / "run"
+    run.mkdir()
+    export = export_generator(run / "generator_ema.safetensors", build_generator(cfg, 8, 1), cfg, 8, 1, None, 1, True)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    before = snapshot(tmp_path)
+    for out in (run, tmp_path / "notes", export):
+        assert sample.main(["--export", str(export), "--n", "3", "--out", str(out), "--shards", "--force"]) == 2
+        err = capsys.readouterr().err
+        assert f"--force will not replace {out}" in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(tmp_path) == before
+    for n in (3, 5):  # written, then replaced: it is distgan's
+        assert sample.main(["--export", str(export), "--n", str(n), "--out", str(tmp_path / "gen"), "--shards", "--force"]) == 0
+    assert json.loads((tmp_path / "gen" / "dataset.json").read_text())["count"] == 5

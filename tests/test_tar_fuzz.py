@@ -143,7 +143,8 @@ KNOWN = {
     # "0 size=1": a pax record of length 0 never advanced
     "pax record of length 0": pax_block(b"0 size=1\n") + MEMBER + END,
     # a member whose negative size jumps back over earlier members: every pass yields them again (memory grew)
-    "negative size jumps back over members": member("a") + member("b") + member("c") + with_size(MEMBER[:512], size_field(-4 * 1024 - 512, True)) + END,
+    "negative size jumps back over members":
+        member("a") + member("b") + member("c") + with_size(MEMBER[:512], size_field(-4 * 1024 - 512, True)) + END,
     "pax size not a number": pax_block(b"13 size=1e99\n") + MEMBER + END,
     "huge pax header": with_size(header_block("././@PaxHeader", 0, tarfile.XHDTYPE), size_field(1 << 40, True)) + END,
     "pax record longer than the header": pax_block(b"99 size=1\n") + MEMBER + END,
