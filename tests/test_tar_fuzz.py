@@ -1,7 +1,8 @@
 """The shard reader on damaged and hostile shards: it ends quickly, in bounded memory, with data or a DataError.
 
 A property-based test mutates valid shards (byte flips, truncation, inserted pax headers, rewritten size
-fields with valid checksums, so the damage reaches the size logic) and reads each through ``read_shard``
+fields with valid checksums, so the damage reaches the size logic; some gzipped, some with the gzip damaged)
+and reads each through ``read_shard``
 under a time limit (SIGALRM) and tracemalloc. The known hangs of the first parser are explicit cases.
 """
 from __future__ import annotations
@@ -216,7 +217,14 @@ def mutated_shard(draw) -> bytes:
                 value = draw(st.one_of(st.integers(-4096, 4096), st.integers(-(1 << 70), 1 << 70)))
                 field = size_field(value, draw(st.booleans())) if abs(value) < 1 << 80 else b"\0" * 12
                 data[at:at + 512] = with_size(data[at:at + 512], field[:12].ljust(12, b"\0"))
-    return bytes(data)
+    packing = draw(st.sampled_from(["tar", "tar.gz", "damaged tar.gz"]))  # .tar.gz shards are gunzipped first
+    if packing == "tar":
+        return bytes(data)
+    packed = bytearray(gzip.compress(bytes(data), mtime=0))
+    if packing == "damaged tar.gz":
+        packed[draw(st.integers(2, len(packed) - 1))] ^= draw(st.integers(1, 255))
+        packed = packed[:draw(st.integers(2, len(packed)))]
+    return bytes(packed)
 
 
 # no shrinking: a failing example may take SECONDS each time, and the first one found is reported as it is

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from distgan.config import DataConfig
 from distgan.data.download import REMOTES
-from distgan.data.errors import DataError
+from distgan.data.errors import CorruptShardError, DataError
 from distgan.data.raw import SOURCES
 from distgan.data.tar import check_url, load_shard_bytes, tar_samples, url_scheme
 from distgan.data.untrusted import parse_npy
@@ -366,7 +366,13 @@ def read_shard(
     """
     images, labels, keys, skipped, seen = [], [], [], 0, 0
     expected = (resolution, resolution, channels) if resolution and channels else None
-    data = load_shard_bytes(url, allow_pipe)  # a missing shard is always an error
+    try:
+        data = load_shard_bytes(url, allow_pipe)  # a missing shard is always an error
+    except CorruptShardError as err:
+        if not skip_bad:
+            raise
+        log.warning("%s (skipped)", err)
+        data, skipped = b"", 1
     try:
         for index, (key, sample) in enumerate(tar_samples(data, url)):
             seen += 1

@@ -17,7 +17,7 @@ from urllib.request import url2pathname
 import webdataset as wds
 from webdataset.gopen import gopen_schemes
 
-from distgan.data.errors import DataError
+from distgan.data.errors import CorruptShardError, DataError
 
 LOCAL_SCHEMES = ("", "file")  # a plain path, or file:///path
 MAX_SHARD_BYTES = 4 << 30  # a shard is read whole: refuse one (or its gunzipped content) past this
@@ -79,7 +79,7 @@ def load_shard_bytes(url: str, allow_pipe: bool = False, max_bytes: int = MAX_SH
             with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
                 data = _read_bounded(stream, max_bytes, too_big % " after gunzip")
         except (OSError, EOFError, zlib.error) as err:
-            raise DataError(f"shard {url}: corrupt gzip: {err}") from None
+            raise CorruptShardError(f"shard {url}: corrupt gzip: {err}") from None
     return data
 
 
