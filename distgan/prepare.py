@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 from distgan.data.download import REMOTES, default_cache_dir, download
 from distgan.data.errors import DataError
 from distgan.data.raw import SOURCES, SPLITS, open_source
-from distgan.data.shards import write_shards
+from distgan.data.shards import check_output_dir, write_shards
 
 log = logging.getLogger("distgan.prepare")
 
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-size", type=int, default=5000, help="images per shard (default 5000)")
     parser.add_argument("--resolution", type=int, help="resize the shorter side to R and center-crop RxR")
     parser.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: the source's)")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out if it is a shard folder distgan wrote (never the source, a file or another folder)")
     parser.add_argument("--download", action="store_true",
                         help=f"fetch {', '.join(REMOTES)} from the official address into --src or the cache "
                              "(checksums verified)")
@@ -56,8 +57,6 @@ def default_src(source: str, downloading: bool) -> Optional[Path]:
 
 def prepare(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise DataError(f"--out {out} already exists; pass --force to replace it")
     for name in ("limit", "shard_size", "resolution"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "limit" else 1):
@@ -65,12 +64,13 @@ def prepare(args: argparse.Namespace) -> int:
     src = Path(args.src) if args.src else default_src(args.source, args.download)
     if src is None:
         raise DataError(f"{args.source}: pass --src with the {SOURCES[args.source].src}")
+    check_output_dir(args.out, args.force, protect=[src])  # before any download or read
     if args.download:
         src = download(args.source, src, progress=not args.no_progress)
     data = open_source(args.source, src, split=args.split, resolution=args.resolution,
                        channels=args.channels, limit=args.limit)
     info = write_shards(data.images, data.labels, out, classes=data.classes, source=args.source,
-                        split=args.split, shard_size=args.shard_size, force=args.force, total=data.count,
+                        split=args.split, shard_size=args.shard_size, force=args.force, protect=[src], total=data.count,
                         progress=not args.no_progress)
     log.info("%s: %d images, %dx%d, %d channel(s), %d shards", out, info.count, info.resolution,
              info.resolution, info.channels, len(info.shards))

@@ -15,6 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlparse
 
 from tqdm import tqdm
 
@@ -23,6 +24,7 @@ from distgan.data.errors import DataError
 log = logging.getLogger(__name__)
 
 MIRROR_ENV = "DISTGAN_DOWNLOAD_MIRROR"
+URL_SCHEMES = ("http", "https", "ftp", "file")  # what urllib.request opens
 CHUNK = 1 << 20
 
 
@@ -86,7 +88,7 @@ def fetch_file(url: str, dest: Path, md5: str, *, timeout: float = 60.0, progres
             raise DataError(f"{url}: MD5 {digest.hexdigest()} differs from the official {md5}: the download is "
                             f"corrupt or the server sent another file; nothing was saved, try again (or another {MIRROR_ENV})")
         os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError) as err:
+    except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: a URL urllib cannot parse
         raise DataError(f"cannot download {url}: {err} (no network? put the files in the --src folder instead)") from None
     finally:
         tmp.unlink(missing_ok=True)
@@ -104,6 +106,10 @@ def download(source: str, dest: Optional[str | Path] = None, *, mirror: Optional
     remote = REMOTES[source]
     folder = Path(dest) if dest is not None else default_cache_dir(source)
     base = mirror or os.environ.get(MIRROR_ENV) or remote.base_url
+    if urlparse(base).scheme not in URL_SCHEMES or not (urlparse(base).netloc or urlparse(base).scheme == "file"):
+        where = "mirror" if mirror else MIRROR_ENV
+        raise DataError(f"{where}={base!r} is not a URL; give the folder's address, e.g. https://HOST/PATH/ "
+                        f"or file:///DIR/ (or unset {MIRROR_ENV} for the official address)")
     base = base if base.endswith("/") else base + "/"
     for name, md5 in remote.md5.items():
         path = folder / name

@@ -5,3 +5,7 @@ from distgan.errors import UserError
 
 class DataError(UserError):
     """A data problem; the message names the file (shard) and key, and what to do."""
+
+
+class CorruptShardError(DataError):
+    """A shard whose bytes are damaged before the tar (a broken gzip); data.skip_bad_samples skips it."""

@@ -11,18 +11,21 @@ entry in ``distgan.data.download.REMOTES``.
 from __future__ import annotations
 
 import gzip
-import io
 import logging
-import pickle
+import math
+import os
 import tarfile
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import BinaryIO, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 from PIL import Image
 
 from distgan.data.errors import DataError
+from distgan.data.untrusted import load_cifar_pickle, parse_npy
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +33,11 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package datase
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 MNIST_CLASSES = [str(i) for i in range(10)]
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".gif": "GIF", ".webp": "WEBP",
+                 ".tif": "TIFF", ".tiff": "TIFF"}  # suffix -> Pillow format
+IMAGE_SUFFIXES = set(IMAGE_FORMATS)
+# Pillow decodes only these: any other plugin (EPS runs Ghostscript) is refused, whatever the file's name
+PILLOW_FORMATS = sorted(set(IMAGE_FORMATS.values()))
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "F"}
 SPLITS = ("train", "test")
 
@@ -88,26 +95,58 @@ def from_array(images: np.ndarray, labels: Optional[np.ndarray], classes: Option
 # ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
 
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_GZIP_MAX_RATIO = 1032  # deflate never expands data more than this: the most a .gz of this size can hold
+_CHUNK = 1 << 20
 
 
-def read_idx(path: str | Path) -> np.ndarray:
-    """An IDX file (gzipped or not) as a numpy array."""
+def read_idx(path: str | Path, limit: Optional[int] = None) -> np.ndarray:
+    """An IDX file (gzipped or not) as a numpy array; with ``limit`` only its first ``limit`` rows.
+
+    Read as a stream: gzip is decompressed only as far as the rows kept, and the header's size is checked
+    against what the file can hold before anything is allocated.
+    """
     path = Path(path)
     try:
-        data = path.read_bytes()
-        data = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-    except (OSError, EOFError) as err:
+        with open(path, "rb") as raw:
+            file_size = os.fstat(raw.fileno()).st_size
+            gzipped = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            stream = gzip.GzipFile(fileobj=raw) if gzipped else raw
+            return _read_idx_stream(stream, path, file_size, gzipped, limit)
+    except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"{path}: cannot read: {err}") from None
-    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_TYPES:
-        raise DataError(f"{path}: not an IDX file (magic bytes {data[:4].hex()})")
-    ndim = data[3]
-    dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_IDX_TYPES[data[2]])
-    expected = 4 + 4 * ndim + int(np.prod(dims)) * dtype.itemsize
-    if len(data) != expected:
-        raise DataError(f"{path}: {len(data)} bytes, but its header ({dims}, {dtype}) needs {expected}; truncated?")
-    array = np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _read_idx_stream(stream: BinaryIO, path: Path, file_size: int, gzipped: bool, limit: Optional[int]) -> np.ndarray:
+    magic = stream.read(4)
+    if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in _IDX_TYPES or magic[3] == 0:
+        raise DataError(f"{path}: not an IDX file (magic bytes {magic.hex()})")
+    ndim, dtype = magic[3], np.dtype(_IDX_TYPES[magic[2]])
+    header = stream.read(4 * ndim)
+    if len(header) < 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header")
+    dims = tuple(int.from_bytes(header[4 * i:4 * i + 4], "big") for i in range(ndim))
+    row_bytes = math.prod(dims[1:]) * dtype.itemsize
+    total = dims[0] * row_bytes
+    capacity = file_size * _GZIP_MAX_RATIO if gzipped else file_size - 4 - 4 * ndim
+    if total > capacity or (not gzipped and total != capacity):
+        raise DataError(f"{path}: its header ({dims}, {dtype}) needs {total} bytes but the file holds "
+                        f"{'at most ' if gzipped else ''}{capacity}; truncated or not an IDX file?")
+    rows = dims[0] if limit is None else min(dims[0], limit)
+    data = _read_exactly(stream, rows * row_bytes)
+    if len(data) < rows * row_bytes or (rows == dims[0] and stream.read(1)):
+        raise DataError(f"{path}: its size does not match its header ({dims}, {dtype}); truncated?")
+    array = np.frombuffer(data, dtype=dtype).reshape((rows, *dims[1:]))
     return array.astype(dtype.newbyteorder("="))
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytes:
+    """Up to ``size`` bytes, read in chunks (a single read(size) would allocate ``size`` up front)."""
+    chunks, have = [], 0
+    while have < size and (chunk := stream.read(min(_CHUNK, size - have))):
+        chunks.append(chunk)
+        have += len(chunk)
+    return b"".join(chunks)
 
 
 def _find(folder: Path, stem: str) -> Path:
@@ -117,11 +156,11 @@ def _find(folder: Path, stem: str) -> Path:
     raise DataError(f"{folder}: no {stem} or {stem}.gz")
 
 
-def load_idx_split(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+def load_idx_split(folder: str | Path, split: str, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """(images N,H,W uint8, labels N int64) of an MNIST-style folder; split is train or test (t10k files)."""
     folder, prefix = Path(folder), {"train": "train", "test": "t10k"}[split]
-    images = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
-    labels = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"))
+    images = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"), limit)
+    labels = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"), limit)
     if images.dtype != np.uint8 or images.ndim != 3:
         raise DataError(f"{folder}: {prefix} images are {images.dtype} {images.shape}, expected uint8 N,H,W")
     if labels.shape != (len(images),):
@@ -133,27 +172,10 @@ def load_idx_split(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarr
 
 CIFAR_DIR = "cifar-10-batches-py"
 CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
-_PICKLE_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays only: a pickle can run any code, distgan never lets it."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _PICKLE_ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} (only numpy arrays are allowed)")
-        if module.startswith("numpy.core") and hasattr(np, "_core"):
-            module = "numpy._core" + module[len("numpy.core"):]
-        return super().find_class(module, name)
-
-
+CIFAR_MAX_FILE = 64 << 20  # a real batch file is 31 MB: refuse reading anything much larger
 def _unpickle(data: bytes, name: str) -> dict:
     try:
-        record = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+        record = load_cifar_pickle(data)
     except Exception as err:  # any unpickling failure means "not a CIFAR-10 batch"
         raise DataError(f"{name}: not a CIFAR-10 python batch: {err}") from None
     if not isinstance(record, dict):
@@ -172,6 +194,9 @@ def _cifar_files(src: Path, names: list[str]) -> dict[str, bytes]:
         missing = [n for n in names if not (src / n).is_file()]
         if missing:
             raise DataError(f"{src}: missing CIFAR-10 batch files {missing}")
+        too_big = [n for n in names if (src / n).stat().st_size > CIFAR_MAX_FILE]
+        if too_big:
+            raise DataError(f"{src / too_big[0]}: larger than {CIFAR_MAX_FILE} bytes; not a CIFAR-10 batch")
         return {n: (src / n).read_bytes() for n in names}
     if not src.is_file():
         raise DataError(f"{src}: no CIFAR-10 archive ({CIFAR_ARCHIVE}) or {CIFAR_DIR} folder; use --download or --src")
@@ -181,6 +206,8 @@ def _cifar_files(src: Path, names: list[str]) -> dict[str, bytes]:
             for member in archive:
                 base = member.name.rsplit("/", 1)[-1]
                 if member.isfile() and base in names and base not in found:
+                    if member.size > CIFAR_MAX_FILE:
+                        raise DataError(f"{src}: {member.name} has {member.size} bytes; not a CIFAR-10 batch")
                     found[base] = archive.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as err:
         raise DataError(f"{src}: cannot read the CIFAR-10 archive: {err}") from None
@@ -190,8 +217,9 @@ def _cifar_files(src: Path, names: list[str]) -> dict[str, bytes]:
     return found
 
 
-def load_cifar10(src: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(images N,32,32,3 uint8, labels int64, class names) from the official CIFAR-10 python version."""
+def load_cifar10(src: str | Path, split: str, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images N,32,32,3 uint8, labels int64, class names) from the official CIFAR-10 python version;
+    batches past the first ``limit`` images are not unpickled."""
     batches = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     files = _cifar_files(Path(src), batches + ["batches.meta"])
     classes = [c.decode() for c in _unpickle(files["batches.meta"], "batches.meta").get(b"label_names", [])]
@@ -203,8 +231,13 @@ def load_cifar10(src: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, l
             raise DataError(f"{name}: b'data' should be a uint8 array N x 3072, got {getattr(data, 'shape', type(data))}")
         if batch_labels is None or len(batch_labels) != len(data):
             raise DataError(f"{name}: b'labels' missing or not one per image")
+        try:
+            labels.append(np.asarray(batch_labels, dtype=np.int64))
+        except (TypeError, ValueError, OverflowError):
+            raise DataError(f"{name}: b'labels' are not integers") from None
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # rows are R, G, B planes (CHW)
-        labels.append(np.asarray(batch_labels, dtype=np.int64))
+        if limit is not None and sum(map(len, labels)) >= limit:
+            break
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), classes or None
 
 
@@ -218,14 +251,17 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
     value is negative, [-1, 1].
     """
     try:
-        with np.load(path, allow_pickle=False) as arrays:
-            key = next((k for k in ("images", "x") if k in arrays), None)
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
+            key = next((k for k in ("images", "x") if k in members), None)
             if key is None:
-                raise DataError(f"{path}: no 'images' or 'x' array (it has {sorted(arrays.files)})")
-            images = arrays[key]
-            label_key = next((k for k in ("labels", "y") if k in arrays), None)
-            labels = arrays[label_key] if label_key else None
-    except (OSError, ValueError) as err:
+                raise DataError(f"{path}: no 'images' or 'x' array (it has {sorted(members)})")
+            images = _npz_member(archive, members[key], path)
+            label_key = next((k for k in ("labels", "y") if k in members), None)
+            labels = _npz_member(archive, members[label_key], path) if label_key else None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise DataError(f"{path}: cannot read npz: {err}") from None
     if images.ndim == 3:
         images = images[..., None]
@@ -257,6 +293,14 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
             raise DataError(f"{path}: labels of shape {labels.shape} {labels.dtype}; expected {len(images)} integers")
         labels = labels.astype(np.int64)
     return np.ascontiguousarray(images), labels
+
+
+def _npz_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str | Path) -> np.ndarray:
+    """One array of an .npz, its size checked against the member's before anything is allocated."""
+    most = info.compress_size * (_GZIP_MAX_RATIO if info.compress_type != zipfile.ZIP_STORED else 1)
+    if info.file_size > most:
+        raise DataError(f"{path}: member {info.filename} claims {info.file_size} bytes from {info.compress_size}; corrupt npz")
+    return parse_npy(archive.read(info), f"{path}:{info.filename}")
 
 
 # ---------------------------------------------------------------- image folders
@@ -293,7 +337,7 @@ def read_folder(root: Path, split: str, resolution: Optional[int], channels: Opt
     sizes, modes = set(), set()
     for path in files:  # headers only: Image.open does not decode pixels
         try:
-            with Image.open(path) as image:
+            with Image.open(path, formats=PILLOW_FORMATS) as image:
                 sizes.add(image.size)
                 modes.add(image.mode)
         except Exception as err:  # PIL raises many types for bad files
@@ -309,7 +353,7 @@ def read_folder(root: Path, split: str, resolution: Optional[int], channels: Opt
     def images() -> Iterator[np.ndarray]:
         for path in files:
             try:
-                with Image.open(path) as image:
+                with Image.open(path, formats=PILLOW_FORMATS) as image:
                     yield fit_image(image, resolution, channels)
             except OSError as err:
                 raise DataError(f"{path}: cannot decode image: {err}") from None
@@ -325,7 +369,7 @@ def _read_idx_dataset(name: str, classes: list[str], src: Path, split: str, reso
     if not src.is_dir():
         hint = (" Install it with `apt-get install dataset-fashion-mnist`," if name == "fashion-mnist" else "")
         raise DataError(f"{name}: no folder {src}.{hint} pass --download to fetch it, or --src DIR with the IDX files")
-    images, labels = load_idx_split(src, split)
+    images, labels = load_idx_split(src, split, limit)  # --limit applied while reading
     return from_array(images[..., None], labels, classes, resolution, channels, limit)
 
 
@@ -344,7 +388,7 @@ def read_mnist(src: Path, split: str, resolution: Optional[int], channels: Optio
 def read_cifar10(src: Path, split: str, resolution: Optional[int], channels: Optional[int],
                  limit: Optional[int]) -> RawDataset:
     """CIFAR-10: the official python archive (cifar-10-python.tar.gz) or its extracted folder."""
-    images, labels, classes = load_cifar10(src, split)
+    images, labels, classes = load_cifar10(src, split, limit)
     return from_array(images, labels, classes, resolution, channels, limit)
 
 

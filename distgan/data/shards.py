@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -23,9 +24,12 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from distgan.config import ConfigError, DataConfig
-from distgan.data.errors import DataError
-from distgan.data.tar import check_url, load_shard_bytes, tar_samples
+from distgan.config import DataConfig
+from distgan.data.download import REMOTES
+from distgan.data.errors import CorruptShardError, DataError
+from distgan.data.raw import SOURCES
+from distgan.data.tar import check_url, load_shard_bytes, tar_samples, url_scheme
+from distgan.data.untrusted import parse_npy
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -36,6 +40,7 @@ DATASET_JSON = "dataset.json"
 FORMAT_VERSION = 1
 SHARD_PATTERN = "shard-%06d.tar"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "npy")  # preference order when a record has several
+SHARD_IMAGE_FORMATS = ["PNG", "JPEG", "WEBP"]  # the Pillow plugins allowed on shard bytes
 TAR_MTIME = 1_700_000_000  # fixed member mtime: reproducible shards, and no pax header per member
 
 
@@ -109,6 +114,44 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_output_dir(out: str | os.PathLike, force: bool, protect: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse an output that writing shards would damage (DataError naming the path and the fix).
+
+    ``--out`` must be a local path (a ``pipe:`` or other URL would reach webdataset's writer). An existing
+    ``out`` is replaced only with ``force``, and only when it is a folder of distgan shards (dataset.json and
+    shard-*.tar, nothing else) that neither is nor holds a path in ``protect`` (the source being read).
+    """
+    text = os.fspath(out)
+    if url_scheme(text):
+        raise DataError(f"--out {text!r}: shards are written to a local folder, not a URL; pass a folder path")
+    out = Path(text)
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise DataError(f"--out {out} already exists; pass --force to replace it, or choose another --out")
+    refuse = f"--force will not replace {out}:"
+    if out.is_symlink() or not out.is_dir():
+        what = "a symbolic link" if out.is_symlink() else "not a folder"
+        raise DataError(f"{refuse} it is {what}; remove it yourself or choose another --out")
+    resolved = out.resolve()
+    for path in protect:
+        source = Path(path).resolve()
+        if source == resolved or resolved in source.parents:
+            raise DataError(f"{refuse} it holds {path}, which this command reads; choose an --out outside it")
+    if not (out / DATASET_JSON).is_file():
+        raise DataError(f"{refuse} it has no {DATASET_JSON}, so distgan did not write it; "
+                        "remove it yourself or choose another --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name != DATASET_JSON and not _is_shard_name(p.name))
+    if foreign:
+        raise DataError(f"{refuse} it holds {foreign[0]!r}, which distgan did not write; "
+                        "move it away or choose another --out")
+
+
+def _is_shard_name(name: str) -> bool:
+    stem = name[len("shard-"):-len(".tar")]
+    return name.startswith("shard-") and name.endswith(".tar") and stem.isdigit()
+
+
 def write_shards(
     images: Iterable[np.ndarray],
     labels: Optional[Iterable[int]],
@@ -119,21 +162,23 @@ def write_shards(
     split: Optional[str] = None,
     shard_size: int = 5000,
     force: bool = False,
+    protect: Iterable[str | os.PathLike] = (),
     total: Optional[int] = None,
     progress: bool = True,
 ) -> DatasetInfo:
     """Write uint8 images (HxW, HxWxC or CxHxW arrays or CPU tensors, one square size) as shards + dataset.json.
 
     Everything is written into a temporary folder beside ``out_dir`` and renamed into place at the end,
-    so a failure never leaves a partial dataset. A label < 0 means unknown (no .cls is written).
+    so a failure never leaves a partial dataset. A label < 0 means unknown (no .cls is written). An existing
+    ``out_dir`` is replaced only as ``check_output_dir(out_dir, force, protect)`` allows.
     """
-    out = Path(out_dir)
     if shard_size < 1:
         raise DataError(f"shard_size = {shard_size}: must be at least 1")
-    if out.exists() and not force:
-        raise DataError(f"output folder {out} already exists; pass --force (force=True) to replace it")
+    check_output_dir(out_dir, force, protect)
+    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    # an absolute folder: the shard writer (webdataset's gopen) never sees something it could take for a URL
+    tmp = Path(tempfile.mkdtemp(dir=out.absolute().parent, prefix=f".{out.name}.partial-"))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset should get the usual permissions
@@ -183,16 +228,41 @@ def _info_from_json(folder: str) -> DatasetInfo:
         record = json.loads(open(path).read())
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: cannot read: {err}") from None
-    if record.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path}: format_version {record.get('format_version')!r}, this distgan reads {FORMAT_VERSION}")
+    if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION:
+        version = record.get("format_version") if isinstance(record, dict) else None
+        raise DataError(f"{path}: format_version {version!r}, this distgan reads {FORMAT_VERSION}")
     missing = [k for k in ("resolution", "channels", "shards") if k not in record]
     if missing:
         raise DataError(f"{path}: missing keys {missing}; re-run python -m distgan.prepare")
-    return DatasetInfo(
-        count=record.get("count"), resolution=int(record["resolution"]), channels=int(record["channels"]),
-        classes=record.get("classes"), shards=[os.path.join(folder, s) for s in record["shards"]],
-        source=record.get("source"), split=record.get("split"),
+    resolution, channels, shards, count = (record.get(k) for k in ("resolution", "channels", "shards", "count"))
+    fix = "re-run python -m distgan.prepare"
+    if type(resolution) is not int or resolution < 1 or channels not in (1, 3):
+        raise DataError(f"{path}: resolution {resolution!r} / channels {channels!r}: need an integer >= 1 and 1 or 3; {fix}")
+    if not (isinstance(shards, list) and shards
+            and all(isinstance(s, str) and s not in ("", ".", "..") and os.path.basename(s) == s for s in shards)):
+        raise DataError(f"{path}: 'shards' must list the names of shard files in this folder; {fix}")
+    info = DatasetInfo(
+        count=count, resolution=resolution, channels=channels, classes=record.get("classes"),
+        shards=[os.path.join(folder, s) for s in shards], source=record.get("source"), split=record.get("split"),
     )
+    if count is not None:
+        _check_count(info, path)
+    return info
+
+
+def _check_count(info: DatasetInfo, path: str) -> None:
+    """dataset.json's count against the shards: the read stream sizes its blocks from it.
+
+    Every shard holds at least one sample and none more than the first (prepare fills shards in order), so
+    count lies in [shards, shards x samples of the first shard]; only the first shard is read.
+    """
+    count, n = info.count, len(info.shards)
+    if type(count) is not int or count < n:
+        raise DataError(f"{path}: count {count!r} is not an integer >= the {n} shards; re-run python -m distgan.prepare")
+    first = count_samples(info.shards[0])
+    if count > first * n or (n == 1 and count != first):
+        raise DataError(f"{path}: count {count} does not match the shards ({n} shards, the first holds {first} "
+                        "samples); re-run python -m distgan.prepare")
 
 
 def _inspect_first_sample(shards: list[str], allow_pipe: bool) -> tuple[int, int]:
@@ -209,6 +279,18 @@ def _inspect_first_sample(shards: list[str], allow_pipe: bool) -> tuple[int, int
     raise DataError(f"shard {url}: no samples (empty tar)")
 
 
+def prepare_command(path: str) -> str:
+    """The command that makes shards at ``path``; the source is guessed from the folder name (data/cifar10)."""
+    compact = os.path.basename(os.path.normpath(path)).lower().replace("-", "").replace("_", "")
+    source = next((s for s in ("fashion-mnist", "cifar10", "mnist") if s.replace("-", "") in compact), None)
+    if source is None:
+        return (f"python -m distgan.prepare SOURCE --src YOUR_DATA --out {shlex.quote(path)} "
+                f"(SOURCE: {', '.join(SOURCES)})")
+    default = SOURCES[source].default_src
+    download = " --download" if source in REMOTES and not (default and os.path.isdir(default)) else ""
+    return f"python -m distgan.prepare {source}{download} --out {shlex.quote(path)}"
+
+
 def read_dataset_info(path: str, *, allow_pipe: bool = False) -> DatasetInfo:
     """Describe a dataset: a folder with dataset.json, a folder of *.tar, or a shard pattern/URL.
 
@@ -220,13 +302,13 @@ def read_dataset_info(path: str, *, allow_pipe: bool = False) -> DatasetInfo:
             return _info_from_json(path)
         shards = sorted(glob.glob(os.path.join(path, "*.tar")) + glob.glob(os.path.join(path, "*.tar.gz")))
         if not shards:
-            raise DataError(f"data.path {path}: no {DATASET_JSON} and no *.tar shards in it; "
-                            "make shards with python -m distgan.prepare SOURCE --out " + path)
+            raise DataError(f"data.path {path}: no {DATASET_JSON} and no *.tar shards in it; make them with: "
+                            + prepare_command(path))
     else:
         shards = wds.shardlists.expand_urls(path)
         schemes = [check_url(s, allow_pipe, f"data.path {path!r}") for s in shards]  # refuse before any read
         if len(shards) == 1 and schemes[0] == "" and not os.path.exists(path):
-            raise DataError(f"data.path {path}: no such folder or shard file; make shards with python -m distgan.prepare")
+            raise DataError(f"data.path {path}: no such folder or shard file; make the shards with: {prepare_command(path)}")
     resolution, channels = _inspect_first_sample(shards, allow_pipe)
     return DatasetInfo(count=None, resolution=resolution, channels=channels, classes=None, shards=shards)
 
@@ -234,21 +316,27 @@ def read_dataset_info(path: str, *, allow_pipe: bool = False) -> DatasetInfo:
 # ---------------------------------------------------------------- reading one shard
 
 
-def decode_image(sample: dict[str, bytes]) -> np.ndarray:
-    """The sample's image as HxWxC uint8 (C = 1 or 3); raises ValueError when it cannot."""
+def decode_image(sample: dict[str, bytes], max_pixels: Optional[int] = None) -> np.ndarray:
+    """The sample's image as HxWxC uint8 (C = 1 or 3); raises ValueError when it cannot.
+
+    Only PNG, JPEG and WebP are decoded (no other Pillow plugin runs on shard bytes), and an image of more
+    than ``max_pixels`` is refused from its header, before its pixels are allocated.
+    """
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
         raise ValueError(f"no image member (.{', .'.join(IMAGE_EXTENSIONS)}); it has {sorted(sample)}")
     data = sample[ext]
     if ext == "npy":
-        array = np.load(io.BytesIO(data), allow_pickle=False)
+        array = parse_npy(data, ".npy")
         if array.dtype != np.uint8:
             raise ValueError(f".npy has dtype {array.dtype}, expected uint8")
         if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[2] not in (1, 3):
             array = array.transpose(1, 2, 0)  # CxHxW
     else:
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=SHARD_IMAGE_FORMATS)
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise ValueError(f"image is {image.width}x{image.height}, over {max_pixels} pixels (not decoded)")
             if image.mode not in ("L", "RGB"):
                 gray = image.mode in ("1", "LA", "I", "I;16", "F", "La")
                 image = image.convert("L" if gray else "RGB")
@@ -278,14 +366,21 @@ def read_shard(
     """
     images, labels, keys, skipped, seen = [], [], [], 0, 0
     expected = (resolution, resolution, channels) if resolution and channels else None
-    data = load_shard_bytes(url, allow_pipe)  # a missing shard is always an error
+    try:
+        data = load_shard_bytes(url, allow_pipe)  # a missing shard is always an error
+    except CorruptShardError as err:
+        if not skip_bad:
+            raise
+        log.warning("%s (skipped)", err)
+        data, skipped = b"", 1
     try:
         for index, (key, sample) in enumerate(tar_samples(data, url)):
             seen += 1
             if keep is not None and not keep(index):
                 continue
             try:
-                image = decode_image(sample)
+                # a header claiming far more pixels than the dataset's images is refused before decoding
+                image = decode_image(sample, max_pixels=4 * expected[0] * expected[1] if expected else None)
                 if expected is not None and image.shape != expected:
                     raise ValueError(
                         f"image is {'x'.join(map(str, image.shape))} (HxWxC) but the dataset is "
@@ -345,7 +440,8 @@ def read_images(info: DatasetInfo, data_cfg: DataConfig, n: int, seed: int) -> t
         if have >= n:
             break
     if have == 0:
-        raise ConfigError(f"no images in the shards of {info.shards[0]} ...: cannot compute real statistics")
+        raise DataError(f"no images in the shards of {info.shards[0]} ...: cannot compute real statistics; "
+                        "re-run python -m distgan.prepare")
     order = rng.permutation(have)[:n]
     return np.concatenate(images)[order], np.concatenate(labels)[order]
 
