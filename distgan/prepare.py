@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from distgan.cli import add_debug_flag, run_command
 from distgan.data.download import REMOTES, default_cache_dir, download
 from distgan.data.errors import DataError
 from distgan.data.raw import SOURCES, SPLITS, open_source
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"fetch {', '.join(REMOTES)} from the official address into --src or the cache "
                              "(checksums verified)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_debug_flag(parser)
     return parser
 
 
@@ -80,11 +82,7 @@ def prepare(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return prepare(args)
-    except DataError as err:
-        print(f"distgan.prepare: error: {err}", file=sys.stderr)
-        return 2
+    return run_command("distgan.prepare", lambda: prepare(args), debug=args.debug)
 
 
 if __name__ == "__main__":

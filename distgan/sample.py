@@ -114,15 +114,11 @@ def sample(args: argparse.Namespace) -> int:
     if args.grid:
         print(save_grid(images, args.out / "grid.png"))
     elif args.shards:
-        from distgan.data.errors import DataError
         from distgan.data.shards import write_shards
 
         uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        try:  # --force replaces only shards distgan wrote, never the folder holding the export
-            write_shards(uint8, None, args.out, force=args.force, protect=[export], source=f"distgan.sample:{export}")
-        except DataError as err:
-            print(f"distgan.sample: error: {err}", file=sys.stderr)
-            return 2
+        # --force replaces only shards distgan wrote, never the folder holding the export
+        write_shards(uint8, None, args.out, force=args.force, protect=[export], source=f"distgan.sample:{export}")
         print(args.out)
     else:
         args.out.mkdir(parents=True, exist_ok=True)
