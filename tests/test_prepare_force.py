@@ -115,3 +115,11 @@ def test_sample_shards_force_replaces_only_its_own_shards(tmp_path, capsys):
     for n in (3, 5):  # written, then replaced: it is distgan's
         assert sample.main(["--export", str(export), "--n", str(n), "--out", str(tmp_path / "gen"), "--shards", "--force"]) == 0
     assert json.loads((tmp_path / "gen" / "dataset.json").read_text())["count"] == 5
+
+
+def test_an_out_folder_with_a_percent_sign_is_written(tmp_path):
+    """The shard writer %-formats its pattern: a '%' in the folder name was a TypeError traceback."""
+    out = tmp_path / "100%d sure"
+    images = np.random.default_rng(0).integers(0, 256, size=(6, 8, 8, 1), dtype=np.uint8)
+    info = write_shards(list(images), None, out, shard_size=4, progress=False)
+    assert info.count == 6 and sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]

@@ -185,7 +185,8 @@ def write_shards(
     label_iter = iter(labels) if labels is not None else None
     count, shape = 0, None
     try:
-        writer = wds.ShardWriter(str(tmp / SHARD_PATTERN), maxcount=shard_size, verbose=0, mtime=TAR_MTIME)
+        pattern = str(tmp).replace("%", "%%") + os.sep + SHARD_PATTERN  # the writer %-formats the whole path
+        writer = wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=TAR_MTIME)
         bar = tqdm(total=total, desc=f"writing {out.name}", unit="img", file=sys.stderr, disable=not progress)
         with bar:
             for index, image in enumerate(images):
