@@ -8,7 +8,9 @@ seeded by (seed, rank, b) (repeated when the block holds fewer samples than it y
 the same number of batches, so batch ``k`` is batch ``k % P`` of block ``k // P``: resuming at any batch
 costs one block read, whatever ``k`` is. With ``num_workers`` W > 0 block ``b`` is made by worker
 ``(b - first_block) % W`` and the DataLoader hands items out round-robin, so the sequence does not depend on
-W at all. Every rank runs forever at the same pace, so uneven shards cannot hang DDP.
+W at all. Every rank runs forever at the same pace, so uneven shards cannot hang DDP. Shards are split over
+ranks whole when their count divides by the world size, else by sample (every rank reads every shard and
+keeps every world_size-th sample), so that every sample is shown equally often.
 
 webdataset's own resampling (``resampled=True``) is not used: its position cannot be restored mid-stream.
 """
@@ -42,7 +44,7 @@ class StreamPlan:
 
     info: DatasetInfo
     shards: list[str]  # this rank's shards
-    split_within: bool  # fewer shards than ranks: every rank reads all shards, keeps index % world == rank
+    split_within: bool  # shards do not divide over the ranks: every rank reads all shards, keeps index % world == rank
     rank: int
     world_size: int
     seed: int
@@ -57,7 +59,10 @@ class StreamPlan:
     def build(cls, cfg: DataConfig, info: DatasetInfo, batch_size: int, rank: int, world_size: int, seed: int) -> "StreamPlan":
         if not info.shards:
             raise DataError(f"data.path {cfg.path}: the dataset lists no shards")
-        split_within = len(info.shards) < world_size
+        # Whole shards per rank only when they divide evenly: with 10 shards over 8 ranks, ranks holding 2 shards
+        # would show each sample half as often as ranks holding 1 (every rank draws the same number of batches).
+        # Otherwise every rank takes every world_size-th sample of every shard: equal shares, each sample as often.
+        split_within = len(info.shards) % world_size != 0
         shards = list(info.shards) if split_within else info.shards[rank::world_size]
         # the same k on every rank (the smallest rank's shard count caps it), so all ranks share one schedule
         per_block = min(cfg.shards_per_block, len(shards) if split_within else len(info.shards) // world_size)
