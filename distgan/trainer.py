@@ -282,9 +282,10 @@ class Trainer:
             scale = scaler.get_scale()
             if longest >= MAX_CONSECUTIVE_OVERFLOWS or scale < 1.0:
                 raise NonFiniteError(
-                    f"step {st.step}: fp16 gradients overflowed {longest} phases in a row (loss scale {scale:g}). "
-                    f"Last good checkpoint: {self._last_checkpoint()}. Lower the learning rate, add a penalty, or "
-                    "train in bf16 (train.mixed_precision=bf16)."
+                    f"step {st.step}: the fp16 gradients keep overflowing (loss scale {scale:g}, below 1 stops; "
+                    f"{longest} overflowing phases in a row, {MAX_CONSECUTIVE_OVERFLOWS} stop). Last good checkpoint: "
+                    f"{self._last_checkpoint()}. Lower the learning rate, add a penalty, or train in bf16 "
+                    "(train.mixed_precision=bf16)."
                 )
         else:
             st.skipped_steps += count
