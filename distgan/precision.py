@@ -28,8 +28,8 @@ def loss_scale(scaler: Optional[torch.amp.GradScaler]) -> Union[float, Tensor]:
     return scale if scale is not None else scaler.get_scale()
 
 
-def _grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+def _with_grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
 def unscale_and_norm(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
@@ -40,10 +40,10 @@ def unscale_and_norm(optimizer: torch.optim.Optimizer, scaler: Optional[torch.am
     """
     if scaler is not None and scaler.is_enabled():
         scaler.unscale_(optimizer)
-    grads = _grads(optimizer)
-    norm = torch.nn.utils.get_total_norm(grads)
+    params = _with_grads(optimizer)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
 
 
