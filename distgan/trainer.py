@@ -34,7 +34,7 @@ from distgan.checkpoint import (
     TrainState, find_resume_path, list_checkpoints, load_checkpoint, read_best, save_best, save_checkpoint,
 )
 from distgan.config import Config, ConfigError, OptimizerConfig, dump_yaml
-from distgan.data.stream import DataSource, ShardSource
+from distgan.data.stream import DataSource, ShardSource, normalize_images
 from distgan.distributed import any_rank, average_buffers, make_accelerator, set_cpu_threads
 from distgan.ema import EMA
 from distgan.export import export_generator
@@ -162,7 +162,7 @@ class Trainer:
         )
         if acc.is_main_process:
             warn_small_bn_batch(cfg, self.local_batch, self.world)
-        self.source = source or ShardSource(cfg.data)
+        self.source = source or ShardSource(cfg.data, raw=acc.device.type == "cuda")  # uint8, normalised on the GPU
         res, ch = self.source.resolution, self.source.channels
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         G = build_generator(cfg.generator, res, ch)
@@ -317,7 +317,10 @@ class Trainer:
     def _next_real(self, data) -> Tensor:
         real, _labels = next(data)
         self.state.batches_consumed += 1
-        return real.to(self.accelerator.device, non_blocking=True, memory_format=self.memory_format)
+        real = real.to(self.accelerator.device, non_blocking=True)
+        if real.dtype == torch.uint8:
+            real = normalize_images(real)
+        return real.contiguous(memory_format=self.memory_format)
 
     def _d_loss(self, real: Tensor, step: int, sub: int) -> tuple[Tensor, Figures]:
         acc = self.accelerator

@@ -8,9 +8,11 @@ import logging
 import pytest
 import torch
 
-from distgan.config import ConfigError, load_config
+from distgan.config import ConfigError, DataConfig, load_config
+from distgan.data.stream import make_batch_iterator, normalize_images
 from distgan.trainer import Trainer, warn_small_bn_batch
 from tests.distributed.support import MemorySource
+from tests.test_data_pipeline import make_dataset, take
 
 
 def test_compile_with_a_penalty_is_refused():
@@ -54,3 +56,13 @@ def test_channels_last_trains_the_same_math(tmp_path):
     # logit means d_real/d_fake are near 0: an absolute bound, from logits of size ~1 and ~1e-7 per operation)
     for key in ("loss_d", "loss_g", "d_real", "d_fake"):
         assert nhwc[key] == pytest.approx(nchw[key], rel=1e-5, abs=1e-5), key
+
+
+def test_raw_uint8_batches_normalise_to_the_float_stream_bit_for_bit(tmp_path):
+    """On a GPU the stream hands over uint8 (a quarter of the bytes, pinned) and the trainer normalises on the
+    device: the same numbers as the float32 stream."""
+    cfg = DataConfig(path=str(make_dataset(tmp_path / "ds", n=60, shard_size=20)), num_workers=0, hflip=True)
+    floats = take(make_batch_iterator(cfg, 8, rank=0, world_size=1, seed=4), 9)
+    raw = take(make_batch_iterator(cfg, 8, rank=0, world_size=1, seed=4, raw=True), 9)
+    assert all(r.dtype == torch.uint8 for r, _ in raw)
+    assert all(torch.equal(normalize_images(r), f) and torch.equal(rl, fl) for (r, rl), (f, fl) in zip(raw, floats))

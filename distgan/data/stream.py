@@ -148,11 +148,21 @@ class _BlockDataset(IterableDataset):
             yield read_block(self.plan, block, cache)
 
 
-class BatchStream:
-    """Endless iterator of (images float32 [B, C, R, R] in [-1, 1], labels int64 [B], -1 = unknown)."""
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1], the same arithmetic as the stream's numpy path (bit for bit); on the
+    device for raw streams."""
+    return images.float().div_(127.5).sub_(1.0)
 
-    def __init__(self, plan: StreamPlan, start_batch: int, num_workers: int, cache_bytes: int):
-        self.plan, self.info = plan, plan.info
+
+class BatchStream:
+    """Endless iterator of (images float32 [B, C, R, R] in [-1, 1], labels int64 [B], -1 = unknown).
+
+    ``raw``: images stay uint8 (in pinned memory when CUDA is present), for a copy a quarter the size that does
+    not block the host, normalised on the device with :func:`normalize_images`.
+    """
+
+    def __init__(self, plan: StreamPlan, start_batch: int, num_workers: int, cache_bytes: int, raw: bool = False):
+        self.plan, self.info, self.raw = plan, plan.info, raw
         self.batches_per_block = plan.batches_per_block
         first_block, self._offset = divmod(start_batch, plan.batches_per_block)
         dataset = _BlockDataset(plan, first_block, cache_bytes)
@@ -187,6 +197,9 @@ class BatchStream:
         lo = self._offset * self.plan.batch_size
         hi = lo + self.plan.batch_size
         self._offset += 1
+        if self.raw:
+            images = self._images[lo:hi]
+            return (images.pin_memory() if torch.cuda.is_available() else images), self._labels[lo:hi]
         # numpy, not torch: tiny torch ops pay for waking the intra-op thread pool (measured 40x slower)
         images = self._images[lo:hi].numpy().astype(np.float32)
         images /= 127.5
@@ -201,7 +214,7 @@ class BatchStream:
 
 
 def make_batch_iterator(
-    cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int, start_batch: int = 0
+    cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int, start_batch: int = 0, raw: bool = False
 ) -> BatchStream:
     """Endless per-rank batches; ``start_batch=k`` yields exactly what a fresh stream yields from batch k on.
 
@@ -220,7 +233,7 @@ def make_batch_iterator(
     cache_bytes = int(cfg.cache_mb) * 2**20
     log.info("data: %s, rank %d/%d: %d shards, %d batches of %d per block", cfg.path, rank, world_size,
              len(plan.shards), plan.batches_per_block, batch_size)
-    return BatchStream(plan, start_batch, cfg.num_workers, cache_bytes)
+    return BatchStream(plan, start_batch, cfg.num_workers, cache_bytes, raw)
 
 
 # ---------------------------------------------------------------- what the trainer consumes
@@ -238,12 +251,12 @@ class DataSource(Protocol):
 
 
 class ShardSource:
-    """The webdataset shards named by ``data.path``."""
+    """The webdataset shards named by ``data.path``; ``raw``: uint8 images (see :class:`BatchStream`)."""
 
-    def __init__(self, data_cfg: DataConfig):
-        self.cfg = data_cfg
+    def __init__(self, data_cfg: DataConfig, raw: bool = False):
+        self.cfg, self.raw = data_cfg, raw
         self.info = read_dataset_info(data_cfg.path, allow_pipe=data_cfg.allow_pipe)
         self.resolution, self.channels, self.classes = self.info.resolution, self.info.channels, self.info.classes
 
     def batches(self, batch_size: int, rank: int, world_size: int, seed: int, start_batch: int) -> BatchStream:
-        return make_batch_iterator(self.cfg, batch_size, rank, world_size, seed, start_batch)
+        return make_batch_iterator(self.cfg, batch_size, rank, world_size, seed, start_batch, self.raw)
