@@ -12,8 +12,8 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from torch import nn
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+from torch import nn
 
 from distgan.config import ConfigError, LogConfig, RunConfig, TrainConfig
 
