@@ -11,16 +11,20 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this working tree's distgan, not an installed one
 
-from distgan import losses
-from distgan.config import load_config
-from distgan.nn import build_discriminator, build_generator, sample_latent
-from distgan.data.stream import ShardSource
-from distgan.trainer import Trainer, make_optimizer
+import torch  # noqa: E402
+
+from distgan import losses  # noqa: E402
+from distgan.config import load_config  # noqa: E402
+from distgan.nn import build_discriminator, build_generator, sample_latent  # noqa: E402
+from distgan.data.stream import ShardSource  # noqa: E402
+from distgan.trainer import Trainer, make_optimizer  # noqa: E402
 
 
 def plain_loop(cfg, source, steps: int) -> float:

@@ -97,6 +97,8 @@ class TrainConfig:
     max_grad_norm: float = 0.0  # clip gradient norms when > 0
     collective_timeout_s: float = 600.0  # a rank that stops answering ends the job after this long
     stop_check_every: int = 1  # steps between checks of the stop request (signal or STOP file)
+    channels_last: bool = False  # G and D and the real batches in NHWC memory format (faster convolutions on tensor-core GPUs)
+    compile: bool = False  # torch.compile G and D (not with gradient penalties: compiled graphs have no double backward)
     cpu_threads: int = 0  # CPU threads per process; 0 = the cores available divided by the processes on this node (launchers' OMP_NUM_THREADS is ignored: they set 1 by default)
 
 
@@ -362,6 +364,11 @@ def validate(cfg: Config) -> None:
             f"loss.penalty=wgan-gp with discriminator.norm={d.norm}: the penalty is defined per sample, "
             "but batch norm mixes samples, so the gradient of one output w.r.t. one input is not the critic's "
             "gradient. Use discriminator.norm=layer or none (as the WGAN-GP paper does)."
+        )
+    if t.compile and loss.penalty != "none":
+        raise ConfigError(
+            f"train.compile=true with loss.penalty={loss.penalty}: a compiled D has no double backward, which the "
+            "penalty needs. Set train.compile=false or loss.penalty=none"
         )
     if loss.kind == "wasserstein" and loss.penalty == "none" and d.norm != "spectral":
         raise ConfigError(

@@ -13,6 +13,7 @@ from datetime import timedelta
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+from torch import nn
 
 from distgan.config import ConfigError, LogConfig, RunConfig, TrainConfig
 
@@ -42,7 +43,9 @@ def resolve_precision(requested: str, launcher: str) -> str:
 def make_accelerator(train: TrainConfig, log: LogConfig, run: RunConfig) -> Accelerator:
     """An Accelerator for these config sections, refusing launches that would silently do something else."""
     precision = resolve_precision(train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+    cuda = torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=not cuda,  # `accelerate launch --multi_gpu` on a machine without CUDA: gloo DDP, no variable needed
         mixed_precision=precision,
         log_with="wandb" if log.wandb else None,
         project_dir=run.dir,
@@ -56,14 +59,16 @@ def make_accelerator(train: TrainConfig, log: LogConfig, run: RunConfig) -> Acce
         raise RuntimeError(
             f"WORLD_SIZE={world} but Accelerate set up a single non-distributed process, so each process would "
             "train an independent replica. Launch with `accelerate launch --multi_gpu --num_processes N -m "
-            "distgan.train ...`, on CPU with ACCELERATE_USE_CPU=1 in the environment (a MULTI_CPU config or "
-            "torchrun alone does not give DDP); see the launch/ config files."
+            "distgan.train ...` (a MULTI_CPU config does not give DDP); see the launch/ config files."
         )
     if train.batch_size % accelerator.num_processes:
         raise ConfigError(
             f"train.batch_size={train.batch_size} does not divide over {accelerator.num_processes} processes: "
             "choose a multiple of the process count"
         )
+    if cuda:  # cuDNN picks the fastest kernels for the fixed shapes; TF32 matmuls and convolutions on Ampere+
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return accelerator
 
 
@@ -102,8 +107,21 @@ def set_cpu_threads(accelerator: Accelerator, requested: int = 0) -> int:
 
 
 def any_rank(accelerator: Accelerator, *flags: bool) -> list[bool]:
-    """OR of each flag over ranks, with one small all-reduce (none on one process)."""
-    t = torch.tensor([float(f) for f in flags], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        t = accelerator.reduce(t, reduction="sum")
+    """OR of each flag over ranks, with one small all-reduce (no tensor at all on one process)."""
+    if accelerator.num_processes == 1:
+        return [bool(f) for f in flags]
+    t = accelerator.reduce(torch.tensor([float(f) for f in flags], device=accelerator.device), reduction="sum")
     return [bool(v > 0) for v in t.tolist()]
+
+
+@torch.no_grad()
+def average_buffers(accelerator: Accelerator, *modules: nn.Module) -> None:
+    """Replace the floating-point buffers (BN running mean/var) of ``modules`` by their mean over ranks, with one
+    all-reduce. Plain BN under DDP (broadcast_buffers=False) updates them from each rank's own samples, so
+    without this G_ema, evaluation and checkpoints would hold rank-specific statistics."""
+    buffers = [b for m in modules for b in m.buffers() if b.is_floating_point()]
+    if accelerator.num_processes == 1 or not buffers:
+        return
+    flat = torch.cat([b.reshape(-1) for b in buffers])
+    flat = accelerator.reduce(flat, reduction="sum") / accelerator.num_processes
+    torch._foreach_copy_(buffers, [v.view_as(b) for v, b in zip(flat.split([b.numel() for b in buffers]), buffers)])

@@ -43,11 +43,19 @@ class EMA:
         """Move G_ema towards ``model`` (the unwrapped generator); returns the beta used."""
         beta = self.beta(step, batch_size, images_seen)
         params = self._match(dict(model.named_parameters()), dict(self.model.named_parameters()), "parameters")
-        for p, p_ema in params:
-            p_ema.copy_(p.detach().to(p_ema.dtype).lerp(p_ema, beta))
-        for b, b_ema in self._match(dict(model.named_buffers()), dict(self.model.named_buffers()), "buffers"):
-            b_ema.copy_(b)
+        targets = [p_ema for _, p_ema in params]
+        # p_ema <- p.lerp(p_ema, beta) for all parameters at once: two multi-tensor kernels, not two per parameter
+        torch._foreach_copy_(targets, torch._foreach_lerp([p.detach().to(p_ema.dtype) for p, p_ema in params],
+                                                          targets, beta))
+        self.copy_buffers(model)
         return beta
+
+    @torch.no_grad()
+    def copy_buffers(self, model: nn.Module) -> None:
+        """G_ema's buffers <- the model's (BN running statistics, spectral-norm vectors)."""
+        pairs = self._match(dict(model.named_buffers()), dict(self.model.named_buffers()), "buffers")
+        if pairs:
+            torch._foreach_copy_([b_ema for _, b_ema in pairs], [b for b, _ in pairs])
 
     @staticmethod
     def _match(source: dict, target: dict, what: str) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -9,9 +9,11 @@ Losses (D logits are raw scores; sigmoid(l) is D's probability of "real" for the
 - least-squares (LSGAN, a=0, b=1, c=1): D minimises 0.5 (l_real - 1)^2 + 0.5 l_fake^2; G 0.5 (l_fake - 1)^2.
 
 Penalties are unweighted means; :func:`penalty_weight` gives the factor the trainer multiplies them by.
-They follow the PyTorch AMP gradient-penalty recipe: the outputs are multiplied by the GradScaler's
-scale before ``autograd.grad`` (so fp16 gradients do not underflow), the gradients are divided by it
-afterwards, and the penalty is computed in fp32.
+They follow the PyTorch AMP gradient-penalty recipe: the outputs are scaled before ``autograd.grad`` (so
+fp16 gradients do not underflow), the gradients are unscaled afterwards, and the penalty is computed in fp32.
+The inner backward is seeded with the MEAN of the outputs times the GradScaler's scale S: each sample's
+seed is S / B, the size the loss's own backward has (a mean over the batch), which the scaler keeps below
+overflow. Seeding with the sum would give each sample S (65,536 at the start: above fp16's 65,504).
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ from torch import Tensor
 
 from distgan.config import LossConfig, choices
 from distgan.precision import at_least_fp32
-
 
 
 def _d_bce(real: Tensor, fake: Tensor) -> Tensor:  # -log sigmoid(r) - log(1 - sigmoid(f))
@@ -64,8 +65,13 @@ def _input_grads(outputs: Tensor, inputs: Tensor, grad_scale: Union[float, Tenso
     """d outputs.sum() / d inputs as (at least) fp32 [B, prod(rest)], differentiable (create_graph=True)."""
     if not inputs.requires_grad:
         raise ValueError("gradient penalty: the inputs must require grad (call inputs.requires_grad_(True) before D)")
-    (grad,) = torch.autograd.grad(outputs=at_least_fp32(outputs).sum() * grad_scale, inputs=inputs, create_graph=True)
-    grad = at_least_fp32(grad) / grad_scale
+    outputs = at_least_fp32(outputs)
+    if isinstance(grad_scale, float) and grad_scale == 1.0:  # no loss scaler: the plain gradient, no rounding
+        (grad,) = torch.autograd.grad(outputs=outputs.sum(), inputs=inputs, create_graph=True)
+    else:  # each sample seeded with S / B (see the module docstring), then unscaled
+        (grad,) = torch.autograd.grad(outputs=outputs.mean() * grad_scale, inputs=inputs, create_graph=True)
+        grad = grad * (outputs.numel() / grad_scale)
+    grad = at_least_fp32(grad)
     return rearrange(grad, "b ... -> b (...)")
 
 

@@ -8,7 +8,7 @@ backward (and one DDP all-reduce) per phase, never a penalty-only pass.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from torch import Tensor, nn
 
@@ -34,11 +34,11 @@ class GANObjective:
         return self.penalty == "wgan-gp"
 
     def discriminator(self, D: nn.Module, real: Tensor, fake: Tensor, *, regularize: bool, alpha: Optional[Tensor],
-                      autocast: Autocast, grad_scale: float) -> tuple[Tensor, Figures]:
+                      autocast: Autocast, grad_scale: Union[float, Tensor]) -> tuple[Tensor, Figures]:
         """D's loss on real images and (detached) generated ones, plus the weighted penalty when ``regularize``.
 
-        ``grad_scale`` is the fp16 loss scale (1 otherwise): the penalty's inner gradient is taken on scaled
-        outputs and unscaled after, as in PyTorch's AMP gradient-penalty recipe.
+        ``grad_scale`` is the fp16 loss scale (a device tensor: reading it would sync; 1.0 otherwise): the
+        penalty's inner gradient is taken on scaled outputs and unscaled after, as in PyTorch's AMP recipe.
         """
         fake = at_least_fp32(fake)
         if regularize and self.penalty == "r1":

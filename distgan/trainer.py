@@ -6,8 +6,11 @@ business; how it ends (one backward, gradient norm and clipping, the finite chec
 one shared tail. The GAN step's distribution decisions sit here (process and precision set-up is in
 distgan.distributed):
 - ``train.batch_size`` is global; each of N processes takes batch_size / N.
-- Latents (and WGAN-GP mixing weights) are drawn for the GLOBAL batch from a generator seeded by
-  (seed, step, phase) and each rank takes its slice, so N processes and one process see the same numbers.
+- Latents (and WGAN-GP mixing weights) are drawn on the device for the GLOBAL batch from a generator seeded
+  by (seed, step, phase) and each rank takes its slice, so N processes and one process see the same numbers.
+- No host sync per step: finiteness and fp16 overflows are counted on the device (``StepHealth``), a phase
+  with non-finite gradients is skipped on the device (fused optimizers), and the counts are read at the
+  sync points (log, samples, evaluation, checkpoint, end), where G's BN buffers are also averaged over ranks.
 - Other randomness (dropout) is reseeded per step from (seed, step, rank): resume needs no RNG state.
 - D is frozen and called unwrapped in the G phase, so it neither accumulates nor all-reduces gradients.
 """
@@ -26,25 +29,25 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-
 from accelerate.utils import broadcast_object_list
+from torch import Tensor, nn
 
 from distgan.checkpoint import (
     TrainState, checkpoint_config, checkpoint_step, find_resume_path, list_checkpoints, load_checkpoint, read_best,
     save_best, save_checkpoint, set_aside_newer,
 )
 from distgan.config import Config, ConfigError, OptimizerConfig, dump_yaml
-from distgan.errors import UserError
-from distgan.first_use import needs_preparing, prepare_data
-from distgan.rundir import RunDirLock, check_resume_config, record_config, refuse_overwrite, set_aside_results
-from distgan.data.stream import DataSource, ShardSource
-from distgan.distributed import any_rank, make_accelerator, set_cpu_threads
+from distgan.data.stream import DataSource, ShardSource, normalize_images
+from distgan.distributed import any_rank, average_buffers, make_accelerator, set_cpu_threads
 from distgan.ema import EMA
+from distgan.errors import UserError
 from distgan.export import export_generator
+from distgan.first_use import needs_preparing, prepare_data
 from distgan.metrics.registry import is_better
 from distgan.nn import build_discriminator, build_generator, sample_latent
 from distgan.objective import Figures, GANObjective
+from distgan.precision import loss_scale, step_unless, unscale_and_norm
+from distgan.rundir import RunDirLock, check_resume_config, record_config, refuse_overwrite, set_aside_results
 from distgan.stop import StopRequest
 from distgan.tracking import RunLog, save_gif, save_grid, wandb_mode_for_environment
 
@@ -52,10 +55,49 @@ log = logging.getLogger(__name__)
 
 # stream ids of the per-step random draws: (seed, step, stream, sub-step) -> numbers
 DRAW_D_LATENT, DRAW_G_LATENT, DRAW_GP_ALPHA = 0, 1, 2
+# fp16: this many overflowing phases in a row stop the run (from the initial scale 65536, 17 halvings reach 1)
+MAX_CONSECUTIVE_OVERFLOWS = 20
+MIN_BN_SAMPLES = 32  # plain batch norm on fewer samples per rank than this gets a warning
 
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+class StepHealth:
+    """Non-finite losses and gradients and fp16 overflows, counted on the device every phase and read with one
+    gather at a sync point: the step itself never waits for the host.
+
+    A phase whose gradients are not finite is skipped (its gradients are all-reduced, so every rank skips
+    it). Under fp16 that is an overflow the loss scaler answers by lowering its scale; a non-finite total
+    loss (penalty included) is a real error in every precision. The counts: [skipped or overflowing phases,
+    the current run of them, the longest run, the first bad step, its phase (0 D, 1 G)], -1 for none.
+    """
+
+    def __init__(self, device: torch.device, fp16: bool) -> None:
+        self.fp16 = fp16
+        self.counts = torch.tensor([0, 0, 0, -1, -1], dtype=torch.int64, device=device)
+
+    def record(self, step: int, phase: int, loss: Tensor, grad_norm: Tensor) -> Tensor:
+        """Count one phase; return the device flag that skips its optimizer step."""
+        skip = ~torch.isfinite(grad_norm)
+        bad = ~torch.isfinite(loss.detach())
+        if not self.fp16:
+            bad = bad | skip
+        c = self.counts
+        run = (c[1] + 1) * skip
+        first = bad & (c[3] < 0)
+        c.copy_(torch.stack([c[0] + skip, run, torch.maximum(c[2], run), torch.where(first, step, c[3]),
+                             torch.where(first, phase, c[4])]))
+        return skip
+
+    def read(self, accelerator) -> list[list[int]]:
+        """Every rank's counts (one gather, one host sync); the counters restart, the current run goes on."""
+        rows = accelerator.gather(self.counts[None]) if accelerator.num_processes > 1 else self.counts[None]
+        rows = rows.tolist()
+        c = self.counts
+        c.copy_(torch.stack([torch.zeros_like(c[0]), c[1], c[1], -torch.ones_like(c[0]), -torch.ones_like(c[0])]))
+        return rows
 
 
 @dataclass
@@ -90,11 +132,24 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def make_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg: OptimizerConfig, params, fused: bool = False) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg``; ``fused``: one kernel for all parameters, and a step skippable on the device."""
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def warn_small_bn_batch(cfg: Config, local_batch: int, world: int) -> None:
+    """Plain batch norm normalises each rank's own samples: too few of them make noisy statistics."""
+    plain = [name for name, norm in (("generator", cfg.generator.norm), ("discriminator", cfg.discriminator.norm))
+             if norm == "batch"]
+    if plain and local_batch < MIN_BN_SAMPLES and world > 1:
+        log.warning(
+            "per-rank batch %d (train.batch_size=%d over %d processes) with plain batch norm in %s: statistics of "
+            "fewer than %d samples are noisy. Raise train.batch_size to at least %d (and scale the learning rate, "
+            "see the README) or use norm=sync-batch", local_batch, cfg.train.batch_size, world, " and ".join(plain),
+            MIN_BN_SAMPLES, MIN_BN_SAMPLES * world)
 
 
 class Trainer:
@@ -111,24 +166,34 @@ class Trainer:
             self.rank, self.world, socket.gethostname(), os.environ.get("SLURM_NODEID", "-"),
             acc.device, torch.get_num_threads(), self.local_batch,
         )
+        if acc.is_main_process:
+            warn_small_bn_batch(cfg, self.local_batch, self.world)
         if source is None and needs_preparing(cfg.data):
             self._on_main_process(lambda: prepare_data(cfg.data))
-        self.source = source or ShardSource(cfg.data)
+        self.source = source or ShardSource(cfg.data, raw=acc.device.type == "cuda")  # uint8, normalised on the GPU
         res, ch = self.source.resolution, self.source.channels
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         G = build_generator(cfg.generator, res, ch)
         D = build_discriminator(cfg.discriminator, res, ch)
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        G.to(memory_format=self.memory_format)
+        D.to(memory_format=self.memory_format)
         self.ema = EMA(G, cfg.ema) if cfg.ema.enabled else None
-        opt_g = make_optimizer(cfg.g_optim, G.parameters())
-        opt_d = make_optimizer(cfg.d_optim, D.parameters())
+        fused = acc.device.type in ("cpu", "cuda")
+        opt_g = make_optimizer(cfg.g_optim, G.parameters(), fused=fused)
+        opt_d = make_optimizer(cfg.d_optim, D.parameters(), fused=fused)
         self.G, self.D, self.opt_g, self.opt_d = acc.prepare(G, D, opt_g, opt_d)
         self.G_plain, self.D_plain = acc.unwrap_model(self.G), acc.unwrap_model(self.D)
+        if cfg.train.compile:  # in place: DDP, the G phase's unwrapped D and the state_dict keys stay as they are
+            self.G_plain.compile()
+            self.D_plain.compile()
         if self.ema is not None:
             self.ema.model.to(acc.device)
         self.objective = GANObjective(cfg.loss)
         self.d_phase = Phase("d", self.D, self.opt_d, repeats=cfg.train.d_steps,
                              reg_interval=self.objective.reg_interval)
         self.g_phase = Phase("g", self.G, self.opt_g, frozen=self.D_plain)
+        self.health = StepHealth(acc.device, fp16=acc.scaler is not None)
 
         self.state = TrainState(world_size=self.world)
         self.lock = RunDirLock(self.run_dir)
@@ -163,7 +228,7 @@ class Trainer:
         self._start_run_dir()
         data = self.source.batches(self.local_batch, self.rank, self.world, cfg.run.seed, st.batches_consumed)
         images_per_step = cfg.train.batch_size * cfg.train.d_steps
-        window: dict[str, list[Tensor]] = {}  # figures since the last log line
+        window: dict[str, list[tuple[Tensor, Tensor]]] = {}  # (figure, phase skipped) since the last log line
         stopped = False
         started = time.perf_counter()
 
@@ -186,22 +251,67 @@ class Trainer:
                 self.ema_beta = self.ema.update(self.G_plain, st.step, images_per_step, st.images_seen)
             if self.run_log:
                 self.run_log.advance()
-            # --- log, samples, evaluation, checkpoint, stop request
-            if every(cfg.log.every):
+            # --- sync points: health check (and BN buffers); log, samples, evaluation, checkpoint; stop request
+            log_due, sample_due = every(cfg.log.every), every(cfg.log.sample_every)
+            eval_due = self.evaluator is not None and (every(cfg.eval.every) if cfg.eval.every else st.step == cfg.train.steps)
+            save_due = st.step % cfg.checkpoint.every == 0 and st.step < cfg.train.steps
+            if log_due or sample_due or eval_due or save_due:
+                self.check_health()
+            if sample_due or eval_due or save_due:
+                self.sync_buffers()
+            if log_due:
                 self.log_figures(window)
-            if every(cfg.log.sample_every) and self.accelerator.is_main_process:
+            if sample_due and self.accelerator.is_main_process:
                 self.run_log.log_images(st.step, self.write_samples(st.step))
-            if self.evaluator is not None and (every(cfg.eval.every) if cfg.eval.every else st.step == cfg.train.steps):
+            if eval_due:
                 self.evaluate(st.step)
-            if st.step % cfg.checkpoint.every == 0 and st.step < cfg.train.steps:
+            if save_due:
                 self.save()
             if st.step % cfg.train.stop_check_every == 0 and st.step < cfg.train.steps and self.stop_requested():
                 stopped = True
                 break
         if hasattr(data, "close"):
             data.close()
+        self.check_health()
+        self.sync_buffers()
         self._finish(stopped, time.perf_counter() - started)
         return st
+
+    def check_health(self) -> None:
+        """Read the device counts of non-finite phases and fp16 overflows (one gather); stop the run when it must."""
+        rows = self.health.read(self.accelerator)
+        count, longest = rows[0][0], rows[0][2]  # gradients are all-reduced: the same on every rank
+        bad = [(row[3], row[4]) for row in rows if row[3] >= 0]
+        st, scaler = self.state, self.accelerator.scaler
+        if scaler is not None:
+            st.overflow_steps += count
+            scale = scaler.get_scale()
+            if longest >= MAX_CONSECUTIVE_OVERFLOWS or scale < 1.0:
+                raise NonFiniteError(
+                    f"step {st.step}: the fp16 gradients keep overflowing (loss scale {scale:g}, below 1 stops; "
+                    f"{longest} overflowing phases in a row, {MAX_CONSECUTIVE_OVERFLOWS} stop). Last good checkpoint: "
+                    f"{self._last_checkpoint()}. Lower the learning rate, add a penalty, or train in bf16 "
+                    "(train.mixed_precision=bf16)."
+                )
+        else:
+            st.skipped_steps += count
+        if not bad:
+            return
+        step, phase = min(bad)
+        if self.cfg.train.on_nonfinite == "skip":
+            log.warning("step %d: non-finite %s loss or gradient; %d phases skipped since the last check "
+                        "(train.on_nonfinite=skip)", step, "DG"[phase], count)
+            return
+        raise NonFiniteError(
+            f"step {step}: the {'DG'[phase]} loss or gradient is not finite. Last good checkpoint: "
+            f"{self._last_checkpoint()}. Lower the learning rate, add a penalty, or set train.on_nonfinite=skip."
+        )
+
+    def sync_buffers(self) -> None:
+        """G's and D's BN running statistics averaged over ranks, and G_ema's copied from G's (one all-reduce)."""
+        average_buffers(self.accelerator, self.G_plain, self.D_plain)
+        if self.ema is not None:
+            self.ema.copy_buffers(self.G_plain)
 
     def stop_requested(self) -> bool:
         """A stop signal or STOP file on any rank (one small all-reduce)."""
@@ -213,7 +323,10 @@ class Trainer:
     def _next_real(self, data) -> Tensor:
         real, _labels = next(data)
         self.state.batches_consumed += 1
-        return real.to(self.accelerator.device, non_blocking=True)
+        real = real.to(self.accelerator.device, non_blocking=True)
+        if real.dtype == torch.uint8:
+            real = normalize_images(real)
+        return real.contiguous(memory_format=self.memory_format)
 
     def _d_loss(self, real: Tensor, step: int, sub: int) -> tuple[Tensor, Figures]:
         acc = self.accelerator
@@ -222,61 +335,40 @@ class Trainer:
         regularize = self.d_phase.regularizes(step * self.d_phase.repeats + sub)
         alpha = None
         if regularize and self.objective.needs_alpha:
-            alpha = self._global_slice(step, DRAW_GP_ALPHA, sub,
-                                       lambda gen: torch.rand(self.cfg.train.batch_size, generator=gen))
-        scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
+            alpha = self._global_slice(step, DRAW_GP_ALPHA, sub, lambda gen: torch.rand(
+                self.cfg.train.batch_size, generator=gen, device=gen.device))
         return self.objective.discriminator(self.D, real, fake, regularize=regularize, alpha=alpha,
-                                            autocast=acc.autocast, grad_scale=scale)
+                                            autocast=acc.autocast, grad_scale=loss_scale(acc.scaler))
 
     def _g_loss(self, step: int) -> tuple[Tensor, Figures]:
         z = self._latent(step, DRAW_G_LATENT, 0)
         return self.objective.generator(self.D_plain, self.G, z, self.accelerator.autocast)
 
-    def _run_phase(self, phase: Phase, step: int, window: dict[str, list[Tensor]],
+    def _run_phase(self, phase: Phase, step: int, window: dict[str, list[tuple[Tensor, Tensor]]],
                    compute: Callable[[], tuple[Tensor, Figures]]) -> None:
-        """The tail every phase shares: one backward, gradient norm (and clip), finite check, optimizer step."""
+        """The tail every phase shares: one backward; unscale (fp16) and norm (and clip) this phase's gradients
+        only; count non-finite values on the device; the optimizer step, skipped on the device when the
+        gradients are not finite; the loss scaler's update either way. No host sync."""
         acc = self.accelerator
         with frozen(phase.frozen):
             loss, figures = compute()
             acc.backward(loss)
-        grad_norm = acc.clip_grad_norm_(phase.module.parameters(), self.cfg.train.max_grad_norm or math.inf)
+        optimizer = phase.optimizer.optimizer  # the torch optimizer inside Accelerate's wrapper
+        grad_norm = unscale_and_norm(optimizer, acc.scaler, self.cfg.train.max_grad_norm)
         figures[f"grad_norm_{phase.name}"] = grad_norm
-        if self._finite_or_skip(phase.name.upper(), step, figures[f"loss_{phase.name}"], grad_norm):
-            phase.optimizer.step()
-            if acc.scaler is not None and phase.optimizer.step_was_skipped:  # fp16 overflow: scale lowered
-                self.state.overflow_steps += 1
-            for key, value in figures.items():
-                window.setdefault(key, []).append(value.detach().float())
+        skip = self.health.record(step, "dg".index(phase.name), loss, grad_norm)  # the total loss, penalty included
+        step_unless(optimizer, acc.scaler, skip)
+        for key, value in figures.items():
+            window.setdefault(key, []).append((value.detach().float(), skip))
         phase.optimizer.zero_grad(set_to_none=True)
-
-    def _finite_or_skip(self, phase: str, step: int, loss: Tensor, grad_norm: Tensor) -> bool:
-        """True when the step may go on; False when it is skipped; raises when the run must stop.
-
-        One host sync per phase. Under fp16 an inf gradient is an overflow that the loss scaler skips.
-        """
-        values = [loss.float()]
-        if self.accelerator.scaler is None:
-            values.append(grad_norm.float())
-        (bad,) = any_rank(self.accelerator, not bool(torch.isfinite(torch.stack(values)).all()))
-        if not bad:
-            return True
-        if self.cfg.train.on_nonfinite == "skip":
-            self.state.skipped_steps += 1
-            log.warning("step %d: non-finite %s loss or gradient; step skipped (train.on_nonfinite=skip)", step, phase)
-            return False
-        raise NonFiniteError(
-            f"step {step}: the {phase} loss or gradient is not finite (loss {loss.item()}, grad norm "
-            f"{grad_norm.item()}). Last good checkpoint: {self._last_checkpoint()}. Lower the learning rate, add a "
-            "penalty, or set train.on_nonfinite=skip."
-        )
 
     # ------------------------------------------------------------------ randomness
 
     def _global_slice(self, step: int, stream: int, sub: int, draw: Callable[[torch.Generator], Tensor]) -> Tensor:
-        """This rank's slice of numbers drawn for the GLOBAL batch: the same for any process count."""
-        gen = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, step, stream, sub))
-        full = draw(gen)
-        return full[self.rank * self.local_batch:(self.rank + 1) * self.local_batch].to(self.accelerator.device)
+        """This rank's slice of numbers drawn on the device for the GLOBAL batch: the same for any process count
+        (on one device type), with no host-to-device copy."""
+        gen = torch.Generator(self.accelerator.device).manual_seed(derive_seed(self.cfg.run.seed, step, stream, sub))
+        return draw(gen)[self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
 
     def _latent(self, step: int, stream: int, sub: int) -> Tensor:
         g = self.cfg.generator
@@ -285,11 +377,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ what a step leaves behind
 
-    def log_figures(self, window: dict[str, list[Tensor]]) -> None:
-        """One metrics.jsonl line (and wandb point) of the figures since the last one; main process only."""
+    def log_figures(self, window: dict[str, list[tuple[Tensor, Tensor]]]) -> None:
+        """One metrics.jsonl line (and wandb point) of the figures since the last one, skipped phases left out
+        (NaN when all were); main process only."""
         st, acc = self.state, self.accelerator
         if acc.is_main_process:
-            values = {k: torch.stack(v).mean().item() for k, v in window.items()}
+            means = []
+            for pairs in window.values():
+                values, kept = torch.stack([v for v, _ in pairs]), ~torch.stack([s for _, s in pairs])
+                means.append(torch.where(kept, values, 0.0).sum() / kept.sum())
+            values = dict(zip(window, torch.stack(means).tolist())) if means else {}
             values.update(images_seen=st.images_seen, kimg=st.images_seen / 1000,
                           lr_g=self.opt_g.param_groups[0]["lr"], lr_d=self.opt_d.param_groups[0]["lr"],
                           images_per_s=self.run_log.images_per_second(st.images_seen),

@@ -1,7 +1,7 @@
 """Train cases of the DDP equivalence matrix for a few steps and write each rank's weights (or gradients).
 
     python tests/distributed/equivalence_run.py OUT [CASE ...] [--steps N] [--tag T] [--resume auto] [--grads]
-    ACCELERATE_USE_CPU=1 accelerate launch --config_file launch/cpu-2proc.yaml tests/distributed/equivalence_run.py OUT
+    accelerate launch --config_file launch/cpu-2proc.yaml tests/distributed/equivalence_run.py OUT
 
 Writes OUT/CASE/{T}world{W}-rank{R}.safetensors with G.*, D.*, G_ema.* tensors; the run dir is OUT/CASE/T
 (default: one per process count), so a second call with the same --tag and --resume auto continues it, on

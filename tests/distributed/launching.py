@@ -1,8 +1,8 @@
 """Run commands through the real launcher with a timeout: no multi-process test may hang CI.
 
 The commands are the README's own: ``accelerate launch --config_file launch/cpu.yaml`` for one process and
-``ACCELERATE_USE_CPU=1 accelerate launch --config_file launch/cpu-2proc.yaml`` for two, so a broken launch
-file fails the tests, not a user.
+``accelerate launch --config_file launch/cpu-2proc.yaml`` for two (no ACCELERATE_USE_CPU: distgan asks for the
+CPU itself when there is no CUDA), so a broken launch file fails the tests, not a user.
 """
 from __future__ import annotations
 
@@ -28,14 +28,16 @@ def free_port() -> int:
 
 
 def cpu_env(**extra: str) -> dict[str, str]:
-    """The environment of a CPU launch: gloo DDP (ACCELERATE_USE_CPU=1), wandb offline, this working tree first."""
+    """The environment of a CPU launch: wandb offline, this working tree first, and no ACCELERATE_USE_CPU (a user
+    does not need it: the tests prove that)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": path, **extra}
     # For scripts that do not go through distgan's trainer (it ignores this and follows train.cpu_threads):
     # tiny models run fastest on one thread per process on few cores.
     env.setdefault("OMP_NUM_THREADS", "1")
     env.pop("WORLD_SIZE", None)
+    env.pop("ACCELERATE_USE_CPU", None)
     return env
 
 

@@ -65,11 +65,8 @@ def test_ranks_identical_and_equal_to_one_process(float64_runs, case):
     one = _load(float64_runs, case, 1, 0)
     assert set(r0) == set(one) and any(k.startswith("G_ema.") for k in r0)
     per_rank_bn = case.endswith("bn-g") and not case.endswith("syncbn-g")
-    running = lambda k: "running" in k or "num_batches" in k  # noqa: E731
-    for key in r0:  # parameters identical across ranks, bit for bit
-        if per_rank_bn and running(key):
-            continue  # plain BN: each rank keeps statistics of its own half-batch, by definition
-        assert torch.equal(r0[key], r1[key]), f"{case}: {key} differs across ranks"
+    for key in r0:  # parameters and buffers identical across ranks, bit for bit (plain BN's running statistics
+        assert torch.equal(r0[key], r1[key]), f"{case}: {key} differs across ranks"  # are averaged over ranks)
     if per_rank_bn:
         # Plain BN normalises each rank's half-batch separately: not the one-process computation. This is
         # why sync-batch exists; assert the difference is real so the synchronized cases below mean something.

@@ -40,7 +40,7 @@ def test_the_launch_lines_are_the_readmes():
     """launching.py runs these files; the README must tell users the same lines, or the tests prove another command."""
     readme = (REPO / "README.md").read_text()
     assert f"accelerate launch --config_file {LAUNCH_CONFIGS[1]} -m distgan.train" in readme
-    assert f"ACCELERATE_USE_CPU=1 accelerate launch --config_file {LAUNCH_CONFIGS[2]} -m distgan.train" in readme
+    assert f"\n    accelerate launch --config_file {LAUNCH_CONFIGS[2]} -m distgan.train" in readme
     assert all((REPO / path).is_file() for path in LAUNCH_CONFIGS.values())
 
 
@@ -122,16 +122,31 @@ def test_resume_across_process_counts(fashion_shards, tmp_path, first, second):
     assert state["step"] == 20 and state["images_seen"] == 20 * 16 and state["world_size"] == second
 
 
-@pytest.mark.timeout(120)
-def test_silent_replicas_are_refused(fashion_shards, tmp_path):
-    """torchrun with a plain Accelerator on a CPU machine would give 2 independent replicas: refused."""
-    env = cpu_env()
-    env.pop("ACCELERATE_USE_CPU")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m"] + train_args(fashion_shards, tmp_path / "run")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=100)
-    assert proc.returncode != 0
-    assert "independent replica" in proc.stderr and "ACCELERATE_USE_CPU=1" in proc.stderr
+LAUNCHERS = {  # the two ways to start 2 processes, neither told about the CPU
+    "accelerate-multi-gpu": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             "--main_process_port"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"],
+}
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_a_cpu_machine_needs_no_variable_for_two_ranks(fashion_shards, tmp_path, launcher):
+    """`accelerate launch --multi_gpu --num_processes 2` (and torchrun) without ACCELERATE_USE_CPU on a machine
+    without CUDA: distgan asks Accelerate for the CPU and gets 2 gloo ranks (before: refused, or with a plain
+    Accelerator 2 silent independent replicas, each "rank 0/1")."""
+    env = cpu_env()  # no ACCELERATE_USE_CPU
+    run = tmp_path / "run"
+    cmd = LAUNCHERS[launcher] + [str(free_port()), "-m"] + train_args(fashion_shards, run, "train.steps=5",
+                                                                         "checkpoint.every=5")
+    child = start(cmd, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = child.communicate(timeout=150)
+    finally:
+        kill_launched(child)
+    assert child.returncode == 0, out[-4000:]
+    assert "rank 0/2" in out and "rank 1/2" in out, out[-3000:]
+    assert steps_logged(run) == [5]
 
 
 @pytest.mark.timeout(120)

@@ -1,0 +1,68 @@
+"""The GPU-oriented options, as far as CPU can check them: channels_last trains the same math, torch.compile is
+refused with a gradient penalty, and plain batch norm on a small per-rank batch is warned about."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from distgan.config import ConfigError, DataConfig, load_config
+from distgan.data.stream import make_batch_iterator, normalize_images
+from distgan.trainer import Trainer, warn_small_bn_batch
+from tests.distributed.support import MemorySource
+from tests.test_data_pipeline import make_dataset, take
+
+
+def test_compile_with_a_penalty_is_refused():
+    with pytest.raises(ConfigError, match=r"train.compile=true with loss.penalty=r1: .*Set train.compile=false"):
+        load_config("smoke", ["train.compile=true", "loss.penalty=r1"])
+    assert load_config("smoke", ["train.compile=true"]).train.compile
+
+
+@pytest.mark.parametrize("norms,batch,world,warned", [
+    (("batch", "batch"), 128, 8, True),  # 16 per rank
+    (("sync-batch", "none"), 128, 8, False),  # synchronized: the global batch
+    (("batch", "batch"), 16, 1, False),  # one process: the batch the user chose
+    (("batch", "none"), 128, 2, False),  # 64 per rank
+])
+def test_plain_bn_on_a_small_per_rank_batch_warns(caplog, norms, batch, world, warned):
+    cfg = load_config("cifar10", [f"generator.norm={norms[0]}", f"discriminator.norm={norms[1]}",
+                                  f"train.batch_size={batch}"])
+    with caplog.at_level(logging.WARNING, logger="distgan.trainer"):
+        warn_small_bn_batch(cfg, batch // world, world)
+    assert ("plain batch norm" in caplog.text) == warned
+    if warned:
+        assert "per-rank batch 16 (train.batch_size=128 over 8 processes)" in caplog.text
+        assert "at least 256" in caplog.text and "sync-batch" in caplog.text
+
+
+def first_losses(tmp_path, *overrides: str) -> tuple[Trainer, dict]:
+    cfg = load_config("smoke", [f"run.dir={tmp_path}", "train.steps=2", "log.every=1", "log.sample_every=1000",
+                                "log.gif=false", "train.cpu_threads=1", *overrides])
+    trainer = Trainer(cfg, source=MemorySource())
+    trainer.fit()
+    return trainer, json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+
+
+@pytest.mark.timeout(120)
+def test_channels_last_trains_the_same_math(tmp_path):
+    trainer, nhwc = first_losses(tmp_path / "nhwc", "train.channels_last=true")
+    conv = next(m for m in trainer.D_plain.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.stride()[1] == 1
+    _, nchw = first_losses(tmp_path / "nchw")
+    # step 0's figures come from the initial weights: equal up to float32 rounding of a few conv layers (the
+    # logit means d_real/d_fake are near 0: an absolute bound, from logits of size ~1 and ~1e-7 per operation)
+    for key in ("loss_d", "loss_g", "d_real", "d_fake"):
+        assert nhwc[key] == pytest.approx(nchw[key], rel=1e-5, abs=1e-5), key
+
+
+def test_raw_uint8_batches_normalise_to_the_float_stream_bit_for_bit(tmp_path):
+    """On a GPU the stream hands over uint8 (a quarter of the bytes, pinned) and the trainer normalises on the
+    device: the same numbers as the float32 stream."""
+    cfg = DataConfig(path=str(make_dataset(tmp_path / "ds", n=60, shard_size=20)), num_workers=0, hflip=True)
+    floats = take(make_batch_iterator(cfg, 8, rank=0, world_size=1, seed=4), 9)
+    raw = take(make_batch_iterator(cfg, 8, rank=0, world_size=1, seed=4, raw=True), 9)
+    assert all(r.dtype == torch.uint8 for r, _ in raw)
+    assert all(torch.equal(normalize_images(r), f) and torch.equal(rl, fl) for (r, rl), (f, fl) in zip(raw, floats))
