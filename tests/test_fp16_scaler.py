@@ -21,11 +21,11 @@ from tests.distributed.support import MemorySource
 from tests.test_train_e2e import NaNSource
 
 
-def fp16_trainer(tmp_path, source, *overrides: str) -> Trainer:
+def fp16_trainer(tmp_path, source, *overrides: str, init_scale: float = 2.0**16) -> Trainer:
     cfg = load_config("smoke", [f"run.dir={tmp_path}", "log.sample_every=1000", "checkpoint.every=1000",
                                 "log.gif=false", "train.cpu_threads=1", *overrides])
     trainer = Trainer(cfg, source=source)
-    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")  # what Accelerate builds for fp16 on a GPU
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)  # as Accelerate's for fp16
     trainer.health = StepHealth(trainer.accelerator.device, fp16=True)
     return trainer
 
@@ -65,6 +65,19 @@ def test_a_scale_below_one_stops_the_run(tmp_path):
                            "train.on_nonfinite=skip")
     with pytest.raises(NonFiniteError, match=r"step 20: .*loss scale 0.0625.*Last good checkpoint: none yet"):
         trainer.fit()
+
+
+@pytest.mark.timeout(120)
+def test_consecutive_overflows_stop_the_run(tmp_path, monkeypatch):
+    """D and G gradients overflow every phase (NaN reals, a NaN G loss): the run stops at the first check after
+    20 overflowing phases in a row, although the scale (2^100 halved 20 times) is still far above 1."""
+    real_g_loss = losses.generator_loss
+    monkeypatch.setattr(losses, "generator_loss", lambda kind, logits: real_g_loss(kind, logits) * float("nan"))
+    trainer = fp16_trainer(tmp_path, NaNSource(bad_from=0), "train.steps=12", "log.every=10",
+                           "train.on_nonfinite=skip", init_scale=2.0**100)
+    with pytest.raises(NonFiniteError, match=r"step 10: .*20 overflowing phases in a row, 20 stop"):
+        trainer.fit()
+    assert trainer.accelerator.scaler.get_scale() == 2.0**80
 
 
 def test_consecutive_overflows_are_counted_on_the_device():
