@@ -1,6 +1,7 @@
 """Sources -> shards: IDX, CIFAR-10 archives, image folders, npz, the shard writer, download, and the CLI."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import http.server
@@ -23,7 +24,7 @@ from conftest import require_fashion_mnist
 from distgan import prepare
 from distgan.data import download as dl
 from distgan.data.errors import DataError
-from distgan.data.raw import FASHION_MNIST_DIR, load_idx_split, open_source, read_idx
+from distgan.data.raw import FASHION_MNIST_DIR, load_idx_split, mixed_order, open_source, read_idx
 from distgan.data.shards import read_dataset_info, read_shard, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,15 +160,34 @@ def test_folder_source(tmp_path):
     record = json.loads((out / "dataset.json").read_text())
     assert (record["classes"], record["count"], record["channels"], record["resolution"]) == (["cat", "dog"], 3, 3, 8)
     images, labels = read_all(read_dataset_info(str(out)))
-    assert labels.tolist() == [0, 0, 1]
-    assert (images[0].transpose(1, 2, 0) == (0, 200, 0)).all()  # the center crop of the wide image
-    assert (images[1] == 77).all()  # grayscale -> RGB repeats the gray value
-    assert np.abs(images[2].astype(int).transpose(1, 2, 0) - (255, 0, 0)).max() <= 1
+    wide, gray_file, red = (list(mixed_order(3)).index(i) for i in range(3))  # sorted file i is written at this place
+    assert labels[[wide, gray_file, red]].tolist() == [0, 0, 1]
+    assert (images[wide].transpose(1, 2, 0) == (0, 200, 0)).all()  # the center crop of the wide image
+    assert (images[gray_file] == 77).all()  # grayscale -> RGB repeats the gray value
+    assert np.abs(images[red].astype(int).transpose(1, 2, 0) - (255, 0, 0)).max() <= 1
 
     gray = open_source("folder", root, resolution=8, channels=1)
     gray_images = list(gray.images)
-    assert gray.channels == 1 and gray_images[2].shape == (8, 8, 1)
-    assert abs(int(gray_images[2][4, 4, 0]) - 76) <= 1  # ITU-R 601 luma of pure red
+    assert gray.channels == 1 and gray_images[red].shape == (8, 8, 1)
+    assert abs(int(gray_images[red][4, 4, 0]) - 76) <= 1  # ITU-R 601 luma of pure red
+
+
+def test_class_sorted_sources_are_written_mixed(tmp_path):
+    """A folder or array sorted by class: every shard (and a --limit subset) holds several classes, or each
+    local batch, read from one shard, would hold one class."""
+    root = tmp_path / "images"
+    for name in ("a", "b", "c", "d"):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((4, 4), i, np.uint8)).save(root / name / f"{i}.png")
+    assert prepare.main(["folder", "--src", str(root), "--out", str(tmp_path / "out"), "--shard-size", "10",
+                         "--no-progress"]) == 0
+    info = read_dataset_info(str(tmp_path / "out"))
+    per_shard = [set(read_all(dataclasses.replace(info, shards=[shard], count=None))[1].tolist())
+                 for shard in info.shards]
+    assert len(per_shard) == 4 and all(len(classes) >= 3 for classes in per_shard), per_shard
+    np.savez(tmp_path / "sorted.npz", images=np.zeros((40, 4, 4), np.uint8), labels=np.repeat(np.arange(4), 10))
+    assert len(set(open_source("npz", tmp_path / "sorted.npz", limit=10).labels)) >= 3
 
 
 def test_npz_source(tmp_path):
@@ -177,12 +197,13 @@ def test_npz_source(tmp_path):
     np.savez(tmp_path / "nhwc.npz", x=(u8 / 255.0), y=np.arange(6) % 2)
     np.savez(tmp_path / "nhw.npz", x=u8[..., 0])
     np.savez(tmp_path / "bad.npz", pixels=u8)
+    order = mixed_order(6)
     a = open_source("npz", tmp_path / "nchw.npz")
-    np.testing.assert_array_equal(np.stack(list(a.images)), u8)
-    assert a.labels == list(range(6))
+    np.testing.assert_array_equal(np.stack(list(a.images)), u8[order])
+    assert a.labels == order.tolist()
     b = open_source("npz", tmp_path / "nhwc.npz", limit=4)
-    np.testing.assert_array_equal(np.stack(list(b.images)), u8[:4])
-    assert b.labels == [0, 1, 0, 1] and b.count == 4
+    np.testing.assert_array_equal(np.stack(list(b.images)), u8[order[:4]])
+    assert b.labels == (order[:4] % 2).tolist() and b.count == 4
     c = open_source("npz", tmp_path / "nhw.npz", channels=3)
     assert c.labels is None and np.stack(list(c.images)).shape == (6, 4, 4, 3)
     with pytest.raises(DataError, match="no 'images' or 'x'"):

@@ -75,6 +75,11 @@ def fit_image(image: Image.Image | np.ndarray, resolution: Optional[int], channe
     return array[:, :, None] if array.ndim == 2 else array
 
 
+def mixed_order(n: int) -> np.ndarray:
+    """A fixed permutation of range(n): sources that may be sorted by class are written in this order."""
+    return np.random.default_rng(0).permutation(n)
+
+
 def from_array(images: np.ndarray, labels: Optional[np.ndarray], classes: Optional[list[str]],
                resolution: Optional[int], channels: Optional[int], limit: Optional[int]) -> RawDataset:
     """A RawDataset over an N,H,W,C uint8 array; images are converted only when resolution/channels differ."""
@@ -327,11 +332,14 @@ def scan_folder(root: str | Path) -> tuple[list[Path], Optional[list[int]], Opti
 
 def read_folder(root: Path, split: str, resolution: Optional[int], channels: Optional[int],
                 limit: Optional[int]) -> RawDataset:
-    """An image folder: every image under it (sorted); first-level sub-folders name the classes.
+    """An image folder: every image under it, in a fixed shuffled order; first-level sub-folders name the classes.
 
-    ``split`` is ignored: a folder is one split.
+    ``split`` is ignored: a folder is one split. The order is shuffled (seed 0) so that every shard, and a
+    ``--limit`` subset, mixes the classes: sorted by class, each shard and so each local batch held one class.
     """
     files, labels, classes = scan_folder(root)
+    order = mixed_order(len(files))
+    files, labels = [files[i] for i in order], ([labels[i] for i in order] if labels is not None else None)
     if limit is not None:
         files, labels = files[:limit], (labels[:limit] if labels is not None else None)
     sizes, modes = set(), set()
@@ -396,10 +404,12 @@ def read_npz(src: Path, split: str, resolution: Optional[int], channels: Optiona
              limit: Optional[int]) -> RawDataset:
     """An .npz file: array 'images' or 'x' (uint8 or floats), optional 'labels' or 'y'.
 
-    ``split`` is ignored: a file is one split.
+    ``split`` is ignored: a file is one split. Written in a fixed shuffled order, as a folder is: arrays are
+    often sorted by class.
     """
     images, labels = load_npz(src)
-    return from_array(images, labels, None, resolution, channels, limit)
+    order = mixed_order(len(images))[:limit]
+    return from_array(images[order], labels[order] if labels is not None else None, None, resolution, channels, None)
 
 
 # ---------------------------------------------------------------- the table
