@@ -56,7 +56,7 @@ def make_accelerator(train: TrainConfig, log: LogConfig, run: RunConfig) -> Acce
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and accelerator.num_processes == 1:
-        raise RuntimeError(
+        raise ConfigError(
             f"WORLD_SIZE={world} but Accelerate set up a single non-distributed process, so each process would "
             "train an independent replica. Launch with `accelerate launch --multi_gpu --num_processes N -m "
             "distgan.train ...` (a MULTI_CPU config does not give DDP); see the launch/ config files."

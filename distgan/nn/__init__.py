@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from distgan.config import DiscriminatorConfig, GeneratorConfig
+from distgan.config import ConfigError, DiscriminatorConfig, GeneratorConfig
 from distgan.nn.dcgan import DCGANDiscriminator, DCGANGenerator
 from distgan.nn.mlp import MaxoutDiscriminator, MLPDiscriminator, MLPGenerator
 from distgan.nn.syncbn import SyncBatchNorm, convert_sync_batchnorm
@@ -32,7 +32,7 @@ __all__ = [
 
 def _check_image(resolution: int, channels: int, who: str) -> None:
     if resolution < 1 or channels < 1:
-        raise ValueError(f"{who}: resolution and channels must be positive, got {resolution} and {channels}")
+        raise ConfigError(f"{who}: resolution and channels must be positive, got {resolution} and {channels}")
 
 
 def build_generator(cfg: GeneratorConfig, resolution: int, channels: int) -> nn.Module:

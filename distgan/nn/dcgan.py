@@ -12,7 +12,7 @@ import math
 
 from torch import Tensor, nn
 
-from distgan.config import DiscriminatorConfig, GeneratorConfig
+from distgan.config import ConfigError, DiscriminatorConfig, GeneratorConfig
 from distgan.nn.layers import (
     Flatten, Squeeze, Unflatten, activation, apply_spectral_norm, block,
     dcgan_init_, has_norm_layer, norm_layer,
@@ -24,7 +24,7 @@ RESOLUTIONS = tuple(BASE_SIZE)
 
 def _num_blocks(resolution: int, who: str) -> int:
     if resolution not in BASE_SIZE:
-        raise ValueError(
+        raise ConfigError(
             f"{who}: arch 'dcgan' does not support resolution {resolution}; supported: "
             f"{', '.join(map(str, RESOLUTIONS))} (use arch 'mlp', or resize the data to one of these)"
         )

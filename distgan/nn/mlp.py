@@ -10,7 +10,7 @@ from __future__ import annotations
 from einops import reduce
 from torch import Tensor, nn
 
-from distgan.config import DiscriminatorConfig, GeneratorConfig
+from distgan.config import ConfigError, DiscriminatorConfig, GeneratorConfig
 from distgan.nn.layers import (
     Flatten, Squeeze, Unflatten, activation, apply_spectral_norm, block,
     has_norm_layer,
@@ -60,7 +60,7 @@ class Maxout(nn.Module):
     def __init__(self, in_features: int, out_features: int, pieces: int) -> None:
         super().__init__()
         if pieces < 1:
-            raise ValueError(f"config key 'discriminator.maxout_pieces' = {pieces}: must be at least 1")
+            raise ConfigError(f"config key 'discriminator.maxout_pieces' = {pieces}: must be at least 1")
         self.pieces = pieces
         self.linear = nn.Linear(in_features, out_features * pieces)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from distgan.config import DiscriminatorConfig, GeneratorConfig
+from distgan.config import ConfigError, DiscriminatorConfig, GeneratorConfig
 from distgan.nn.layers import (
     Flatten, Squeeze, Unflatten, apply_spectral_norm, block, glorot_init_,
     has_norm_layer,
@@ -23,7 +23,7 @@ KERAS_LEAKY_SLOPE = 0.3
 
 def _base(resolution: int, who: str) -> int:
     if resolution % 4 != 0 or resolution < 4:
-        raise ValueError(
+        raise ConfigError(
             f"{who}: arch 'tf_dcgan' needs a resolution divisible by 4 (two stride-2 layers), got {resolution}"
         )
     return resolution // 4
