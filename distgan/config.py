@@ -96,7 +96,7 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # what a NaN/Inf loss does
     max_grad_norm: float = 0.0  # clip gradient norms when > 0
     collective_timeout_s: float = 600.0  # a rank that stops answering ends the job after this long
-    stop_check_every: int = 1  # steps between checks of the stop request (signal or STOP file)
+    stop_check_every: int = 10  # steps between checks of the stop request (signal or STOP file): one small all-reduce each
     channels_last: bool = False  # G and D and the real batches in NHWC memory format (faster convolutions on tensor-core GPUs)
     compile: bool = False  # torch.compile G and D (not with gradient penalties: compiled graphs have no double backward)
     cpu_threads: int = 0  # CPU threads per process; 0 = the cores available divided by the processes on this node (launchers' OMP_NUM_THREADS is ignored: they set 1 by default)

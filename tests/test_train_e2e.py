@@ -97,7 +97,7 @@ def test_resume_is_bit_identical(fashion_shards, tmp_path):
     # N steps, a stop request (as on preemption), resume, N more steps; a real data worker process throughout
     split = tmp_path / "split"
     cfg = load_config("smoke", [f"data.path={fashion_shards}", f"run.dir={split}", "train.steps=16",
-                                "data.num_workers=1", "checkpoint.every=1000"])
+                                "data.num_workers=1", "checkpoint.every=1000", "train.stop_check_every=4"])
     first = StopAt(cfg, resume="auto")
     first.stop_at = 8
     state = first.fit()
