@@ -1,4 +1,5 @@
-"""Resume a run on every rank, rank 1 seeing a stale view of the shared run dir; print what each resumed from.
+"""Resume a run on every rank, rank 1 seeing a stale view of the shared run dir; write what each resumed from
+(RUN.rankR.json).
 
     ACCELERATE_USE_CPU=1 accelerate launch --config_file launch/cpu-2proc.yaml tests/distributed/resume_agreement_run.py RUN STEPS
 
@@ -25,5 +26,6 @@ cfg = load_config("smoke", [f"run.dir={run_dir}", f"train.steps={steps}", "log.e
                             "log.gif=false"])
 trainer = trainer_module.Trainer(cfg, source=MemorySource(), resume="auto")
 trainer.fit()
-print("RESUMED " + json.dumps({"rank": trainer.rank, "from": str(trainer.resumed_from), "step": trainer.state.step}))
+answer = {"rank": trainer.rank, "from": str(trainer.resumed_from), "step": trainer.state.step}
+Path(f"{run_dir}.rank{trainer.rank}.json").write_text(json.dumps(answer))  # one file per rank: stdout interleaves
 trainer.close()

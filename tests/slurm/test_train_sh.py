@@ -221,6 +221,7 @@ def test_a_dead_node_requeues_the_job_which_resumes_from_its_last_checkpoint(slu
     the job (--requeue), which starts again on n1 and n3 and resumes from the last periodic checkpoint."""
     steps = 100  # far more than run before the kill lands (about 20 steps/s once started)
     overrides = ("log.every=1", "log.sample_every=1000", "checkpoint.every=5")
+    (tmp_path / "straight").mkdir()
     straight = submit(slurm_cluster, tmp_path / "straight", fashion_shards, steps, *overrides)
     assert slurm_cluster.wait(straight.id, timeout=200, states=("COMPLETED", "FAILED", "CANCELLED")) == "COMPLETED"
     job = submit(slurm_cluster, tmp_path, fashion_shards, steps, *overrides)
