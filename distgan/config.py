@@ -117,7 +117,8 @@ class LogConfig:
     sample_every: int = 500  # steps between sample grids
     n_samples: int = 64  # images in a sample grid (fixed noise)
     wandb: bool = True  # log to wandb through Accelerate (WANDB_MODE is respected; offline works)
-    wandb_project: str = "distgan"
+    wandb_project: str = "distgan"  # the wandb project (and the TensorBoard run's folder name)
+    tensorboard: bool = False  # also log to TensorBoard (RUN_DIR/tensorboard/) through Accelerate's trackers
     gif: bool = True  # write progress.gif from the sample grids at the end
     progress_bar: bool = True
 

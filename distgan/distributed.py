@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 from torch import nn
 
 from distgan.config import ConfigError, LogConfig, RunConfig, TrainConfig
@@ -47,8 +47,8 @@ def make_accelerator(train: TrainConfig, log: LogConfig, run: RunConfig) -> Acce
     accelerator = Accelerator(
         cpu=not cuda,  # `accelerate launch --multi_gpu` on a machine without CUDA: gloo DDP, no variable needed
         mixed_precision=precision,
-        log_with="wandb" if log.wandb else None,
-        project_dir=run.dir,
+        log_with=[name for name, on in (("wandb", log.wandb), ("tensorboard", log.tensorboard)) if on] or None,
+        project_config=ProjectConfiguration(project_dir=run.dir, logging_dir=os.path.join(run.dir, "tensorboard")),
         kwargs_handlers=[
             DistributedDataParallelKwargs(broadcast_buffers=False),
             InitProcessGroupKwargs(timeout=timedelta(seconds=train.collective_timeout_s)),

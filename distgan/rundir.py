@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
 # what a run dir holds once training has written anything (a fresh start must not overwrite it)
 RESULTS = ("metrics.jsonl", "samples", "generator_ema.safetensors", "generator_ema.json", "progress.gif",
-           "plots", "checkpoints", "eval.json", "configs", "config.yaml", "wandb")
+           "plots", "checkpoints", "eval.json", "configs", "config.yaml", "wandb", "tensorboard")
 # keys that may change when a run is resumed: they do not change shapes or what the saved state means
 RESUMABLE_CHANGES = (
     "run.dir", "run.name", "data.path", "data.num_workers", "data.cache_mb", "data.skip_bad_samples",

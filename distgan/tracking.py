@@ -4,6 +4,7 @@ Everything here runs on the main process only; other ranks never call into it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -54,6 +55,16 @@ def save_gif(frames: list[Path], path: Path, duration_ms: int = 200) -> Optional
     return path
 
 
+def tracker_config(cfg: Any) -> dict[str, Any]:
+    """The config as flat ``section.key`` scalars: what wandb shows and TensorBoard's hparams accept (lists become
+    strings, None the string 'None')."""
+    flat = {}
+    for section, values in dataclasses.asdict(cfg).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
 def wandb_mode_for_environment() -> str:
     """WANDB_MODE if set; else offline when no credentials exist (never block on a network login)."""
     if os.environ.get("WANDB_MODE"):
@@ -97,14 +108,19 @@ class RunLog:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
     def log_images(self, step: int, images: dict[str, Path]) -> None:
-        if not self.accelerator.trackers:
-            return
-        tracker = self.accelerator.get_tracker("wandb", unwrap=True)
-        if tracker is None:
-            return
-        import wandb  # lazy: about a second at import
+        """The sample grids (PNG files) to every tracker that takes images (wandb, TensorBoard)."""
+        names = {tracker.name for tracker in self.accelerator.trackers}
+        if "wandb" in names:
+            import wandb  # lazy: about a second at import
 
-        tracker.log({k: wandb.Image(str(p)) for k, p in images.items()}, step=step)
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            run.log({k: wandb.Image(str(p)) for k, p in images.items()}, step=step)
+        if "tensorboard" in names:
+            writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+            for key, path in images.items():
+                with Image.open(path) as image:
+                    writer.add_image(key, np.asarray(image.convert("RGB")), global_step=step, dataformats="HWC")
+            writer.flush()
 
     def write(self, message: str) -> None:
         self.bar.write(message)

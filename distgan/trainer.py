@@ -23,7 +23,7 @@ import shutil
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -49,7 +49,7 @@ from distgan.objective import Figures, GANObjective
 from distgan.precision import loss_scale, step_unless, unscale_and_norm
 from distgan.rundir import RunDirLock, check_resume_config, record_config, refuse_overwrite, set_aside_results
 from distgan.stop import StopRequest
-from distgan.tracking import RunLog, save_gif, save_grid, wandb_mode_for_environment
+from distgan.tracking import RunLog, save_gif, save_grid, tracker_config, wandb_mode_for_environment
 
 log = logging.getLogger(__name__)
 
@@ -531,9 +531,9 @@ class Trainer:
             record_config(self.run_dir, dump_yaml(cfg), self.state.step, resumed=self.resumed_from is not None)
             if self.stop.file.exists() and self.stop.file.stat().st_mtime < self.started_at:
                 self.stop.clear()  # only a request older than this process is stale
-            if cfg.log.wandb:
+            if cfg.log.wandb or cfg.log.tensorboard:
                 os.environ["WANDB_MODE"] = wandb_mode_for_environment()
-                acc.init_trackers(cfg.log.wandb_project, config=asdict(cfg), init_kwargs={"wandb": {
+                acc.init_trackers(cfg.log.wandb_project, config=tracker_config(cfg), init_kwargs={"wandb": {
                     "dir": str(self.run_dir), "name": cfg.run.name or self.run_dir.name,
                     "id": (cfg.run.name or self.run_dir.name).replace("/", "-") + f"-{cfg.run.seed}",
                     "resume": "allow"}})
