@@ -311,3 +311,4 @@ def test_resume_with_adaptive_augmentation_is_bit_identical(tmp_path, fast):
         a, b = saved(tmp_path / "split", 4, name), saved(tmp_path / "straight", 4, name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert saved(tmp_path / "split", 4)["calls"] == 4 and saved(tmp_path / "split", 4)["p"] > 0
+
