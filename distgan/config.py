@@ -144,6 +144,16 @@ class EvalConfig:
 
 
 @dataclass
+class AugmentConfig:
+    policy: list[Literal["translation", "cutout", "color"]] = field(default_factory=list)  # DiffAugment ops on every image D sees (real and fake, both phases); empty: off
+    p: float = 1.0  # probability each op is applied to an image (1: DiffAugment as published); the start value when adaptive
+    adaptive: bool = False  # ADA: move p towards augment.target of r_t = E[sign(D(real))]
+    target: float = 0.6  # ADA's r_t target (the paper's 0.6)
+    interval: int = 4  # D phases between r_t measurements (and p updates)
+    speed_kimg: float = 500.0  # thousands of real images over which p can move from 0 to 1 (the paper's 500)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -157,6 +167,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -384,6 +395,24 @@ def validate(cfg: Config) -> None:
         if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
             raise ConfigError(f"config key '{key}.betas' = {opt.betas}: must be two numbers in [0, 1)")
     validate_eval(cfg.eval)
+    validate_augment(cfg.augment)
+
+
+def validate_augment(cfg: AugmentConfig) -> None:
+    """The augment section: known, distinct ops; p and target in [0, 1]; a positive interval and speed."""
+    if len(set(cfg.policy)) != len(cfg.policy):
+        raise ConfigError(f"config key 'augment.policy' = {cfg.policy}: name each op once")
+    if not 0.0 <= cfg.p <= 1.0:
+        raise ConfigError(f"config key 'augment.p' = {cfg.p}: must be in [0, 1]")
+    if not 0.0 <= cfg.target < 1.0:
+        raise ConfigError(f"config key 'augment.target' = {cfg.target}: must be in [0, 1) (the paper uses 0.6)")
+    if cfg.interval < 1:
+        raise ConfigError(f"config key 'augment.interval' = {cfg.interval}: must be at least 1")
+    if cfg.speed_kimg <= 0:
+        raise ConfigError(f"config key 'augment.speed_kimg' = {cfg.speed_kimg}: must be positive")
+    if cfg.adaptive and not cfg.policy:
+        raise ConfigError("config key 'augment.adaptive' = True with an empty augment.policy: nothing to adapt; "
+                          "set augment.policy=[translation,cutout,color] or augment.adaptive=false")
 
 
 def validate_generator(cfg: GeneratorConfig) -> None:

@@ -32,6 +32,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 from torch import Tensor, nn
 
+from distgan.augment import Augmented, RealBatchMarker
 from distgan.checkpoint import (
     TrainState, checkpoint_config, checkpoint_step, find_resume_path, list_checkpoints, load_checkpoint, read_best,
     save_best, save_checkpoint, set_aside_newer,
@@ -175,6 +176,10 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         G = build_generator(cfg.generator, res, ch)
         D = build_discriminator(cfg.discriminator, res, ch)
+        self.augment: Optional[Augmented] = None
+        if cfg.augment.policy:  # every D forward of both phases sees augmented images (distgan.augment)
+            D = self.augment = Augmented(D, cfg.augment)
+            self.source = RealBatchMarker(self.source, self.augment)
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         G.to(memory_format=self.memory_format)
         D.to(memory_format=self.memory_format)
@@ -395,6 +400,8 @@ class Trainer:
                 values["ema_beta"] = self.ema_beta
             if acc.scaler is not None:
                 values["loss_scale"] = acc.scaler.get_scale()
+            if self.augment is not None:
+                values.update(self.augment.figures())
             self.run_log.log(st.step, values)
         window.clear()
 

@@ -44,6 +44,8 @@ DEEP = "[" * 5000 + "]" * 5000
     (["generator.width=100000000"], "'generator.width' = 100000000: must be between 1 and 65536"),
     (["train.steps=[1"], "override 'train.steps=[1': the value is not valid YAML"),
     ([f"train.steps={DEEP}"], "override 'train.steps=...': the value is nested too deeply"),
+    (["augment.policy=[rotate]"], "'augment.policy[0]' = 'rotate': expected one of 'translation', 'cutout', 'color'"),
+    (["augment.p=2"], "'augment.p' = 2.0: must be in [0, 1]"),
 ])
 def test_train_refuses_bad_values_in_one_line(capsys, overrides, expected):
     line = one_line_error(capsys, train_cli.main, ["--config", "smoke", *overrides])

@@ -113,6 +113,8 @@ MATRIX: list[Case] = [
     Case("on-nonfinite-skip", ("train.on_nonfinite=skip",)),
     # quoted: YAML 1.1 reads a bare `no` as False, which the Literal check refuses (a distgan bug, reported)
     Case("mixed-precision-no", ("train.mixed_precision='no'",)),
+    Case("augment-adaptive", ("augment.policy=[translation,cutout,color]", "augment.p=0", "augment.adaptive=true")),
+    Case("augment-color-32-rgb", ("augment.policy=[color]",), "rgb32"),
 ]
 
 REFUSED: list[tuple[tuple[str, ...], str]] = [
@@ -314,10 +316,15 @@ def trained_configs() -> list[Config]:
     return [case.load() for case in [*MATRIX, *CONFIG_CASES]]
 
 
+def as_list(value: object) -> list:
+    """A list-of-choices key (augment.policy) trains each value it holds."""
+    return value if isinstance(value, list) else [value]
+
+
 def test_every_choice_value_is_trained():
     keys = choice_keys()
-    seen = {(key, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))
-            for cfg in trained_configs() for key in keys}
+    seen = {(key, value) for cfg in trained_configs() for key in keys
+            for value in as_list(getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))}
     missing = [f"{key}={value}" for key, values in keys.items() for value in values
                if (key, value) not in seen and (key, value) not in COVERED_ELSEWHERE]
     assert not missing, f"choices no test trains: {missing}; add a case to MATRIX or a named test to COVERED_ELSEWHERE"

@@ -59,7 +59,10 @@ def instrumented_fit(trainer: Trainer, monkeypatch) -> list[tuple[str, int, bool
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("overrides", [(), ("loss.penalty=r1",), ("fp16",)], ids=["default", "r1", "fp16-scaler"])
+@pytest.mark.parametrize("overrides", [
+    (), ("loss.penalty=r1",), ("fp16",),
+    ("augment.policy=[translation,cutout,color]", "augment.adaptive=true", "augment.interval=3"),
+], ids=["default", "r1", "fp16-scaler", "adaptive-augment"])
 def test_no_host_sync_or_collective_between_log_steps(tmp_path, monkeypatch, overrides):
     fp16 = overrides == ("fp16",)
     cfg = load_config("smoke", [f"run.dir={tmp_path}", f"train.steps={STEPS}", f"log.every={LOG_EVERY}",
