@@ -78,9 +78,15 @@ def test_each_phase_gets_its_labels(fashion_shards, tmp_path):
     """D judges real images with their own labels, fakes with the classes G made them for, drawn per step."""
     trainer = Trainer(load(fashion_shards, tmp_path / "run", "train.steps=2"))
     d_calls, g_calls = record_calls(trainer.D_plain), record_calls(trainer.G_plain)
-    real_labels = []
-    next_real = trainer._next_real
-    trainer._next_real = lambda data: real_labels.append(next_real(data)) or real_labels[-1]
+    real_labels = []  # (images, labels) as the data stream yields them
+    batches = trainer.source.batches
+
+    def recorded(*args):
+        for images, labels in batches(*args):
+            real_labels.append((images.clone(), labels.clone()))
+            yield images, labels
+
+    trainer.source.batches = recorded
     trainer.fit()
     B, K = 8, 10
     for step in range(2):
