@@ -161,7 +161,9 @@ def sample(args: argparse.Namespace) -> int:
 
         uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         # --force replaces only shards distgan wrote, never the folder holding the export
-        write_shards(uint8, None, args.out, force=args.force, protect=[export], source=f"distgan.sample:{export}")
+        write_shards(uint8, labels.tolist() if labels is not None else None, args.out, force=args.force,
+                     protect=[export], source=f"distgan.sample:{export}",
+                     classes=meta["classes"] if labels is not None else None)  # a conditional G's shards are labeled
         print(args.out)
     else:
         args.out.mkdir(parents=True, exist_ok=True)

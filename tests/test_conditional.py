@@ -16,7 +16,7 @@ from conftest import run_cli
 from distgan import sample as sample_cli
 from distgan import train as train_cli
 from distgan.config import ConfigError, DiscriminatorConfig, GeneratorConfig, load_config
-from distgan.data.shards import write_shards
+from distgan.data.shards import read_shard, write_shards
 from distgan.export import export_generator
 from distgan.metrics.class_agreement import class_agreement
 from distgan.metrics.features import CLASSIFIER_FILE, FeatureClassifier, save_classifier
@@ -182,6 +182,11 @@ def test_train_and_sample_a_class_and_a_row_per_class_through_the_cli(fashion_sh
         bag = np.asarray(Image.open(out / "bag" / f"{col:06d}.png"))
         assert np.array_equal(bag, cell(8, col)) and np.array_equal(bag, np.asarray(Image.open(out / "eight" / f"{col:06d}.png")))
     assert len({cell(row, 0).tobytes() for row in range(10)}) == 10, "the rows do not depend on the class"
+    run_cli("distgan.sample", "--run", str(run), "--shards", "--n", "20", "--out", str(out / "shards"))
+    info = json.loads((out / "shards" / "dataset.json").read_text())
+    assert info["classes"] == meta["classes"]  # every class in turn, labeled: data for another conditional run
+    shard = read_shard(str(out / "shards" / info["shards"][0]), resolution=28, channels=1)
+    assert shard.labels.tolist() == [i % 10 for i in range(20)]
     line = one_line_error(capsys, sample_cli.main, ["--run", str(run), "--class", "Sweater", "--out", str(out)])
     assert "--class Sweater: not a class of this generator" in line and "Ankle boot" in line
 
