@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import run_cli
+from distgan import eval as eval_cli
 from distgan import sample as sample_cli
 from distgan import train as train_cli
 from distgan.config import ConfigError, DiscriminatorConfig, GeneratorConfig, load_config
@@ -135,7 +136,7 @@ def test_class_agreement_counts_matches():
 
 
 @pytest.mark.timeout(180)
-def test_class_agreement_during_training_and_skipped_when_unconditional(fashion_shards, tmp_path, caplog):
+def test_class_agreement_during_training_and_skipped_when_unconditional(fashion_shards, tmp_path, caplog, capsys):
     """With a constant classifier (zero weights, bias on class 3) the share is exactly that of class 3 among the
     classes the images were generated for: 0, 1, ..., 9, 0, ... (n=50: 5 of 50)."""
     data = tmp_path / "fm"
@@ -152,6 +153,8 @@ def test_class_agreement_during_training_and_skipped_when_unconditional(fashion_
     train(load(data, tmp_path / "run", *evals))
     figures = [line for line in metrics(tmp_path / "run") if "eval/class_agreement" in line]
     assert [line["eval/class_agreement"] for line in figures] == [0.1]
+    assert eval_cli.main(["--run", str(tmp_path / "run"), "--metrics", "class_agreement", "--n", "40"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["class_agreement"] == 4 / 40  # the export too
     plain = load_config(None, [*TINY, f"data.path={data}", f"run.dir={tmp_path / 'plain'}", *evals])
     train(plain)
     assert not any("eval/class_agreement" in line for line in metrics(tmp_path / "plain"))

@@ -360,7 +360,9 @@ def evaluate_export(model: nn.Module, meta: dict, export: Path, data_cfg: DataCo
         raise ConfigError(f"{export} makes {meta['channels']}x{meta['resolution']} images but {data_cfg.path} holds "
                           f"{info.channels}x{info.resolution}: pass --data with the run's data")
     trained = ensure_feature_net(eval_cfg, data_cfg.path, info)
-    evaluator = Evaluator(eval_cfg, data_cfg, info, device, seed, z_dist=meta["generator"]["z_dist"])
+    num_classes = len(meta["classes"]) if meta["generator"].get("conditional") else None
+    evaluator = Evaluator(eval_cfg, data_cfg, info, device, seed, z_dist=meta["generator"]["z_dist"],
+                          num_classes=num_classes)
     start = time.perf_counter()
     figures = evaluator.evaluate(model, rank=0, world_size=1, gather=lambda t: t)
     record: dict = dict(figures)
