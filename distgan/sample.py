@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--truncation-mode", choices=("resample", "scale"), default="resample")
     p.add_argument("--force", action="store_true", help="with --shards: replace an existing output")
     p.add_argument("--class", dest="class_", metavar="K", help="a class-conditional generator: images of class K "
-                                                               "(its name, or its index)")
+                                                               "(its name, or its index; default: every class in "
+                                                               "turn, class 0 for --interpolate)")
     p.add_argument("--per-class", action="store_true", help="with --grid, for a class-conditional generator: one "
                                                             "row per class, --n images in each (the same latents in "
                                                             "every row)")
@@ -102,8 +103,8 @@ def class_index(value: str, classes: list[str]) -> int:
 
 
 def conditioning(args: argparse.Namespace, meta: dict) -> Optional[int]:
-    """The class ``--class`` asks for (None: every class in turn); refuses class options an unconditional export
-    cannot honour, and a conditional export without them for modes that need one latent path."""
+    """The class ``--class`` asks for (None: every class in turn); refuses the class options for an unconditional
+    export, and ``--per-class`` outside a grid."""
     conditional = bool(meta["generator"].get("conditional"))
     if not conditional and (args.class_ is not None or args.per_class):
         flag = "--class" if args.class_ is not None else "--per-class"
