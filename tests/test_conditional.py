@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from conftest import run_cli
 from distgan import eval as eval_cli
 from distgan import sample as sample_cli
 from distgan import train as train_cli
-from distgan.config import ConfigError, DiscriminatorConfig, GeneratorConfig, load_config
+from distgan.config import Config, ConfigError, DiscriminatorConfig, GeneratorConfig, load_config
 from distgan.data.shards import read_shard, write_shards
 from distgan.export import export_generator
 from distgan.metrics.class_agreement import class_agreement
@@ -29,7 +30,7 @@ from test_every_option import TINY, check_run, metrics, train
 COND = ("generator.conditional=true", "discriminator.conditional=true")
 
 
-def load(data: Path, run: Path, *overrides: str) -> "Config":  # noqa: F821
+def load(data: Path, run: Path, *overrides: str) -> Config:
     return load_config(None, [*TINY, *COND, f"data.path={data}", f"run.dir={run}", *overrides])
 
 
@@ -111,7 +112,7 @@ def test_conditional_trains_with_losses_penalties_and_archs(overrides, fashion_s
     trainer, before = train(load(fashion_shards, tmp_path / "run", "train.steps=3", *overrides))
     check_run(trainer, before)  # every figure finite, the penalty logged on its steps, weights moved
     for name, model in (("G", trainer.G_plain), ("D", trainer.D_plain)):
-        assert not torch.equal(model.embed.weight, before[name]["embed.weight"]), f"{name}'s class embedding is not trained"
+        assert not torch.equal(model.embed.weight, before[name]["embed.weight"]), f"{name}'s class embedding is fixed"
 
 
 @pytest.mark.timeout(180)
@@ -140,8 +141,6 @@ def test_class_agreement_during_training_and_skipped_when_unconditional(fashion_
     """With a constant classifier (zero weights, bias on class 3) the share is exactly that of class 3 among the
     classes the images were generated for: 0, 1, ..., 9, 0, ... (n=50: 5 of 50)."""
     data = tmp_path / "fm"
-    import shutil
-
     shutil.copytree(fashion_shards, data)
     classifier = FeatureClassifier(1, 28, 10)
     with torch.no_grad():
@@ -182,8 +181,8 @@ def test_train_and_sample_a_class_and_a_row_per_class_through_the_cli(fashion_sh
         return grid[2 + row * step:2 + row * step + 28, 2 + col * step:2 + col * step + 28]
 
     for col in range(3):  # --class Bag (or 8) is the per-class grid's row 8: the same seed, the same latents
-        bag = np.asarray(Image.open(out / "bag" / f"{col:06d}.png"))
-        assert np.array_equal(bag, cell(8, col)) and np.array_equal(bag, np.asarray(Image.open(out / "eight" / f"{col:06d}.png")))
+        bag, eight = (np.asarray(Image.open(out / name / f"{col:06d}.png")) for name in ("bag", "eight"))
+        assert np.array_equal(bag, cell(8, col)) and np.array_equal(bag, eight)
     assert len({cell(row, 0).tobytes() for row in range(10)}) == 10, "the rows do not depend on the class"
     run_cli("distgan.sample", "--run", str(run), "--shards", "--n", "20", "--out", str(out / "shards"))
     info = json.loads((out / "shards" / "dataset.json").read_text())

@@ -232,8 +232,8 @@ class Evaluator:
         try:
             for start in range(0, per_rank, batch):
                 z_batch = mine[start:start + batch].to(self.device)
-                x = generator(z_batch) if mine_y is None else generator(z_batch, mine_y[start:start + batch].to(self.device))
-                x = x.float().clamp_(-1.0, 1.0)
+                y_batch = () if mine_y is None else (mine_y[start:start + batch].to(self.device),)
+                x = generator(z_batch, *y_batch).float().clamp_(-1.0, 1.0)
                 f, y = self._batch_features(x)
                 feats.append(f)
                 if y is not None:
