@@ -55,6 +55,7 @@ class GeneratorConfig:
     norm: Literal["batch", "sync-batch", "none"] = "batch"  # normalisation in hidden layers
     hidden: list[int] = field(default_factory=lambda: [128, 256, 512])  # hidden sizes (mlp)
     leaky_slope: float = 0.0  # 0 = ReLU (DCGAN paper); > 0 = LeakyReLU with that slope
+    conditional: bool = False  # class-conditional: z concatenated with a learned class embedding (needs labeled shards; set discriminator.conditional too)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class DiscriminatorConfig:
     maxout_pieces: int = 5  # linear pieces per maxout unit
     leaky_slope: float = 0.2  # LeakyReLU slope
     dropout: float = 0.0  # dropout probability after each hidden block
+    conditional: bool = False  # class-conditional: a projection head (Miyato & Koyama 2018); must equal generator.conditional
 
 
 @dataclass
@@ -376,6 +378,11 @@ def validate(cfg: Config) -> None:
             f"loss.penalty=wgan-gp with discriminator.norm={d.norm}: the penalty is defined per sample, "
             "but batch norm mixes samples, so the gradient of one output w.r.t. one input is not the critic's "
             "gradient. Use discriminator.norm=layer or none (as the WGAN-GP paper does)."
+        )
+    if cfg.generator.conditional != d.conditional:
+        raise ConfigError(
+            f"generator.conditional={cfg.generator.conditional} but discriminator.conditional={d.conditional}: a "
+            "class-conditional GAN conditions both networks; set both to true (or both to false)"
         )
     if t.compile and loss.penalty != "none":
         raise ConfigError(

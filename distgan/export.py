@@ -1,6 +1,7 @@
 """The exported generator: ``generator_ema.safetensors`` plus ``generator_ema.json``, all that sampling needs.
 
-The weights file carries its metadata (the generator's config section, resolution, channels, classes), so
+The weights file carries its metadata (the generator's config section, ``conditional`` included, resolution,
+channels, classes: a conditional generator's class indices), so
 ``distgan.sample`` and ``distgan.eval`` rebuild the network without the run's config or checkpoints.
 """
 from __future__ import annotations
@@ -76,7 +77,12 @@ def load_generator_export(path: Path, device: str | torch.device = "cpu") -> tup
         validate_generator(generator_cfg)
     except ConfigError as err:
         raise ExportError(f"{path}: the generator section of its metadata is not valid: {err}") from None
-    model = build_generator(generator_cfg, meta["resolution"], meta["channels"])
+    classes = meta.get("classes")
+    if generator_cfg.conditional and not (isinstance(classes, list) and len(classes) >= 2):
+        raise ExportError(f"{path}: a conditional generator whose metadata has no class list ({classes!r}): "
+                          "the export is damaged; re-export it")
+    model = build_generator(generator_cfg, meta["resolution"], meta["channels"],
+                            len(classes) if generator_cfg.conditional else None)
     try:
         model.load_state_dict(load_file(str(path)))
     except (SafetensorError, OSError, RuntimeError) as err:
@@ -98,6 +104,9 @@ def export_onnx(model: torch.nn.Module, meta: dict, path: Path, check_batch: int
     from distgan.nn import sample_latent
 
     g = meta["generator"]
+    if g.get("conditional"):
+        raise ExportError("--onnx: class-conditional generators are not exported to ONNX yet; sample them with "
+                          "--class or --per-class")
     z = sample_latent(check_batch, g["z_dim"], g["z_dist"], torch.Generator().manual_seed(seed))
     tmp = path.with_name(path.name + ".tmp")
     model = model.cpu().eval()

@@ -20,6 +20,11 @@ Autocast = Callable[[], AbstractContextManager]
 Figures = dict[str, Tensor]
 
 
+def call(net: nn.Module, x: Tensor, y: Optional[Tensor]) -> Tensor:
+    """``net(x)``, or ``net(x, y)`` for a class-conditional network (y: class indices)."""
+    return net(x) if y is None else net(x, y)
+
+
 class GANObjective:
     """The D and G losses for ``cfg.kind``, with ``cfg.penalty`` on D when a step is a regularization step."""
 
@@ -34,8 +39,11 @@ class GANObjective:
         return self.penalty == "wgan-gp"
 
     def discriminator(self, D: nn.Module, real: Tensor, fake: Tensor, *, regularize: bool, alpha: Optional[Tensor],
-                      autocast: Autocast, grad_scale: Union[float, Tensor]) -> tuple[Tensor, Figures]:
+                      autocast: Autocast, grad_scale: Union[float, Tensor], real_labels: Optional[Tensor] = None,
+                      fake_labels: Optional[Tensor] = None) -> tuple[Tensor, Figures]:
         """D's loss on real images and (detached) generated ones, plus the weighted penalty when ``regularize``.
+
+        A conditional D gets each batch's class labels; WGAN-GP's interpolates are judged with the real labels.
 
         ``grad_scale`` is the fp16 loss scale (a device tensor: reading it would sync; 1.0 otherwise): the
         penalty's inner gradient is taken on scaled outputs and unscaled after, as in PyTorch's AMP recipe.
@@ -46,7 +54,7 @@ class GANObjective:
         if regularize and self.penalty == "r2":
             fake = fake.detach().requires_grad_(True)
         with autocast():
-            real_logits, fake_logits = D(real), D(fake)
+            real_logits, fake_logits = call(D, real, real_labels), call(D, fake, fake_labels)
             loss = losses.discriminator_loss(self.kind, at_least_fp32(real_logits), at_least_fp32(fake_logits))
         figures = {"loss_d": loss.detach(), "d_real": real_logits.detach().float().mean(),
                    "d_fake": fake_logits.detach().float().mean()}
@@ -59,14 +67,16 @@ class GANObjective:
         else:
             x_hat = losses.interpolate(real, fake, alpha=alpha)
             with autocast():
-                hat_logits = D(x_hat)
+                hat_logits = call(D, x_hat, real_labels)
             value = losses.wgan_gp_penalty(hat_logits, x_hat, grad_scale=grad_scale)
         figures["penalty"] = value.detach()
         return loss + self.penalty_weight * value, figures
 
-    def generator(self, D: nn.Module, G: nn.Module, z: Tensor, autocast: Autocast) -> tuple[Tensor, Figures]:
-        """G's loss on D's logits for G(z); the caller holds D frozen so that only G gets gradients."""
+    def generator(self, D: nn.Module, G: nn.Module, z: Tensor, autocast: Autocast,
+                  labels: Optional[Tensor] = None) -> tuple[Tensor, Figures]:
+        """G's loss on D's logits for G(z) (of class ``labels`` when conditional); the caller holds D frozen so
+        that only G gets gradients."""
         with autocast():
-            loss = losses.generator_loss(self.kind, at_least_fp32(D(G(z))))
+            loss = losses.generator_loss(self.kind, at_least_fp32(call(D, call(G, z, labels), labels)))
         return loss, {"loss_g": loss.detach()}
 

@@ -45,8 +45,8 @@ from distgan.errors import UserError
 from distgan.export import export_generator
 from distgan.first_use import needs_preparing, prepare_data
 from distgan.metrics.registry import is_better
-from distgan.nn import build_discriminator, build_generator, sample_latent
-from distgan.objective import Figures, GANObjective
+from distgan.nn import build_discriminator, build_generator, sample_labels, sample_latent
+from distgan.objective import Figures, GANObjective, call
 from distgan.precision import loss_scale, step_unless, unscale_and_norm
 from distgan.rundir import RunDirLock, check_resume_config, record_config, refuse_overwrite, set_aside_results
 from distgan.stop import StopRequest
@@ -55,7 +55,7 @@ from distgan.tracking import RunLog, save_gif, save_grid, tracker_config, wandb_
 log = logging.getLogger(__name__)
 
 # stream ids of the per-step random draws: (seed, step, stream, sub-step) -> numbers
-DRAW_D_LATENT, DRAW_G_LATENT, DRAW_GP_ALPHA = 0, 1, 2
+DRAW_D_LATENT, DRAW_G_LATENT, DRAW_GP_ALPHA, DRAW_D_LABEL, DRAW_G_LABEL = 0, 1, 2, 3, 4
 # fp16: this many overflowing phases in a row stop the run (from the initial scale 65536, 17 halvings reach 1)
 MAX_CONSECUTIVE_OVERFLOWS = 20
 MIN_BN_SAMPLES = 32  # plain batch norm on fewer samples per rank than this gets a warning
@@ -173,9 +173,11 @@ class Trainer:
             self._on_main_process(lambda: prepare_data(cfg.data))
         self.source = source or ShardSource(cfg.data, raw=acc.device.type == "cuda")  # uint8, normalised on the GPU
         res, ch = self.source.resolution, self.source.channels
+        classes = self.source.classes
+        self.num_classes = len(classes) if cfg.generator.conditional and classes else None
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        G = build_generator(cfg.generator, res, ch)
-        D = build_discriminator(cfg.discriminator, res, ch)
+        G = build_generator(cfg.generator, res, ch, self.num_classes)
+        D = build_discriminator(cfg.discriminator, res, ch, self.num_classes)
         self.augment: Optional[Augmented] = None
         if cfg.augment.policy:  # every D forward of both phases sees augmented images (distgan.augment)
             D = self.augment = Augmented(D, cfg.augment)
@@ -211,6 +213,9 @@ class Trainer:
             cfg.log.n_samples, cfg.generator.z_dim, cfg.generator.z_dist,
             torch.Generator().manual_seed(cfg.run.seed),
         ).to(acc.device)
+        # a conditional grid cycles through the classes: 0, 1, ..., K-1, 0, 1 ...
+        self.fixed_y = (torch.arange(cfg.log.n_samples, device=acc.device) % self.num_classes
+                        if self.num_classes else None)
         self.run_log: Optional[RunLog] = None
         self.evaluator = None
         if cfg.eval.metrics:
@@ -221,7 +226,8 @@ class Trainer:
             if info is None:
                 raise ConfigError("eval.metrics needs shards with dataset.json (data.path); this data source has none")
             self._on_main_process(lambda: ensure_feature_net(cfg.eval, cfg.data.path, info))  # first use: train it
-            self.evaluator = Evaluator(cfg.eval, cfg.data, info, acc.device, cfg.run.seed, cfg.generator.z_dist)
+            self.evaluator = Evaluator(cfg.eval, cfg.data, info, acc.device, cfg.run.seed, cfg.generator.z_dist,
+                                       self.num_classes)
         self.best = read_best(self.run_dir)
         self.logged_reference = False
         self.ema_beta = 0.0
@@ -245,8 +251,8 @@ class Trainer:
             torch.manual_seed(derive_seed(cfg.run.seed, step, 1000 + self.rank))  # dropout etc.
             # --- D phase(s), each on a fresh real batch
             for sub in range(self.d_phase.repeats):
-                real = self._next_real(data)
-                self._run_phase(self.d_phase, step, window, lambda: self._d_loss(real, step, sub))
+                real, labels = self._next_real(data)
+                self._run_phase(self.d_phase, step, window, lambda: self._d_loss(real, labels, step, sub))
             # --- G phase
             self._run_phase(self.g_phase, step, window, lambda: self._g_loss(step))
             st.step += 1
@@ -325,29 +331,35 @@ class Trainer:
 
     # ------------------------------------------------------------------ phases
 
-    def _next_real(self, data) -> Tensor:
-        real, _labels = next(data)
+    def _next_real(self, data) -> tuple[Tensor, Optional[Tensor]]:
+        """The next real batch on the device, with its labels when the GAN is conditional (else None)."""
+        real, labels = next(data)
         self.state.batches_consumed += 1
-        real = real.to(self.accelerator.device, non_blocking=True)
+        device = self.accelerator.device
+        real = real.to(device, non_blocking=True)
         if real.dtype == torch.uint8:
             real = normalize_images(real)
-        return real.contiguous(memory_format=self.memory_format)
+        labels = labels.to(device, non_blocking=True) if self.num_classes else None
+        return real.contiguous(memory_format=self.memory_format), labels
 
-    def _d_loss(self, real: Tensor, step: int, sub: int) -> tuple[Tensor, Figures]:
+    def _d_loss(self, real: Tensor, real_labels: Optional[Tensor], step: int, sub: int) -> tuple[Tensor, Figures]:
         acc = self.accelerator
+        fake_labels = self._labels(step, DRAW_D_LABEL, sub)
         with torch.no_grad(), acc.autocast():
-            fake = self.G_plain(self._latent(step, DRAW_D_LATENT, sub))
+            fake = call(self.G_plain, self._latent(step, DRAW_D_LATENT, sub), fake_labels)
         regularize = self.d_phase.regularizes(step * self.d_phase.repeats + sub)
         alpha = None
         if regularize and self.objective.needs_alpha:
             alpha = self._global_slice(step, DRAW_GP_ALPHA, sub, lambda gen: torch.rand(
                 self.cfg.train.batch_size, generator=gen, device=gen.device))
         return self.objective.discriminator(self.D, real, fake, regularize=regularize, alpha=alpha,
-                                            autocast=acc.autocast, grad_scale=loss_scale(acc.scaler))
+                                            autocast=acc.autocast, grad_scale=loss_scale(acc.scaler),
+                                            real_labels=real_labels, fake_labels=fake_labels)
 
     def _g_loss(self, step: int) -> tuple[Tensor, Figures]:
         z = self._latent(step, DRAW_G_LATENT, 0)
-        return self.objective.generator(self.D_plain, self.G, z, self.accelerator.autocast)
+        return self.objective.generator(self.D_plain, self.G, z, self.accelerator.autocast,
+                                        self._labels(step, DRAW_G_LABEL, 0))
 
     def _run_phase(self, phase: Phase, step: int, window: dict[str, list[tuple[Tensor, Tensor]]],
                    compute: Callable[[], tuple[Tensor, Figures]]) -> None:
@@ -379,6 +391,13 @@ class Trainer:
         g = self.cfg.generator
         return self._global_slice(step, stream, sub,
                                   lambda gen: sample_latent(self.cfg.train.batch_size, g.z_dim, g.z_dist, gen))
+
+    def _labels(self, step: int, stream: int, sub: int) -> Optional[Tensor]:
+        """The fake batch's classes (drawn for the global batch like the latents); None when unconditional."""
+        if not self.num_classes:
+            return None
+        return self._global_slice(step, stream, sub,
+                                  lambda gen: sample_labels(self.cfg.train.batch_size, self.num_classes, gen))
 
     # ------------------------------------------------------------------ what a step leaves behind
 
@@ -414,7 +433,7 @@ class Trainer:
         for name, model in models.items():
             was_training = model.training
             model.eval()
-            images = model(self.fixed_z).float()
+            images = call(model, self.fixed_z, self.fixed_y).float()
             model.train(was_training)
             written[f"samples/{name}"] = save_grid(images, samples / f"{name.lower()}-step-{step:08d}.png")
         return written

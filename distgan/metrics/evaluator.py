@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 REAL_SEED = 0  # the real sample does not depend on the run seed
 CACHE_DIR = "eval_cache"  # beside the shards
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the test split's own labels
 
 
 def default_test_path(cfg: EvalConfig, data_path: str) -> Optional[str]:
@@ -61,10 +61,12 @@ class Evaluator:
     """Figures of a generator against real data; ``evaluate`` is collective (call it on every rank)."""
 
     def __init__(self, cfg: EvalConfig, data_cfg: DataConfig, info: DatasetInfo, device: torch.device,
-                 seed: int, z_dist: str = "normal"):
+                 seed: int, z_dist: str = "normal", num_classes: Optional[int] = None):
+        """``num_classes``: the generator is class-conditional; the i-th image is generated for class i mod K."""
         validate_eval(cfg)  # a hand-built EvalConfig gets the checks a loaded config had
         self.cfg, self.data_cfg, self.info = cfg, data_cfg, info
         self.device, self.seed, self.z_dist = torch.device(device), seed, z_dist
+        self.num_classes = num_classes
         self.metrics = list(cfg.metrics) or names()
         self.net = load_feature_net(cfg, data_cfg.path, info)
         self.net.extractor.to(self.device)
@@ -94,6 +96,9 @@ class Evaluator:
             if metric.needs_labels and self.net.classifier is None:
                 self._skip(metric.name, f"{title} needs the classifier {Path(self.data_cfg.path) / CLASSIFIER_FILE}: "
                            + TRAIN_FEATURES_HINT.format(path=self.data_cfg.path))
+            if metric.needs_conditional and not self.num_classes:
+                self._skip(metric.name, f"{title} skipped: the generator is not class-conditional "
+                           "(generator.conditional=false)")
             if metric.needs_test_split and self.test_info is None:
                 self._skip(metric.name, f"{title} skipped: {no_test}")
         if self.test_info is None:
@@ -150,11 +155,13 @@ class Evaluator:
         if labels is not None:
             real["train_labels"] = labels
         if self.test_info is not None:
-            test, _ = read_images(self.test_info, self.data_cfg, max(self.cfg.n, PARZEN_TEST), REAL_SEED)
+            test, true_labels = read_images(self.test_info, self.data_cfg, max(self.cfg.n, PARZEN_TEST), REAL_SEED)
             test = torch.from_numpy(test)
             real["test_features"], labels = self._features(to_float(test))
             if labels is not None:
                 real["test_labels"] = labels
+            if len(true_labels) and (true_labels >= 0).all():  # the class agreement floor: the classifier's accuracy
+                real["test_true_labels"] = torch.from_numpy(true_labels).long()
             real["test_parzen_images"] = test[:PARZEN_TEST].contiguous()
         self._real = real
         log.info("real statistics: %d train, %s test images in %.1f s", len(train),
@@ -206,19 +213,27 @@ class Evaluator:
         pad = z[-1:].expand(world_size * per_rank - n, -1)
         return torch.cat([z, pad]), per_rank, batch
 
+    def conditioned(self, n: int) -> Optional[Tensor]:
+        """The class each of ``n`` generated images is made for (i mod K: balanced); None when unconditional."""
+        return torch.arange(n) % self.num_classes if self.num_classes else None
+
     @torch.no_grad()
     def _generate(self, generator: nn.Module, rank: int, world_size: int) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         if not hasattr(generator, "z_dim"):
             raise TypeError(f"evaluate: {type(generator).__name__} has no z_dim; pass the unwrapped generator")
         z, per_rank, batch = self.latents(generator.z_dim, world_size)
         mine = z[rank * per_rank:(rank + 1) * per_rank]
+        classes = self.conditioned(len(z))
+        mine_y = classes[rank * per_rank:(rank + 1) * per_rank] if classes is not None else None
         feats, labels, images = [], [], []
         keep_images = self._needs_images()
         was_training = generator.training
         generator.eval()
         try:
             for start in range(0, per_rank, batch):
-                x = generator(mine[start:start + batch].to(self.device)).float().clamp_(-1.0, 1.0)
+                z_batch = mine[start:start + batch].to(self.device)
+                y_batch = () if mine_y is None else (mine_y[start:start + batch].to(self.device),)
+                x = generator(z_batch, *y_batch).float().clamp_(-1.0, 1.0)
                 f, y = self._batch_features(x)
                 feats.append(f)
                 if y is not None:
@@ -247,21 +262,25 @@ class Evaluator:
         if not bool(torch.isfinite(feats).all()) or (images is not None and not bool(torch.isfinite(images).all())):
             log.error("evaluation: the generated images or their features are not finite (did the generator diverge?)")
             return {key: math.nan for metric in self._metrics() for key in metric.figures}
-        figures = self._figures(feats, labels, images)
+        figures = self._figures(feats, labels, images, self.conditioned(n))
         if "modes_covered" in figures:
             self._watch_coverage(int(figures["modes_covered"]))
         log.info("evaluation of %d images: %.1f s generating + features, %.1f s metrics: %s", n, generated - start,
                  time.perf_counter() - generated, {k: round(v, 4) for k, v in figures.items()})
         return figures
 
-    def _figures(self, feats: Tensor, labels: Optional[Tensor], images: Optional[Tensor]) -> dict[str, float]:
-        """The figures of a sample (generated, or the test split) against the real train statistics."""
+    def _figures(self, feats: Tensor, labels: Optional[Tensor], images: Optional[Tensor],
+                 conditioned: Optional[Tensor] = None) -> dict[str, float]:
+        """The figures of a sample (generated, or the test split) against the real train statistics; ``conditioned``:
+        the class each image was generated for (real images: their own labels)."""
         ctx = MetricContext(features=feats, labels=labels, images=images, real=_Lazy(self.real_data),
+                            conditioned=conditioned,
                             num_classes=self.net.classifier.hparams["num_classes"] if self.net.classifier else None,
                             seed=REAL_SEED, memo=self._memo)
         out: dict[str, float] = {}
         for metric in self._metrics():
-            if (metric.needs_labels and labels is None) or (metric.needs_images and images is None):
+            if ((metric.needs_labels and labels is None) or (metric.needs_images and images is None)
+                    or (metric.needs_conditional and conditioned is None)):
                 continue
             figures = metric.compute(ctx)
             missing = set(metric.figures) - set(figures)
@@ -292,7 +311,8 @@ class Evaluator:
         test_feats = real["test_features"][:self.cfg.n]
         test_labels = real["test_labels"][:self.cfg.n] if "test_labels" in real else None
         images = to_float(real["train_parzen_images"]) if self._needs_images() else None
-        self._reference = self._figures(test_feats, test_labels, images)
+        true_labels = real["test_true_labels"][:self.cfg.n] if "test_true_labels" in real else None
+        self._reference = self._figures(test_feats, test_labels, images, true_labels)
         return self._reference
 
 
@@ -340,7 +360,9 @@ def evaluate_export(model: nn.Module, meta: dict, export: Path, data_cfg: DataCo
         raise ConfigError(f"{export} makes {meta['channels']}x{meta['resolution']} images but {data_cfg.path} holds "
                           f"{info.channels}x{info.resolution}: pass --data with the run's data")
     trained = ensure_feature_net(eval_cfg, data_cfg.path, info)
-    evaluator = Evaluator(eval_cfg, data_cfg, info, device, seed, z_dist=meta["generator"]["z_dist"])
+    num_classes = len(meta["classes"]) if meta["generator"].get("conditional") else None
+    evaluator = Evaluator(eval_cfg, data_cfg, info, device, seed, z_dist=meta["generator"]["z_dist"],
+                          num_classes=num_classes)
     start = time.perf_counter()
     figures = evaluator.evaluate(model, rank=0, world_size=1, gather=lambda t: t)
     record: dict = dict(figures)

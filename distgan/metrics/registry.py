@@ -25,6 +25,8 @@ class MetricContext:
     # reference: real train images (those of the Parzen window)
     real: Mapping[str, Tensor]  # the Evaluator's real data (train_features, train_labels, test_parzen_images ...)
     num_classes: Optional[int]  # classes of the classifier (None without one)
+    conditioned: Optional[Tensor]  # int64 [N]: the class each image was generated for (conditional G; for the
+    # reference: the test images' own labels); None for an unconditional generator
     seed: int  # for a metric's own randomness (subsets): fixed, so figures compare across runs
     memo: dict  # kept by one Evaluator across evaluations: statistics of the real data computed once
 
@@ -41,6 +43,7 @@ class Metric:
     needs_labels: bool = False  # needs the classifier's labels: skipped (with a warning) without the classifier
     needs_test_split: bool = False  # needs the test split: skipped (with a warning) without one
     needs_images: bool = False  # needs the generated images themselves, not only their features
+    needs_conditional: bool = False  # needs a class-conditional generator: skipped (with a warning) otherwise
     title: str = ""  # what warnings call it (default: the name)
     columns: tuple[tuple[str, str], ...] = ()  # results table: (header, str.format template over the figures)
 
@@ -133,3 +136,6 @@ register(Metric("parzen", ("parzen_ll", "parzen_se", "parzen_sigma"), lazy("dist
                 higher_is_better=("parzen_ll",), diagnostics=("parzen_se", "parzen_sigma"), needs_test_split=True,
                 needs_images=True, title="Parzen log-likelihood",
                 columns=(("Parzen LL (se)", "{parzen_ll:.1f} ({parzen_se:.2f})"),)))
+register(Metric("class_agreement", ("class_agreement",), lazy("distgan.metrics.class_agreement"),
+                higher_is_better=("class_agreement",), needs_labels=True, needs_conditional=True,
+                title="class agreement", columns=(("class agreement", "{class_agreement:.3f}"),)))

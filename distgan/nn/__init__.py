@@ -1,16 +1,18 @@
 """Generator and discriminator builders, latent sampling and distgan's synchronized batch norm.
 
 Every generator has ``.z_dim`` and maps z [B, z_dim] to images [B, C, R, R] in [-1, 1]; every
-discriminator maps images [B, C, R, R] to raw logits [B].
+discriminator maps images [B, C, R, R] to raw logits [B]. A conditional one (``conditional: true``, built
+with ``num_classes``) takes class indices y [B] too: ``G(z, y)``, ``D(x, y)`` (see distgan.nn.conditional).
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from distgan.config import ConfigError, DiscriminatorConfig, GeneratorConfig
+from distgan.nn.conditional import ConditionalGenerator, ProjectionDiscriminator
 from distgan.nn.dcgan import DCGANDiscriminator, DCGANGenerator
 from distgan.nn.mlp import MaxoutDiscriminator, MLPDiscriminator, MLPGenerator
 from distgan.nn.syncbn import SyncBatchNorm, convert_sync_batchnorm
@@ -25,7 +27,7 @@ DISCRIMINATORS: dict[str, Callable[..., nn.Module]] = {
 }
 
 __all__ = [
-    "build_generator", "build_discriminator", "sample_latent", "SyncBatchNorm", "convert_sync_batchnorm",
+    "build_generator", "build_discriminator", "sample_latent", "sample_labels", "SyncBatchNorm", "convert_sync_batchnorm",
     "GENERATORS", "DISCRIMINATORS",
 ]
 
@@ -35,16 +37,39 @@ def _check_image(resolution: int, channels: int, who: str) -> None:
         raise ConfigError(f"{who}: resolution and channels must be positive, got {resolution} and {channels}")
 
 
-def build_generator(cfg: GeneratorConfig, resolution: int, channels: int) -> nn.Module:
-    """The generator ``cfg.arch`` for ``channels`` x ``resolution`` x ``resolution`` images."""
+def _check_classes(num_classes: Optional[int], who: str) -> None:
+    if (num_classes is None or num_classes < 2):
+        raise ConfigError(f"{who}.conditional=true needs labeled data with at least 2 classes (dataset.json "
+                          f"'classes'), got {num_classes}: prepare labeled shards or set {who}.conditional=false")
+
+
+def build_generator(cfg: GeneratorConfig, resolution: int, channels: int,
+                    num_classes: Optional[int] = None) -> nn.Module:
+    """The generator ``cfg.arch`` for ``channels`` x ``resolution`` x ``resolution`` images (of ``num_classes``
+    classes when ``cfg.conditional``)."""
     _check_image(resolution, channels, "generator")
+    if cfg.conditional:
+        _check_classes(num_classes, "generator")
+        return ConditionalGenerator(GENERATORS[cfg.arch], cfg, resolution, channels, num_classes)
     return GENERATORS[cfg.arch](cfg, resolution, channels)
 
 
-def build_discriminator(cfg: DiscriminatorConfig, resolution: int, channels: int) -> nn.Module:
-    """The discriminator ``cfg.arch`` for ``channels`` x ``resolution`` x ``resolution`` images."""
+def build_discriminator(cfg: DiscriminatorConfig, resolution: int, channels: int,
+                        num_classes: Optional[int] = None) -> nn.Module:
+    """The discriminator ``cfg.arch`` for ``channels`` x ``resolution`` x ``resolution`` images (with a projection
+    head over ``num_classes`` classes when ``cfg.conditional``)."""
     _check_image(resolution, channels, "discriminator")
+    if cfg.conditional:
+        _check_classes(num_classes, "discriminator")
+        return ProjectionDiscriminator(DISCRIMINATORS[cfg.arch], cfg, resolution, channels, num_classes)
     return DISCRIMINATORS[cfg.arch](cfg, resolution, channels)
+
+
+def sample_labels(n: int, num_classes: int, generator: Optional[torch.Generator] = None, device: Any = None) -> Tensor:
+    """``n`` class indices drawn uniformly (on the generator's device, then moved to ``device``)."""
+    draw_device = generator.device if generator is not None else device
+    y = torch.randint(num_classes, (n,), generator=generator, device=draw_device)
+    return y.to(device) if device is not None else y
 
 
 def sample_latent(

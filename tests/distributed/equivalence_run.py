@@ -37,6 +37,8 @@ PENALTIES = {
 }
 # WGAN-GP through a batch-norm D is refused by the config (the penalty is per sample): not a case.
 CASES = {f"{p}.{n}": PENALTIES[p] + NORMS[n] for p in PENALTIES for n in NORMS if not (p == "wgan-gp" and n == "syncbn-d")}
+CONDITIONAL = ["generator.conditional=true", "discriminator.conditional=true"]  # labels drawn for the global batch
+CASES["r1.syncbn-d-cond"] = PENALTIES["r1"] + NORMS["syncbn-d"] + CONDITIONAL
 STEPS = 20
 
 
@@ -66,7 +68,8 @@ def run_case(name: str, out: Path, steps: int, tag: str | None, resume: str | No
         "log.sample_every=1000", "log.every=1000", "checkpoint.every=1000", "log.gif=false",
         "ema.half_life_kimg=0.05", "ema.rampup=0", "train.cpu_threads=1",
     ]
-    trainer = Trainer(load_config("smoke", overrides), source=MemorySource(), resume=resume)
+    source = MemorySource(num_classes=3 if CONDITIONAL[0] in overrides else 0)
+    trainer = Trainer(load_config("smoke", overrides), source=source, resume=resume)
     recorded = record_first_gradients(trainer) if grads else None
     trainer.fit()
     acc = trainer.accelerator

@@ -9,8 +9,10 @@ import torch
 
 
 class MemorySource:
-    def __init__(self, resolution: int = 28, channels: int = 1, seed: int = 1234):
-        self.resolution, self.channels, self.classes = resolution, channels, None
+    def __init__(self, resolution: int = 28, channels: int = 1, seed: int = 1234, num_classes: int = 0):
+        """``num_classes``: labeled (the label is the image's brightness bucket), else unlabeled (-1)."""
+        self.resolution, self.channels = resolution, channels
+        self.classes = [f"bright{k}" for k in range(num_classes)] if num_classes else None
         self.seed = seed
 
     def global_batch(self, index: int, global_batch: int) -> torch.Tensor:
@@ -23,5 +25,9 @@ class MemorySource:
         index = start_batch
         while True:
             x = self.global_batch(index, batch_size * world_size)[rank * batch_size:(rank + 1) * batch_size]
-            yield x, torch.full((batch_size,), -1, dtype=torch.long)
+            if self.classes:
+                brightness = (x.mean(dim=(1, 2, 3)) + 1) / 2
+                yield x, (brightness * len(self.classes)).long().clamp(0, len(self.classes) - 1)
+            else:
+                yield x, torch.full((batch_size,), -1, dtype=torch.long)
             index += 1

@@ -1,0 +1,206 @@
+"""Class-conditional GANs: the projection head and the class embedding, the labels each phase gets, every loss and
+penalty, resume, the class agreement metric, and sampling one class or one row per class through the real CLIs."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from distgan import eval as eval_cli
+from distgan import sample as sample_cli
+from distgan import train as train_cli
+from distgan.config import Config, ConfigError, DiscriminatorConfig, GeneratorConfig, load_config
+from distgan.data.shards import read_shard, write_shards
+from distgan.export import export_generator
+from distgan.metrics.class_agreement import class_agreement
+from distgan.metrics.features import CLASSIFIER_FILE, FeatureClassifier, save_classifier
+from distgan.nn import build_discriminator, build_generator
+from distgan.trainer import DRAW_D_LABEL, DRAW_G_LABEL, Trainer, derive_seed
+from test_cli_errors import one_line_error
+from test_every_option import TINY, check_run, metrics, train
+
+COND = ("generator.conditional=true", "discriminator.conditional=true")
+
+
+def load(data: Path, run: Path, *overrides: str) -> Config:
+    return load_config(None, [*TINY, *COND, f"data.path={data}", f"run.dir={run}", *overrides])
+
+
+# ---------------------------------------------------------------- the networks
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "mlp"])
+def test_projection_head_and_embedding_in_float64(arch):
+    torch.manual_seed(0)
+    D = build_discriminator(DiscriminatorConfig(arch=arch, width=4, hidden=[16, 8], norm="layer", conditional=True),
+                            28, 1, num_classes=3).double()
+    G = build_generator(GeneratorConfig(arch=arch, width=4, z_dim=8, hidden=[16], conditional=True), 28, 1,
+                        num_classes=3).double().eval()
+    with torch.no_grad():
+        D.embed.weight.normal_()  # a trained projection, not the near-zero start
+    x, y = torch.randn(5, 1, 28, 28, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0])
+    h = D.features(x)
+    expected = D.linear(h)[:, 0] + (D.embed.weight[y] * h).sum(1)  # Miyato & Koyama: linear + <embed(y), h>
+    torch.testing.assert_close(D(x, y), expected, rtol=1e-12, atol=1e-12)
+    assert (D(x, y) - D(x, (y + 1) % 3)).abs().min() > 1e-6  # the class changes every logit
+    z = torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(G(z, y), G.net(torch.cat([z, G.embed.weight[y]], 1)), rtol=0, atol=0)
+    assert (G(z, y) - G(z, (y + 1) % 3)).abs().amax(dim=(1, 2, 3)).min() > 1e-6
+
+
+def test_the_two_keys_must_agree_and_unlabeled_data_is_refused(capsys, tmp_path):
+    with pytest.raises(ConfigError, match="generator.conditional=True but discriminator.conditional=False"):
+        load_config(None, ["generator.conditional=true"])
+    unlabeled = tmp_path / "unlabeled"
+    write_shards(np.zeros((8, 1, 28, 28), np.uint8), None, unlabeled, progress=False)
+    line = one_line_error(capsys, train_cli.main, ["--config", "smoke", *COND, f"data.path={unlabeled}",
+                                                   f"run.dir={tmp_path / 'run'}"])
+    assert "generator.conditional=true needs labeled data" in line and "conditional=false" in line
+
+
+# ---------------------------------------------------------------- training
+
+
+def record_calls(module: torch.nn.Module) -> list[tuple[torch.Tensor, ...]]:
+    calls: list = []
+    module.register_forward_pre_hook(lambda _m, args: calls.append(tuple(a.detach().clone() for a in args)))
+    return calls
+
+
+@pytest.mark.timeout(120)
+def test_each_phase_gets_its_labels(fashion_shards, tmp_path):
+    """D judges real images with their own labels, fakes with the classes G made them for, drawn per step."""
+    trainer = Trainer(load(fashion_shards, tmp_path / "run", "train.steps=2"))
+    d_calls, g_calls = record_calls(trainer.D_plain), record_calls(trainer.G_plain)
+    real_labels = []  # (images, labels) as the data stream yields them
+    batches = trainer.source.batches
+
+    def recorded(*args):
+        for images, labels in batches(*args):
+            real_labels.append((images.clone(), labels.clone()))
+            yield images, labels
+
+    trainer.source.batches = recorded
+    trainer.fit()
+    B, K = 8, 10
+    for step in range(2):
+        fake_d = torch.randint(K, (B,), generator=torch.Generator().manual_seed(derive_seed(0, step, DRAW_D_LABEL, 0)))
+        fake_g = torch.randint(K, (B,), generator=torch.Generator().manual_seed(derive_seed(0, step, DRAW_G_LABEL, 0)))
+        (real, labels), calls = real_labels[step], d_calls[3 * step:3 * step + 3]  # D: real, fake; G phase: fake
+        assert torch.equal(calls[0][0], real) and torch.equal(calls[0][1], labels)
+        assert torch.equal(g_calls[3 * step][1], fake_d) and torch.equal(calls[1][1], fake_d)
+        assert torch.equal(g_calls[3 * step + 1][1], fake_g) and torch.equal(calls[2][1], fake_g)
+        assert len(set(labels.tolist())) > 1 and labels.min() >= 0
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("overrides", [
+    ("loss.kind=hinge", "loss.penalty=r1", "discriminator.norm=spectral"),
+    ("loss.kind=wasserstein", "loss.penalty=wgan-gp", "discriminator.norm=layer", "generator.norm=sync-batch"),
+    ("loss.kind=non-saturating", "loss.penalty=r2", "generator.arch=mlp", "discriminator.arch=mlp"),
+    ("loss.kind=minimax", "discriminator.arch=maxout", "generator.arch=tf_dcgan", "discriminator.norm=none"),
+], ids=["hinge-r1", "wgan-gp", "r2-mlp", "minimax-maxout-tf_dcgan"])
+def test_conditional_trains_with_losses_penalties_and_archs(overrides, fashion_shards, tmp_path):
+    trainer, before = train(load(fashion_shards, tmp_path / "run", "train.steps=3", *overrides))
+    check_run(trainer, before)  # every figure finite, the penalty logged on its steps, weights moved
+    for name, model in (("G", trainer.G_plain), ("D", trainer.D_plain)):
+        assert not torch.equal(model.embed.weight, before[name]["embed.weight"]), f"{name}'s class embedding is fixed"
+
+
+@pytest.mark.timeout(180)
+def test_conditional_run_resumes_bit_identical(fashion_shards, tmp_path):
+    first, _ = train(load(fashion_shards, tmp_path / "split", "train.steps=2", "checkpoint.every=1000"), resume="auto")
+    train(load(fashion_shards, tmp_path / "split", "train.steps=4", "checkpoint.every=1000"), resume="auto")
+    train(load(fashion_shards, tmp_path / "straight", "train.steps=4", "checkpoint.every=1000"))
+    for name in ("G", "D", "G_ema"):
+        a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-00000004" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "split" / "checkpoints" / "step-00000004" / f"{name}.safetensors"))
+        assert "embed.weight" in a and a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: 2 + resume + 2 != 4 steps"
+
+
+# ---------------------------------------------------------------- class agreement
+
+
+def test_class_agreement_counts_matches():
+    assert class_agreement(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2])) == 0.75
+    with pytest.raises(ValueError, match="shapes"):
+        class_agreement(torch.tensor([0, 1]), torch.tensor([0]))
+
+
+@pytest.mark.timeout(180)
+def test_class_agreement_during_training_and_skipped_when_unconditional(fashion_shards, tmp_path, caplog, capsys):
+    """With a constant classifier (zero weights, bias on class 3) the share is exactly that of class 3 among the
+    classes the images were generated for: 0, 1, ..., 9, 0, ... (n=50: 5 of 50)."""
+    data = tmp_path / "fm"
+    shutil.copytree(fashion_shards, data)
+    classifier = FeatureClassifier(1, 28, 10)
+    with torch.no_grad():
+        for p in classifier.parameters():
+            p.zero_()
+        classifier.head.bias[3] = 1.0
+    save_classifier(classifier, data / CLASSIFIER_FILE)
+    evals = ("eval.metrics=[class_agreement]", "eval.every=2", "eval.n=50", "eval.batch=20", "train.steps=2")
+    train(load(data, tmp_path / "run", *evals))
+    figures = [line for line in metrics(tmp_path / "run") if "eval/class_agreement" in line]
+    assert [line["eval/class_agreement"] for line in figures] == [0.1]
+    assert eval_cli.main(["--run", str(tmp_path / "run"), "--metrics", "class_agreement", "--n", "40"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["class_agreement"] == 4 / 40  # the export too
+    plain = load_config(None, [*TINY, f"data.path={data}", f"run.dir={tmp_path / 'plain'}", *evals])
+    train(plain)
+    assert not any("eval/class_agreement" in line for line in metrics(tmp_path / "plain"))
+    assert "class agreement skipped: the generator is not class-conditional" in caplog.text
+
+
+# ---------------------------------------------------------------- sampling through the CLIs
+
+
+@pytest.mark.timeout(300)
+def test_train_and_sample_a_class_and_a_row_per_class_through_the_cli(fashion_shards, tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "out"
+    run_cli("distgan.train", "--config", "smoke", *COND, "train.steps=3", f"data.path={fashion_shards}",
+            f"run.dir={run}", "log.gif=false")
+    meta = json.loads((run / "generator_ema.json").read_text())
+    assert meta["generator"]["conditional"] is True and meta["classes"][8] == "Bag"
+    run_cli("distgan.sample", "--run", str(run), "--grid", "--per-class", "--n", "3", "--out", str(out / "rows"))
+    run_cli("distgan.sample", "--run", str(run), "--class", "Bag", "--n", "3", "--out", str(out / "bag"))
+    run_cli("distgan.sample", "--run", str(run), "--class", "8", "--n", "3", "--out", str(out / "eight"))
+    grid = np.asarray(Image.open(out / "rows" / "grid.png"))
+    step = 28 + 2  # image + padding
+    assert grid.shape == (10 * step + 2, 3 * step + 2)  # ten rows of three
+
+    def cell(row: int, col: int) -> np.ndarray:
+        return grid[2 + row * step:2 + row * step + 28, 2 + col * step:2 + col * step + 28]
+
+    for col in range(3):  # --class Bag (or 8) is the per-class grid's row 8: the same seed, the same latents
+        bag, eight = (np.asarray(Image.open(out / name / f"{col:06d}.png")) for name in ("bag", "eight"))
+        assert np.array_equal(bag, cell(8, col)) and np.array_equal(bag, eight)
+    assert len({cell(row, 0).tobytes() for row in range(10)}) == 10, "the rows do not depend on the class"
+    run_cli("distgan.sample", "--run", str(run), "--shards", "--n", "20", "--out", str(out / "shards"))
+    info = json.loads((out / "shards" / "dataset.json").read_text())
+    assert info["classes"] == meta["classes"]  # every class in turn, labeled: data for another conditional run
+    shard = read_shard(str(out / "shards" / info["shards"][0]), resolution=28, channels=1)
+    assert shard.labels.tolist() == [i % 10 for i in range(20)]
+    line = one_line_error(capsys, sample_cli.main, ["--run", str(run), "--class", "Sweater", "--out", str(out)])
+    assert "--class Sweater: not a class of this generator" in line and "Ankle boot" in line
+
+
+def test_an_unconditional_export_refuses_class_options(capsys, tmp_path):
+    cfg = GeneratorConfig(arch="mlp", z_dim=4, hidden=[8])
+    path = export_generator(tmp_path / "g.safetensors", build_generator(cfg, 28, 1), cfg, 28, 1, ["a", "b"], 1, True)
+    for flags, flag in ((["--class", "a"], "--class"), (["--grid", "--per-class"], "--per-class")):
+        line = one_line_error(capsys, sample_cli.main, ["--export", str(path), *flags, "--out", str(tmp_path / "o")])
+        assert line.startswith(f"distgan.sample: error: {flag}: this generator is not class-conditional"), line
+    cond = dataclasses.replace(cfg, conditional=True)
+    path = export_generator(tmp_path / "c.safetensors", build_generator(cond, 28, 1, 2), cond, 28, 1, ["a", "b"], 1,
+                            True)
+    line = one_line_error(capsys, sample_cli.main, ["--export", str(path), "--per-class", "--out", str(tmp_path)])
+    assert "--per-class goes with --grid" in line
