@@ -1,5 +1,6 @@
 """The run directory's guard rails: one writer at a time, no run overwritten, a config history, safe resumes.
 
+- ``claim_run_dir`` (the main process, at start): lock, refuse or set aside, pick and check the checkpoint.
 - A lock file (``.lock``: pid, host, Slurm job, start time) admits one training at a time; a lock left by a
   process that is gone (same host, or the same Slurm job requeued) is named in the log and taken over.
 - A fresh start refuses a run dir that already holds results; ``--resume auto`` with no intact checkpoint
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
+from distgan.checkpoint import checkpoint_config, checkpoint_step, find_resume_path, set_aside_newer
 from distgan.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -182,3 +185,36 @@ def record_config(run_dir: Path, config_yaml: str, step: int, resumed: bool) -> 
     tmp.write_text(config_yaml)
     os.replace(tmp, run_dir / "config.yaml")
     return kept
+
+
+def claim_run_dir(lock: RunDirLock, resume: Optional[str], config_yaml: str) -> Optional[str]:
+    """Lock the run dir and decide what to resume from (the main process only; the trainer shares the answer)."""
+    lock.acquire()
+    try:
+        return _resume_decision(lock.path.parent, resume, config_yaml)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _resume_decision(run_dir: Path, resume: Optional[str], config_yaml: str) -> Optional[str]:
+    path = find_resume_path(resume, run_dir)
+    if resume is None:
+        refuse_overwrite(run_dir)
+    elif path is None:
+        aside = set_aside_results(run_dir)
+        if aside is not None:
+            log.warning("--resume auto: no intact checkpoint in %s; its earlier results are kept in %s and "
+                        "training starts from step 0", run_dir, aside)
+    else:
+        saved = checkpoint_config(path)
+        if saved is None and (path.parent.parent / "config.yaml").is_file():  # a version-1 checkpoint
+            saved = (path.parent.parent / "config.yaml").read_text()
+        check_resume_config(saved, config_yaml, path)
+        aside = set_aside_newer(run_dir / "checkpoints", checkpoint_step(path))
+        if aside is not None:
+            if (run_dir / "metrics.jsonl").is_file():
+                shutil.copy2(run_dir / "metrics.jsonl", aside / "metrics.jsonl")
+            log.warning("resuming from %s: the checkpoints written after it (another branch of this run) and "
+                        "its metrics.jsonl are kept in %s", path, aside)
+    return str(path) if path is not None else None

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import socket
 import time
 from contextlib import contextmanager
@@ -33,10 +32,7 @@ from accelerate.utils import broadcast_object_list
 from torch import Tensor, nn
 
 from distgan.augment import Augmented, RealBatchMarker
-from distgan.checkpoint import (
-    TrainState, checkpoint_config, checkpoint_step, find_resume_path, list_checkpoints, load_checkpoint, read_best,
-    save_best, save_checkpoint, set_aside_newer,
-)
+from distgan.checkpoint import TrainState, list_checkpoints, load_checkpoint, read_best, save_best, save_checkpoint
 from distgan.config import Config, ConfigError, OptimizerConfig, dump_yaml
 from distgan.data.stream import DataSource, ShardSource, normalize_images
 from distgan.distributed import any_rank, average_buffers, make_accelerator, set_cpu_threads
@@ -48,7 +44,8 @@ from distgan.metrics.registry import is_better
 from distgan.nn import build_discriminator, build_generator, sample_labels, sample_latent
 from distgan.objective import Figures, GANObjective, call
 from distgan.precision import loss_scale, step_unless, unscale_and_norm
-from distgan.rundir import RunDirLock, check_resume_config, record_config, refuse_overwrite, set_aside_results
+from distgan.health import StepHealth
+from distgan.rundir import RunDirLock, claim_run_dir, record_config
 from distgan.stop import StopRequest
 from distgan.tracking import RunLog, save_gif, save_grid, tracker_config, wandb_mode_for_environment
 
@@ -63,42 +60,6 @@ MIN_BN_SAMPLES = 32  # plain batch norm on fewer samples per rank than this gets
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-class StepHealth:
-    """Non-finite losses and gradients and fp16 overflows, counted on the device every phase and read with one
-    gather at a sync point: the step itself never waits for the host.
-
-    A phase whose gradients are not finite is skipped (its gradients are all-reduced, so every rank skips
-    it). Under fp16 that is an overflow the loss scaler answers by lowering its scale; a non-finite total
-    loss (penalty included) is a real error in every precision. The counts: [skipped or overflowing phases,
-    the current run of them, the longest run, the first bad step, its phase (0 D, 1 G)], -1 for none.
-    """
-
-    def __init__(self, device: torch.device, fp16: bool) -> None:
-        self.fp16 = fp16
-        self.counts = torch.tensor([0, 0, 0, -1, -1], dtype=torch.int64, device=device)
-
-    def record(self, step: int, phase: int, loss: Tensor, grad_norm: Tensor) -> Tensor:
-        """Count one phase; return the device flag that skips its optimizer step."""
-        skip = ~torch.isfinite(grad_norm)
-        bad = ~torch.isfinite(loss.detach())
-        if not self.fp16:
-            bad = bad | skip
-        c = self.counts
-        run = (c[1] + 1) * skip
-        first = bad & (c[3] < 0)
-        c.copy_(torch.stack([c[0] + skip, run, torch.maximum(c[2], run), torch.where(first, step, c[3]),
-                             torch.where(first, phase, c[4])]))
-        return skip
-
-    def read(self, accelerator) -> list[list[int]]:
-        """Every rank's counts (one gather, one host sync); the counters restart, the current run goes on."""
-        rows = accelerator.gather(self.counts[None]) if accelerator.num_processes > 1 else self.counts[None]
-        rows = rows.tolist()
-        c = self.counts
-        c.copy_(torch.stack([torch.zeros_like(c[0]), c[1], c[1], -torch.ones_like(c[0]), -torch.ones_like(c[0])]))
-        return rows
 
 
 @dataclass
@@ -204,7 +165,7 @@ class Trainer:
 
         self.state = TrainState(world_size=self.world)
         self.lock = RunDirLock(self.run_dir)
-        resume_path = self._on_main_process(lambda: self._claim_run_dir(resume))
+        resume_path = self._on_main_process(lambda: claim_run_dir(self.lock, resume, dump_yaml(cfg)))
         self.resumed_from = Path(resume_path) if resume_path is not None else None
         if self.resumed_from is not None:
             self._load(self.resumed_from)
@@ -486,38 +447,6 @@ class Trainer:
         if decision[1] is not None:
             raise ConfigError(decision[1])
         return decision[0]
-
-    def _claim_run_dir(self, resume: Optional[str]) -> Optional[str]:
-        """Lock the run dir and decide what to resume from (main process only)."""
-        self.lock.acquire()
-        try:
-            return self._resume_decision(resume)
-        except BaseException:
-            self.lock.release()
-            raise
-
-    def _resume_decision(self, resume: Optional[str]) -> Optional[str]:
-        run_dir = self.run_dir
-        path = find_resume_path(resume, run_dir)
-        if resume is None:
-            refuse_overwrite(run_dir)
-        elif path is None:
-            aside = set_aside_results(run_dir)
-            if aside is not None:
-                log.warning("--resume auto: no intact checkpoint in %s; its earlier results are kept in %s and "
-                            "training starts from step 0", run_dir, aside)
-        else:
-            saved = checkpoint_config(path)
-            if saved is None and (path.parent.parent / "config.yaml").is_file():  # a version-1 checkpoint
-                saved = (path.parent.parent / "config.yaml").read_text()
-            check_resume_config(saved, dump_yaml(self.cfg), path)
-            aside = set_aside_newer(run_dir / "checkpoints", checkpoint_step(path))
-            if aside is not None:
-                if (run_dir / "metrics.jsonl").is_file():
-                    shutil.copy2(run_dir / "metrics.jsonl", aside / "metrics.jsonl")
-                log.warning("resuming from %s: the checkpoints written after it (another branch of this run) and "
-                            "its metrics.jsonl are kept in %s", path, aside)
-        return str(path) if path is not None else None
 
     def _load(self, path: Path) -> None:
         self.state, optim = load_checkpoint(path, self._modules())

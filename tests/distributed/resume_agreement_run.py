@@ -15,13 +15,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from distgan import rundir  # noqa: E402
 from distgan import trainer as trainer_module  # noqa: E402
 from distgan.config import load_config  # noqa: E402
 from tests.distributed.support import MemorySource  # noqa: E402
 
 run_dir, steps = sys.argv[1], int(sys.argv[2])
 if os.environ.get("RANK") == "1":
-    trainer_module.find_resume_path = lambda resume, run: Path(run) / "checkpoints" / "step-99999999"
+    rundir.find_resume_path = lambda resume, run: Path(run) / "checkpoints" / "step-99999999"
 cfg = load_config("smoke", [f"run.dir={run_dir}", f"train.steps={steps}", "log.every=1", "log.sample_every=1000",
                             "log.gif=false"])
 trainer = trainer_module.Trainer(cfg, source=MemorySource(), resume="auto")
