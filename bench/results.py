@@ -279,7 +279,14 @@ COLUMNS = [column for metric in registry.METRICS.values() for column in metric.c
 
 
 def _cells(f: dict) -> list[str]:
-    return [template.format(**f) for _, template in COLUMNS]
+    """One cell per column; a figure the run does not have (class agreement of an unconditional G) is n/a."""
+    cells = []
+    for _, template in COLUMNS:
+        try:
+            cells.append(template.format(**f))
+        except KeyError:
+            cells.append("n/a")
+    return cells
 
 
 def _distinct(values: list[str]) -> str:
