@@ -20,6 +20,13 @@ INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's (and to
 TORCHSCRIPT_INCEPTION_FILE = "inception-2015-12-05.pt"  # NVlabs' and clean-fid's TorchScript FID Inception
 
 
+def _as_rgb(x: Tensor, who: str) -> Tensor:
+    """Images [N, 1 or 3, H, W] as RGB (grayscale repeated), the input both FID networks take."""
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"{who} takes images [N, 1 or 3, H, W] in [-1, 1], got {tuple(x.shape)}")
+    return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+
+
 class _Conv(nn.Module):
     """Conv (no bias) + BatchNorm (eps 1e-3) + ReLU; named .conv/.bn as in the weights file."""
 
@@ -153,10 +160,7 @@ class FIDInceptionV3(nn.Module):
         return super().train(False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"FIDInceptionV3 takes images [N, 1 or 3, H, W] in [-1, 1], got {tuple(x.shape)}")
-        if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
+        x = _as_rgb(x, "FIDInceptionV3")
         if tuple(x.shape[2:]) != (299, 299):
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         x = _chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)
@@ -179,10 +183,7 @@ class TorchScriptInception(nn.Module):
         return super().train(False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"TorchScriptInception takes images [N, 1 or 3, H, W] in [-1, 1], got {tuple(x.shape)}")
-        if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
+        x = _as_rgb(x, "TorchScriptInception")
         return self.net((x.float().clamp(-1, 1) + 1) * 127.5, return_features=True).float()
 
 
