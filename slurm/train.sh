@@ -94,11 +94,18 @@ SUBMIT_DIR=${SLURM_SUBMIT_DIR:-$PWD}
 # file is (re)written once the run folder is known, and every second until training has exited.
 STOP_SIGNAL=""
 STOP_FILE=""
+NODE_DOWN=""
 # shellcheck disable=SC2317  # invoked by the traps below
 on_signal() {
     log "got SIG$1: asking training to checkpoint and stop (${STOP_FILE:-RUN_DIR/STOP})"
     STOP_SIGNAL=$1
     if [[ -n $STOP_FILE ]]; then touch "$STOP_FILE"; fi
+    # A node failure ends the job with TERM, and KillWait later SIGKILL, often before srun returns:
+    # say it now, while this shell still runs.
+    if [[ $1 == TERM ]] && declare -F say_node_failed >/dev/null; then
+        NODE_DOWN=$(down_nodes) || NODE_DOWN=""
+        if [[ -n $NODE_DOWN ]]; then say_node_failed "$NODE_DOWN" "srun still running"; fi
+    fi
 }
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
@@ -256,6 +263,14 @@ down_nodes() {
         awk '$2 ~ /down|fail|\*/ { printf "%s%s: %s", sep, $1, $2; sep = ", " }'
 }
 
+NODE_FAILURE_SAID=0
+say_node_failed() {  # $1: the down nodes, $2: what srun did
+    if (( NODE_FAILURE_SAID )); then return; fi
+    NODE_FAILURE_SAID=1
+    log "a node of this job failed ($1): $2; Slurm requeues the job (--requeue)," \
+        "which resumes from the last checkpoint, $(last_checkpoint)"
+}
+
 # One launcher per node; the per-node values expand in each task, hence the single quotes.
 # --machine_rank: accelerate checks the port is free on machine 0 only. is_host: the first node hosts
 # the c10d store; without it torch guesses by host name (every node, when they share one host).
@@ -301,11 +316,10 @@ elif (( STATUS == 0 )); then
     # No signal came, yet no export appeared: a STOP file someone wrote, or training wrote elsewhere.
     log "training exited without exporting $EXPORT and without a signal (a STOP file in the run dir?);" \
         "last checkpoint $CHECKPOINT; not requeued; $RESUBMIT"
-elif DOWN=$(down_nodes) && [[ -n $DOWN ]]; then
+elif [[ -n $NODE_DOWN ]] || { DOWN=$(down_nodes) && [[ -n $DOWN ]]; }; then
     # srun returns once slurmctld has declared the node dead; Slurm then requeues the job itself
     # (--requeue) and ends this shell (its TERM may come before srun returns: checked first).
-    log "a node of this job failed ($DOWN): srun exit status $STATUS; Slurm requeues the job (--requeue)," \
-        "which resumes from the last checkpoint, $CHECKPOINT"
+    say_node_failed "${NODE_DOWN:-$DOWN}" "srun exit status $STATUS"
 elif [[ -n $STOP_SIGNAL ]]; then
     # scancel and the time limit send TERM to the job step too: the launcher passes it on to training,
     # which checkpoints, and then exits non-zero itself. The job ends CANCELLED or TIMEOUT.
