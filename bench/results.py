@@ -278,15 +278,21 @@ def load_results(results: Path = RESULTS) -> tuple[dict[str, dict], Optional[dic
 COLUMNS = [column for metric in registry.METRICS.values() for column in metric.columns]
 
 
-def _cells(f: dict) -> list[str]:
-    """One cell per column; a figure the run does not have (class agreement of an unconditional G) is n/a."""
-    cells = []
-    for _, template in COLUMNS:
-        try:
-            cells.append(template.format(**f))
-        except KeyError:
-            cells.append("n/a")
-    return cells
+def _cell(template: str, f: dict) -> Optional[str]:
+    try:
+        return template.format(**f)
+    except KeyError:  # a figure the run does not have (class agreement of an unconditional G)
+        return None
+
+
+def _cells(f: dict, columns: list[tuple[str, str]]) -> list[str]:
+    """One cell per column, n/a where the run lacks the figure."""
+    return [_cell(template, f) or "n/a" for _, template in columns]
+
+
+def _columns(evals: list[dict]) -> list[tuple[str, str]]:
+    """The columns some run has figures for (none of the class-conditional ones in a table of unconditional runs)."""
+    return [c for c in COLUMNS if any(_cell(c[1], f) is not None for f in evals)] or COLUMNS
 
 
 def _distinct(values: list[str]) -> str:
@@ -319,7 +325,8 @@ def render_table(results: Path = RESULTS) -> str:
                      "(`bench/results/classifier.json`).")
         lines.append("")
     measured_fd = [r["eval"]["fd"] for r in found.values()]
-    header = "| run | config, overrides | images seen | " + " | ".join(h for h, _ in COLUMNS) + " | sample grid |"
+    columns = _columns([r["eval"] for r in found.values()])
+    header = "| run | config, overrides | images seen | " + " | ".join(h for h, _ in columns) + " | sample grid |"
     lines += [header, "|---" * header.count(" | ") + "|---|"]
     reference = None
     missing = []
@@ -327,18 +334,18 @@ def render_table(results: Path = RESULTS) -> str:
         config = f"`{run.config}`" + (f" `{' '.join(run.overrides)}`" if run.overrides else "")
         if run.name not in found:
             missing.append(run.name)
-            lines.append(f"| {run.label} | {config} | not yet measured |" + " |" * (len(COLUMNS) + 1))
+            lines.append(f"| {run.label} | {config} | not yet measured |" + " |" * (len(columns) + 1))
             continue
         r, f = found[run.name]["run"], found[run.name]["eval"]
         reference = reference or f.get("reference")
-        cells = _cells(f)
+        cells = _cells(f, columns)
         if f["fd"] == min(measured_fd):
-            fd_column = [h for h, _ in COLUMNS].index("fd")
+            fd_column = [h for h, _ in columns].index("fd")
             cells[fd_column] = f"**{cells[fd_column]}**"
         grid = f"[grid](bench/results/{run.name}/{r['files']['grid']})" if "grid" in r["files"] else "-"
         lines.append(f"| {run.label} | {config} | {r['images_seen']:,} | " + " | ".join(cells) + f" | {grid} |")
     if reference:
-        lines.append("| real vs real (train vs test) | - | - | " + " | ".join(_cells(reference)) + " | - |")
+        lines.append("| real vs real (train vs test) | - | - | " + " | ".join(_cells(reference, columns)) + " | - |")
     lines.append("")
     n = _distinct([f"{r['eval']['meta']['n']:,}" for r in found.values()])
     lines.append("Every run adds `" + " ".join(COMMON_OVERRIDES) + "` and its own `run.dir` and `data.path` (see "

@@ -55,7 +55,8 @@ class GeneratorConfig:
     norm: Literal["batch", "sync-batch", "none"] = "batch"  # normalisation in hidden layers
     hidden: list[int] = field(default_factory=lambda: [128, 256, 512])  # hidden sizes (mlp)
     leaky_slope: float = 0.0  # 0 = ReLU (DCGAN paper); > 0 = LeakyReLU with that slope
-    conditional: bool = False  # class-conditional: z concatenated with a learned class embedding (needs labeled shards; set discriminator.conditional too)
+    conditional: bool = False  # class-conditional (needs labeled shards; set discriminator.conditional too)
+    conditioning: Literal["norm", "concat"] = "norm"  # how a conditional G sees the class: per-class gain and shift in its norm layers, or an embedding concatenated to z
 
 
 @dataclass

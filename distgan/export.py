@@ -72,8 +72,11 @@ def read_export_metadata(path: Path) -> dict:
 def load_generator_export(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild an exported generator (eval mode) and return it with its metadata."""
     meta = read_export_metadata(path)
+    g = meta.get("generator")
+    if isinstance(g, dict) and g.get("conditional") and "conditioning" not in g:
+        g["conditioning"] = "concat"  # exported before generator.conditioning existed: concat was the only way
     try:
-        generator_cfg = section_from_dict(GeneratorConfig, meta.get("generator"), "generator")
+        generator_cfg = section_from_dict(GeneratorConfig, g, "generator")
         validate_generator(generator_cfg)
     except ConfigError as err:
         raise ExportError(f"{path}: the generator section of its metadata is not valid: {err}") from None
@@ -93,8 +96,9 @@ def load_generator_export(path: Path, device: str | torch.device = "cpu") -> tup
 
 
 def export_onnx(model: torch.nn.Module, meta: dict, path: Path, check_batch: int = 8, seed: int = 0) -> dict:
-    """The generator as ONNX (input ``z`` [batch, z_dim], output ``images`` [batch, C, R, R] in [-1, 1], any batch),
-    its metadata in the model's metadata_props, then run by onnxruntime against PyTorch on the same latents."""
+    """The generator as ONNX (input ``z`` [batch, z_dim], and ``y`` [batch] int64 class indices for a conditional
+    one; output ``images`` [batch, C, R, R] in [-1, 1], any batch), its metadata (the class names included) in the
+    model's metadata_props, then run by onnxruntime against PyTorch on the same latents and classes."""
     try:
         import onnx
         import onnxruntime
@@ -104,21 +108,22 @@ def export_onnx(model: torch.nn.Module, meta: dict, path: Path, check_batch: int
     from distgan.nn import sample_latent
 
     g = meta["generator"]
-    if g.get("conditional"):
-        raise ExportError("--onnx: class-conditional generators are not exported to ONNX yet; sample them with "
-                          "--class or --per-class")
     z = sample_latent(check_batch, g["z_dim"], g["z_dist"], torch.Generator().manual_seed(seed))
+    inputs = {"z": z}
+    if g.get("conditional"):  # every class in turn, so the check sees each class's parameters
+        inputs["y"] = torch.arange(check_batch, dtype=torch.int64) % len(meta["classes"])
+    batch = torch.export.Dim("batch", min=1)
     tmp = path.with_name(path.name + ".tmp")
     model = model.cpu().eval()
-    torch.onnx.export(model, (z,), str(tmp), input_names=["z"], output_names=["images"], dynamo=True,
-                      dynamic_shapes={"z": {0: torch.export.Dim("batch", min=1)}}, verbose=False)
+    torch.onnx.export(model, tuple(inputs.values()), str(tmp), input_names=list(inputs), output_names=["images"],
+                      dynamo=True, dynamic_shapes={name: {0: batch} for name in inputs}, verbose=False)
     proto = onnx.load(str(tmp))
     onnx.helper.set_model_props(proto, {"distgan": json.dumps(meta)})
     onnx.save(proto, str(tmp))
     session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    (images,) = session.run(["images"], {"z": z.numpy()})
+    (images,) = session.run(["images"], {name: value.numpy() for name, value in inputs.items()})
     with torch.no_grad():
-        expected = model(z).numpy()
+        expected = model(*inputs.values()).numpy()
     difference = float(abs(images - expected).max())
     if images.shape != expected.shape or not difference < 1e-4:  # float32 kernels differ by rounding only
         raise ExportError(f"{path}: onnxruntime's images differ from PyTorch's by {difference} (shape {images.shape} vs "

@@ -21,8 +21,10 @@ from distgan.config import Config, ConfigError, DiscriminatorConfig, GeneratorCo
 from distgan.data.shards import read_shard, write_shards
 from distgan.export import export_generator
 from distgan.metrics.class_agreement import class_agreement
+from distgan.metrics.fd_per_class import per_class_frechet, real_class_stats
 from distgan.metrics.features import CLASSIFIER_FILE, FeatureClassifier, save_classifier
 from distgan.nn import build_discriminator, build_generator
+from distgan.nn.conditional import NORM_LAYERS, ClassNorm
 from distgan.trainer import DRAW_D_LABEL, DRAW_G_LABEL, Trainer, derive_seed
 from test_cli_errors import one_line_error
 from test_every_option import TINY, check_run, metrics, train
@@ -42,8 +44,8 @@ def test_projection_head_and_embedding_in_float64(arch):
     torch.manual_seed(0)
     D = build_discriminator(DiscriminatorConfig(arch=arch, width=4, hidden=[16, 8], norm="layer", conditional=True),
                             28, 1, num_classes=3).double()
-    G = build_generator(GeneratorConfig(arch=arch, width=4, z_dim=8, hidden=[16], conditional=True), 28, 1,
-                        num_classes=3).double().eval()
+    G = build_generator(GeneratorConfig(arch=arch, width=4, z_dim=8, hidden=[16], conditional=True,
+                                        conditioning="concat"), 28, 1, num_classes=3).double().eval()
     with torch.no_grad():
         D.embed.weight.normal_()  # a trained projection, not the near-zero start
     x, y = torch.randn(5, 1, 28, 28, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0])
@@ -54,6 +56,41 @@ def test_projection_head_and_embedding_in_float64(arch):
     z = torch.randn(5, 8, dtype=torch.float64)
     torch.testing.assert_close(G(z, y), G.net(torch.cat([z, G.embed.weight[y]], 1)), rtol=0, atol=0)
     assert (G(z, y) - G(z, (y + 1) % 3)).abs().amax(dim=(1, 2, 3)).min() > 1e-6
+
+
+@pytest.mark.parametrize("arch,norm", [("dcgan", "batch"), ("mlp", "batch"), ("dcgan", "sync-batch")])
+def test_class_conditional_norm_in_float64(arch, norm):
+    """generator.conditioning=norm: each norm layer's output times (1 + gain[y]) plus shift[y]; it starts as the
+    unconditional network (zero gains and shifts), and z stays G's only input."""
+    torch.manual_seed(0)
+    cfg = GeneratorConfig(arch=arch, width=4, z_dim=8, hidden=[16], norm=norm, conditional=True, conditioning="norm")
+    G = build_generator(cfg, 28, 1, num_classes=3).double().eval()
+    plain = build_generator(dataclasses.replace(cfg, conditional=False), 28, 1).double().eval()
+    class_norms = [m for m in G.net.net if isinstance(m, ClassNorm)]
+    assert class_norms and not hasattr(G, "embed") and G.net.net[0].in_features == 8
+    plain.load_state_dict({k.replace(".norm.", "."): v for k, v in G.net.state_dict().items()
+                           if ".gain." not in k and ".shift." not in k})
+    z, y = torch.randn(5, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0])
+    torch.testing.assert_close(G(z, y), plain(z), rtol=0, atol=0)  # the start: every class alike
+    with torch.no_grad():
+        for m in class_norms:
+            m.gain.weight.normal_()
+            m.shift.weight.normal_()
+    x, i = z, 0  # the same network by hand
+    for layer in plain.net:
+        x = layer(x)
+        if isinstance(layer, NORM_LAYERS):
+            shape = (5, -1) + (1,) * (x.dim() - 2)
+            x = x * (1 + class_norms[i].gain.weight[y].view(shape)) + class_norms[i].shift.weight[y].view(shape)
+            i += 1
+    torch.testing.assert_close(G(z, y), x, rtol=1e-12, atol=1e-12)
+    assert (G(z, y) - G(z, (y + 1) % 3)).abs().amax(dim=(1, 2, 3)).min() > 1e-6
+
+
+def test_norm_conditioning_needs_a_norm_layer():
+    cfg = GeneratorConfig(arch="dcgan", width=4, z_dim=8, norm="none", conditional=True, conditioning="norm")
+    with pytest.raises(ConfigError, match="generator.conditioning=norm.*no normalisation layer.*conditioning=concat"):
+        build_generator(cfg, 28, 1, num_classes=3)
 
 
 def test_the_two_keys_must_agree_and_unlabeled_data_is_refused(capsys, tmp_path):
@@ -111,8 +148,13 @@ def test_each_phase_gets_its_labels(fashion_shards, tmp_path):
 def test_conditional_trains_with_losses_penalties_and_archs(overrides, fashion_shards, tmp_path):
     trainer, before = train(load(fashion_shards, tmp_path / "run", "train.steps=3", *overrides))
     check_run(trainer, before)  # every figure finite, the penalty logged on its steps, weights moved
+    class_params = {"G": [k for k in before["G"] if k.endswith((".gain.weight", ".shift.weight"))],
+                    "D": ["embed.weight"]}
+    assert class_params["G"], "no class-conditional norm in G"
     for name, model in (("G", trainer.G_plain), ("D", trainer.D_plain)):
-        assert not torch.equal(model.embed.weight, before[name]["embed.weight"]), f"{name}'s class embedding is fixed"
+        now = model.state_dict()
+        for key in class_params[name]:
+            assert not torch.equal(now[key], before[name][key]), f"{name}'s {key} is fixed"
 
 
 @pytest.mark.timeout(180)
@@ -128,6 +170,25 @@ def test_conditional_run_resumes_bit_identical(fashion_shards, tmp_path):
 
 
 # ---------------------------------------------------------------- class agreement
+
+
+def test_per_class_fd_charges_a_class_whose_samples_all_look_alike():
+    """Every class's samples from its real distribution: per-class fd near 0. One class collapsed onto a single
+    (correctly classified) point: class agreement would not notice, the per-class figures do."""
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(3000, 4, generator=gen, dtype=torch.float64)
+    labels = torch.arange(3000) % 3
+    real += labels[:, None] * 5.0  # three well-separated classes
+    stats = real_class_stats(real, labels)
+    fake = torch.randn(3000, 4, generator=gen, dtype=torch.float64) + labels[:, None] * 5.0
+    good = per_class_frechet(fake, labels, stats)
+    assert max(good.values()) < 0.05  # sampling noise of 1,000 samples in 4 dimensions
+    fake[labels == 1] = 5.0 + 0.001 * torch.randn(1000, 4, generator=gen, dtype=torch.float64)
+    collapsed = per_class_frechet(fake, labels, stats)
+    assert collapsed[1] == pytest.approx(4.0, abs=0.2)  # trace(I) + trace(0) - 2 trace(0): 4, the lost variance
+    assert collapsed[0] == good[0] and collapsed[2] == good[2]
+    with pytest.raises(ValueError, match="raise eval.n"):
+        per_class_frechet(fake[:4], labels[:4], stats)
 
 
 def test_class_agreement_counts_matches():

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -61,3 +62,29 @@ def test_onnx_export_runs_in_onnxruntime_like_pytorch(tmp_path, capsys):
         assert np.abs(images - model(z).numpy()).max() < 1e-4
     meta = json.loads(session.get_modelmeta().custom_metadata_map["distgan"])
     assert meta["classes"] == ["a", "b"] and meta["resolution"] == 28 and meta["generator"]["z_dim"] == 16
+
+
+@pytest.mark.parametrize("conditioning", ["norm", "concat"])
+def test_a_conditional_generator_exports_to_onnx_with_its_classes(conditioning, tmp_path, capsys):
+    import onnxruntime
+
+    cfg = GeneratorConfig(arch="dcgan", z_dim=16, width=8, conditional=True, conditioning=conditioning)
+    torch.manual_seed(0)
+    model = build_generator(cfg, 28, 1, num_classes=3).eval()
+    with torch.no_grad():  # trained class parameters, not the all-classes-alike start
+        for name, p in model.named_parameters():
+            if name.endswith(("gain.weight", "shift.weight", "embed.weight")):
+                p.normal_()
+    export = export_generator(tmp_path / "g.safetensors", model, cfg, 28, 1, ["a", "b", "c"], 5, ema=True)
+    assert sample_main(["--export", str(export), "--onnx", str(tmp_path / "g.onnx")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["max_abs_difference"] < 1e-4
+    session = onnxruntime.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["z", "y"]
+    z = torch.randn(5, 16, generator=torch.Generator().manual_seed(9))
+    for y in (torch.tensor([0, 1, 2, 2, 1]), torch.tensor([2, 2, 0, 1, 0])):
+        (images,) = session.run(["images"], {"z": z.numpy(), "y": y.numpy()})
+        with torch.no_grad():
+            assert np.abs(images - model(z, y).numpy()).max() < 1e-4
+    with torch.no_grad():
+        assert (model(z, torch.zeros(5, dtype=torch.long)) - model(z, torch.ones(5, dtype=torch.long))).abs().max() > 1e-3
+    assert json.loads(session.get_modelmeta().custom_metadata_map["distgan"])["classes"] == ["a", "b", "c"]

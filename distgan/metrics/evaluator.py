@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 REAL_SEED = 0  # the real sample does not depend on the run seed
 CACHE_DIR = "eval_cache"  # beside the shards
-CACHE_VERSION = 2  # 2: the test split's own labels
+CACHE_VERSION = 3  # 2: the test split's own labels; 3: the train images' own labels (per-class fd)
 
 
 def default_test_path(cfg: EvalConfig, data_path: str) -> Optional[str]:
@@ -143,9 +143,10 @@ class Evaluator:
                 log.warning("real statistics cache %s unreadable (%s); recomputing", path, err)
         start = time.perf_counter()
         want = self.cfg.n + PARZEN_VALIDATION
-        images, _ = read_images(self.info, self.data_cfg, want, REAL_SEED)
+        images, true_train = read_images(self.info, self.data_cfg, want, REAL_SEED)
         n_val = PARZEN_VALIDATION if len(images) >= want else max(2, len(images) // 10)
         train = torch.from_numpy(images[:len(images) - n_val])
+        true_train = true_train[:len(train)]
         if len(train) < self.cfg.n:
             log.warning("data.path %s has %d images: real statistics use %d (eval.n=%d) and %d held out for Parzen",
                         self.data_cfg.path, len(images), len(train), self.cfg.n, n_val)
@@ -154,6 +155,8 @@ class Evaluator:
         real["train_features"], labels = self._features(to_float(train))
         if labels is not None:
             real["train_labels"] = labels
+        if len(true_train) and (true_train >= 0).all():  # per-class fd compares each class with its real images
+            real["train_true_labels"] = torch.from_numpy(true_train).long()
         if self.test_info is not None:
             test, true_labels = read_images(self.test_info, self.data_cfg, max(self.cfg.n, PARZEN_TEST), REAL_SEED)
             test = torch.from_numpy(test)

@@ -139,3 +139,6 @@ register(Metric("parzen", ("parzen_ll", "parzen_se", "parzen_sigma"), lazy("dist
 register(Metric("class_agreement", ("class_agreement",), lazy("distgan.metrics.class_agreement"),
                 higher_is_better=("class_agreement",), needs_labels=True, needs_conditional=True,
                 title="class agreement", columns=(("class agreement", "{class_agreement:.3f}"),)))
+register(Metric("fd_per_class", ("fd_per_class", "fd_worst_class"), lazy("distgan.metrics.fd_per_class"),
+                needs_conditional=True, title="per-class Frechet distance",
+                columns=(("fd per class (worst)", "{fd_per_class:.4g} ({fd_worst_class:.4g})"),)))
