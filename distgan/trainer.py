@@ -520,9 +520,7 @@ class Trainer:
 
                 plot_run(self.run_dir)
                 if self.cfg.log.gif:
-                    frames = sorted((self.run_dir / "samples").glob("g_ema-step-*.png")) or sorted(
-                        (self.run_dir / "samples").glob("g-step-*.png"))
-                    save_gif(frames, self.run_dir / "progress.gif")
+                    save_gif(self._grids(), self.run_dir / "progress.gif")
                 self.run_log.write(f"done: {st.step} steps, {st.images_seen} images in {seconds:.0f} s; run dir {self.run_dir}")
                 for line in self._end_lines():
                     self.run_log.write(line)
@@ -533,16 +531,20 @@ class Trainer:
             tracker.finish()
         acc.wait_for_everyone()
 
+    def _grids(self) -> list[Path]:
+        """The sample grids in step order: G_ema's, or G's when there is no EMA."""
+        samples = self.run_dir / "samples"
+        return sorted(samples.glob("g_ema-step-*.png")) or sorted(samples.glob("g-step-*.png"))
+
     def _end_lines(self) -> list[str]:
         """What to look at after the run (main process): the last grid, the GIF and the plots, then the final
         evaluation's figures, or the command that scores the run when a feature classifier is there for it."""
         from distgan.metrics.features import CLASSIFIER_FILE  # the metrics stack loads only at the end
 
-        run = self.run_dir
-        grids = sorted((run / "samples").glob("g_ema-step-*.png")) or sorted((run / "samples").glob("g-step-*.png"))
-        shown = [f"{name} {path}" for name, path in (
-            ("last samples", grids[-1] if grids else None), ("progress", run / "progress.gif"), ("plots", run / "plots"))
-            if path is not None and path.exists()]
+        run, grids = self.run_dir, self._grids()
+        places = (("last samples", grids[-1] if grids else None), ("progress", run / "progress.gif"),
+                  ("plots", run / "plots"))
+        shown = [f"{name} {path}" for name, path in places if path is not None and path.exists()]
         lines = ["see: " + "; ".join(shown)] if shown else []
         if self.last_eval is not None and self.last_eval[0] == self.state.step:
             lines.append(f"evaluation at step {self.state.step}: " + final_figures(self.last_eval[1], self.classes))
