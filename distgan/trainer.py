@@ -114,6 +114,14 @@ def warn_small_bn_batch(cfg: Config, local_batch: int, world: int) -> None:
             MIN_BN_SAMPLES, MIN_BN_SAMPLES * world)
 
 
+def final_figures(figures: dict[str, float], classes: Optional[list[str]]) -> str:
+    """The end-of-run evaluation in a few words: fd and modes covered (of the classes) when evaluated."""
+    parts = [f"fd {figures['fd']:.4g}"] if "fd" in figures else []
+    if "modes_covered" in figures:
+        parts.append(f"modes covered {figures['modes_covered']:.0f}" + (f" of {len(classes)}" if classes else ""))
+    return ", ".join(parts) or ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
+
+
 class Trainer:
     def __init__(self, cfg: Config, source: Optional[DataSource] = None, resume: Optional[str] = None):
         self.started_at = time.time()
@@ -134,7 +142,7 @@ class Trainer:
             self._on_main_process(lambda: prepare_data(cfg.data))
         self.source = source or ShardSource(cfg.data, raw=acc.device.type == "cuda")  # uint8, normalised on the GPU
         res, ch = self.source.resolution, self.source.channels
-        classes = self.source.classes
+        self.classes = classes = self.source.classes
         self.num_classes = len(classes) if cfg.generator.conditional and classes else None
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         G = build_generator(cfg.generator, res, ch, self.num_classes)
@@ -190,6 +198,7 @@ class Trainer:
             self.evaluator = Evaluator(cfg.eval, cfg.data, info, acc.device, cfg.run.seed, cfg.generator.z_dist,
                                        self.num_classes)
         self.best = read_best(self.run_dir)
+        self.last_eval: Optional[tuple[int, dict[str, float]]] = None  # (step, figures) of the latest evaluation
         self.logged_reference = False
         self.ema_beta = 0.0
 
@@ -412,6 +421,7 @@ class Trainer:
                 if reference:
                     self.run_log.log(step, {f"eval_ref/{k}": v for k, v in reference.items()})
             self.run_log.log(step, {f"eval/{k}": v for k, v in figures.items()})
+            self.last_eval = (step, figures)
             self._keep_best(figures)
             self.run_log.images_per_second(self.state.images_seen)  # evaluation time is not training time
         return figures
@@ -510,16 +520,37 @@ class Trainer:
 
                 plot_run(self.run_dir)
                 if self.cfg.log.gif:
-                    frames = sorted((self.run_dir / "samples").glob("g_ema-step-*.png")) or sorted(
-                        (self.run_dir / "samples").glob("g-step-*.png"))
-                    save_gif(frames, self.run_dir / "progress.gif")
+                    save_gif(self._grids(), self.run_dir / "progress.gif")
                 self.run_log.write(f"done: {st.step} steps, {st.images_seen} images in {seconds:.0f} s; run dir {self.run_dir}")
+                for line in self._end_lines():
+                    self.run_log.write(line)
             self.run_log.close()
             self.lock.release()
         self.stop.restore()
         for tracker in acc.trackers:
             tracker.finish()
         acc.wait_for_everyone()
+
+    def _grids(self) -> list[Path]:
+        """The sample grids in step order: G_ema's, or G's when there is no EMA."""
+        samples = self.run_dir / "samples"
+        return sorted(samples.glob("g_ema-step-*.png")) or sorted(samples.glob("g-step-*.png"))
+
+    def _end_lines(self) -> list[str]:
+        """What to look at after the run (main process): the last grid, the GIF and the plots, then the final
+        evaluation's figures, or the command that scores the run when a feature classifier is there for it."""
+        from distgan.metrics.features import CLASSIFIER_FILE  # the metrics stack loads only at the end
+
+        run, grids = self.run_dir, self._grids()
+        places = (("last samples", grids[-1] if grids else None), ("progress", run / "progress.gif"),
+                  ("plots", run / "plots"))
+        shown = [f"{name} {path}" for name, path in places if path is not None and path.exists()]
+        lines = ["see: " + "; ".join(shown)] if shown else []
+        if self.last_eval is not None and self.last_eval[0] == self.state.step:
+            lines.append(f"evaluation at step {self.state.step}: " + final_figures(self.last_eval[1], self.classes))
+        elif (Path(self.cfg.data.path) / CLASSIFIER_FILE).is_file():
+            lines.append(f"score it: python -m distgan.eval --run {run}")
+        return lines
 
     def close(self) -> None:
         """End the process group; call once, after the last fit() of this process."""

@@ -32,6 +32,8 @@ CONFIG_CASES: list[Case] = [
          "fashion_mnist_cond"),
     Case("mnist", (*SHRINK, "generator.width=8", "discriminator.width=8"), "mnist", "mnist"),
     Case("cifar10", (*SHRINK, "generator.width=8", "discriminator.width=8"), "cifar10", "cifar10"),
+    Case("cifar10_long", (*SHRINK, "generator.width=8", "discriminator.width=8", "eval.metrics=[]"), "cifar10",
+         "cifar10_long"),
     Case("smoke", SHRINK, "fashion", "smoke"),
     Case("seed_dcgan", (*SHRINK, "generator.width=4", "discriminator.width=4"), "fashion", "seed_dcgan"),
     Case("seed_mlp_gan", (*SHRINK, "generator.hidden=[16,32]", "discriminator.hidden=[32,16]"), "fashion",
