@@ -38,7 +38,8 @@ PENALTIES = {
 # WGAN-GP through a batch-norm D is refused by the config (the penalty is per sample): not a case.
 CASES = {f"{p}.{n}": PENALTIES[p] + NORMS[n] for p in PENALTIES for n in NORMS if not (p == "wgan-gp" and n == "syncbn-d")}
 CONDITIONAL = ["generator.conditional=true", "discriminator.conditional=true"]  # labels drawn for the global batch
-CASES["r1.syncbn-d-cond"] = PENALTIES["r1"] + NORMS["syncbn-d"] + CONDITIONAL
+# the class-conditional case: per-class gains and shifts on sync-BN layers in G (generator.conditioning=norm)
+CASES["r1.syncbn-gd-cond"] = PENALTIES["r1"] + ["generator.norm=sync-batch", "discriminator.norm=sync-batch"] + CONDITIONAL
 STEPS = 20
 
 
