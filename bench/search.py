@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
 import io
 import json
 import math
@@ -234,7 +235,7 @@ def seconds_per_step(metrics_file: Path, first: int, last: int) -> float:
 
 def probe(name: str, overrides: tuple[str, ...], ctx: "Search") -> dict:
     """Train a fresh short run of the point and measure its seconds per step."""
-    run_dir = ctx.work / "probes" / name
+    run_dir = ctx.work / "probes" / Path(ctx.base).stem / name
     shutil.rmtree(run_dir, ignore_errors=True)
     plan = ctx.probe_plan
     extra = (*ctx.extra, f"log.every={plan['log_every']}", f"log.sample_every={plan['steps'] * 10}",
@@ -311,7 +312,8 @@ def plan_steps(name: str, ctx: Search, probes: dict[str, dict], default_seconds:
 
 def run_one(name: str, seed: int, plan: dict, ctx: Search) -> dict:
     """Train (resumed when interrupted), evaluate, and return the result line."""
-    run_dir = ctx.work / "runs" / ctx.budget.label / f"{name}-seed{seed}"
+    digest = hashlib.sha1(" ".join((*ctx.extra, *ctx.points[name])).encode()).hexdigest()[:8]  # new overrides: new dir
+    run_dir = ctx.work / "runs" / Path(ctx.base).stem / ctx.budget.label / f"{name}-{digest}-seed{seed}"
     plan_file = run_dir / "plan.json"
     if plan_file.is_file():  # a resumed run trains to the step it was planned for
         plan = json.loads(plan_file.read_text())
