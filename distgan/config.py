@@ -55,6 +55,7 @@ class GeneratorConfig:
     norm: Literal["batch", "sync-batch", "none"] = "batch"  # normalisation in hidden layers
     hidden: list[int] = field(default_factory=lambda: [128, 256, 512])  # hidden sizes (mlp)
     leaky_slope: float = 0.0  # 0 = ReLU (DCGAN paper); > 0 = LeakyReLU with that slope
+    upsample: Literal["transposed", "nearest", "bilinear"] = "transposed"  # dcgan: how each block doubles the resolution: a stride-2 transposed conv, or nearest/bilinear resizing then a 3x3 conv (Odena et al. 2016: no checkerboard)
     conditional: bool = False  # class-conditional (needs labeled shards; set discriminator.conditional too)
     conditioning: Literal["norm", "concat"] = "norm"  # how a conditional G sees the class: per-class gain and shift in its norm layers, or an embedding concatenated to z
 
@@ -432,6 +433,9 @@ def validate_generator(cfg: GeneratorConfig) -> None:
             raise ConfigError(f"config key '{key}' = {value}: must be between 1 and {MAX_LAYER_SIZE}")
     if not (math.isfinite(cfg.leaky_slope) and cfg.leaky_slope >= 0):
         raise ConfigError(f"config key 'generator.leaky_slope' = {cfg.leaky_slope}: must be 0 or more")
+    if cfg.upsample != "transposed" and cfg.arch != "dcgan":
+        raise ConfigError(f"config key 'generator.upsample' = {cfg.upsample!r} with generator.arch={cfg.arch}: only "
+                          "the dcgan generator has upsampling blocks; set generator.upsample=transposed")
 
 
 def _check_finite(node: Any, prefix: str) -> None:

@@ -1,10 +1,12 @@
 """Shared fixtures: real Fashion-MNIST shards (1,000 images) prepared once per test session."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import NoReturn
 
 import pytest
@@ -22,6 +24,15 @@ def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.Complet
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"{module} {args} failed\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """bench/NAME.py imported as the module bench_NAME (registered in sys.modules: dataclasses look it up there)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def in_ci() -> bool:

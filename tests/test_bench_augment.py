@@ -1,20 +1,15 @@
 """bench/augment.py --dry-run: the benchmark's whole path (data, classifier, three variants, evaluation, table)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 
-from conftest import REPO, require_fashion_mnist
+from conftest import load_bench_script, require_fashion_mnist
 
 
 def test_dry_run_trains_every_variant_and_prints_the_table(tmp_path, capsys):
     require_fashion_mnist()
-    spec = importlib.util.spec_from_file_location("bench_augment", REPO / "bench" / "augment.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_bench_script("augment")
     assert bench.main(["--dry-run", "--work", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     runs = {r["variant"]: r for r in map(json.loads, (line for line in out.splitlines() if line.startswith("{")))}

@@ -5,21 +5,14 @@ no data, no training); a hand edit of the table, or raw outputs committed withou
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import load_bench_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_results", REPO / "bench" / "results.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("results")
 
 
 def test_table_in_benchmarks_md_is_the_generated_one():

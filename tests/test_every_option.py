@@ -97,6 +97,8 @@ MATRIX: list[Case] = [
     Case("tf_dcgan-32-rgb", ("generator.arch=tf_dcgan", "discriminator.arch=tf_dcgan"), "rgb32"),
     Case("sync-batch-r1", ("generator.norm=sync-batch", "discriminator.norm=sync-batch", "loss.penalty=r1")),
     Case("no-norms", ("generator.norm=none", "discriminator.norm=none")),
+    Case("upsample-nearest", ("generator.upsample=nearest",)),
+    Case("upsample-bilinear-32-rgb", ("generator.upsample=bilinear",), "rgb32"),
     Case("uniform-z-leaky-g", ("generator.z_dist=uniform", "generator.leaky_slope=0.2")),
     Case("d-steps-3", ("train.d_steps=3",)),
     Case("ema-off", ("ema.enabled=false",)),

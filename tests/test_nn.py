@@ -71,6 +71,44 @@ def test_discriminator_norm_layers(arch: str) -> None:
     assert count(with_dropout, nn.Dropout) == hidden_after_first + 1
 
 
+@pytest.mark.parametrize("resolution", RESOLUTIONS)
+@pytest.mark.parametrize("upsample", ["nearest", "bilinear"])
+def test_dcgan_upsample_then_conv(upsample: str, resolution: int) -> None:
+    """generator.upsample nearest/bilinear: no transposed conv, a resize and a 3x3 conv per block, same output."""
+    torch.manual_seed(0)
+    g = build_generator(small_g("dcgan", upsample=upsample), resolution, 3)
+    assert not any(isinstance(m, nn.ConvTranspose2d) for m in g.modules())
+    resizes = [m for m in g.modules() if isinstance(m, nn.Upsample)]
+    assert resizes and all(m.mode == upsample and m.scale_factor == 2 for m in resizes)
+    transposed = build_generator(small_g("dcgan"), resolution, 3)
+    assert len(resizes) == sum(isinstance(m, nn.ConvTranspose2d) for m in transposed.modules())
+    images = g(torch.randn(3, 8))
+    assert images.shape == (3, 3, resolution, resolution) and images.abs().max() <= 1
+    images.sum().backward()
+    assert all(p.grad is not None for p in g.parameters())
+
+
+def test_dcgan_transposed_default_keeps_its_state_dict() -> None:
+    """The default (transposed) is the DCGAN generator as before: same keys, so older checkpoints still load."""
+    default = build_generator(small_g("dcgan"), 28, 1)
+    assert small_g("dcgan").upsample == "transposed"
+    assert sorted(default.state_dict()) == [
+        "net.0.weight", "net.2.bias", "net.2.num_batches_tracked", "net.2.running_mean", "net.2.running_var",
+        "net.2.weight", "net.4.weight", "net.5.bias", "net.5.num_batches_tracked", "net.5.running_mean",
+        "net.5.running_var", "net.5.weight", "net.7.bias", "net.7.weight"]
+    default.load_state_dict(build_generator(small_g("dcgan", upsample="transposed"), 28, 1).state_dict())
+
+
+def test_upsample_is_refused_for_generators_without_upsampling_blocks() -> None:
+    from distgan.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="generator.upsample.*only the dcgan generator"):
+        load_config(None, ["generator.arch=mlp", "generator.upsample=nearest"])
+    with pytest.raises(ConfigError, match="generator.upsample"):
+        load_config(None, ["generator.upsample=bicubic"])
+    assert load_config(None, ["generator.arch=mlp"]).generator.upsample == "transposed"
+
+
 def test_dcgan_parameter_counts_match_pytorch_example() -> None:
     """64 px, width 64, BN: the PyTorch DCGAN example's counts (3,576,704 and 2,765,568) plus the biases
     distgan keeps where no norm follows (G output conv: 3; D first conv: 64, D logit: 1)."""

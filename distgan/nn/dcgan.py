@@ -2,6 +2,8 @@
 
 G projects z to a 4x4 map (7x7 for 28 px), then doubles the resolution with stride-2 transposed convs
 (kernel 4) while halving the channels down to ``width``; the last one outputs the image channels, tanh.
+``generator.upsample`` nearest or bilinear replaces each transposed conv by a resize then a 3x3 conv (Odena
+et al. 2016, "Deconvolution and checkerboard artifacts"); the default keeps the DCGAN layers and state dict.
 D mirrors it with stride-2 convs and LeakyReLU, then one linear logit. As in the paper, D's first layer
 and G's output layer are not normalised. With the defaults (width 64, max_width 512, batch norm) at
 64 px, the layer shapes are those of the PyTorch DCGAN example.
@@ -31,6 +33,14 @@ def _num_blocks(resolution: int, who: str) -> int:
     return int(math.log2(resolution // BASE_SIZE[resolution]))
 
 
+def _upsampling(kind: str, c_in: int, c_out: int, bias: bool) -> nn.Module:
+    """One doubling of the resolution: a stride-2 transposed conv (DCGAN), or resize then a 3x3 conv."""
+    if kind == "transposed":
+        return nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=bias)
+    resize = nn.Upsample(scale_factor=2, mode=kind, **({"align_corners": False} if kind == "bilinear" else {}))
+    return nn.Sequential(resize, nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias))
+
+
 def _channels(width: int, max_width: int, blocks: int) -> list[int]:
     """Channels of the feature maps from the smallest (deepest) to the largest: w*2^(n-1) ... w, capped."""
     return [min(width * 2**k, max_width) for k in reversed(range(blocks))]
@@ -51,9 +61,9 @@ class DCGANGenerator(nn.Module):
             layers.append(norm)
         layers.append(activation(cfg.leaky_slope))
         for c_in, c_out in zip(widths[:-1], widths[1:]):
-            conv = nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=bias)
+            conv = _upsampling(cfg.upsample, c_in, c_out, bias)
             layers += block(conv, cfg.norm, c_out, spatial=True, act=activation(cfg.leaky_slope))
-        layers += [nn.ConvTranspose2d(widths[-1], channels, 4, stride=2, padding=1), nn.Tanh()]
+        layers += [_upsampling(cfg.upsample, widths[-1], channels, True), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         dcgan_init_(self)
 

@@ -1,0 +1,117 @@
+"""bench/search.py: the dry run end to end (both budget kinds, resumed), the table's figures, the BENCHMARKS.md block."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import load_bench_script, require_fashion_mnist
+
+FIELDS = {"point", "overrides", "seed", "budget", "steps", "images", "train_wall_seconds", "probe", "loadavg_before",
+          "loadavg_after", "figures", "commit", "machine", "date"}
+
+
+def load_bench():
+    return load_bench_script("search")
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_dry_run_both_budgets_writes_lines_and_resumes(tmp_path, capsys):
+    require_fashion_mnist()
+    bench = load_bench()
+    common = ["--dry-run", "--work", str(tmp_path), "--points", "default", "hinge", "--seeds", "0"]
+    assert bench.main([*common, "--budget", "images=24"]) == 0
+    assert bench.main([*common, "--budget", "seconds=30", "--table"]) == 0
+    results = tmp_path / "search.jsonl"
+    records = lines(results)
+    assert sorted((r["budget"]["kind"], r["point"]) for r in records) == [
+        ("images", "default"), ("images", "hinge"), ("seconds", "default"), ("seconds", "hinge")]
+    for r in records:
+        assert FIELDS <= r.keys() and r["overrides"] == list(bench.POINTS[r["point"]])
+        assert math.isfinite(r["figures"]["fd"]) and {"recall", "modes_covered"} <= r["figures"].keys()
+        assert r["machine"]["cores"] >= 1 and r["machine"]["cpu"] and r["machine"]["torch"]
+        if r["budget"]["kind"] == "images":
+            assert (r["steps"], r["images"], r["probe"]) == (3, 24, None)  # 24 images / batch 8
+        else:  # 30 s at the probed seconds per step is far more than the dry run's cap of 4 steps
+            assert r["probe"]["seconds_per_step"] > 0 and r["probe"]["threads"] == 1
+            assert r["steps"] == 4 and r["capped_by_max_steps"]
+    table = capsys.readouterr().out
+    assert "| default | - | seconds=30 | 4 | 32 | 1 |" in table
+    # a second invocation finds every run done: no probe, no training, no new line
+    assert bench.main([*common, "--budget", "images=24"]) == 0
+    assert bench.main([*common, "--budget", "seconds=30"]) == 0
+    assert lines(results) == records
+    assert capsys.readouterr().out.count("0 run(s) to do, 2 already") == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "images=10", "--points", "nope"], "unknown point(s) nope"),
+    (["--budget", "minutes=3"], "--budget 'minutes=3'"),
+    (["--budget", "images=-5"], "--budget 'images=-5'"),
+    (["--budget", "images=10", "--jobs", "99"], "--jobs 99 x --threads 1"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    bench = load_bench()
+    assert bench.main([*argv, "--work", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_bad_override_fails_at_startup_with_the_config_error(tmp_path, capsys, monkeypatch):
+    bench = load_bench()
+    monkeypatch.setitem(bench.POINTS, "bad", ("generator.upsample=cubic",))
+    assert bench.main(["--budget", "images=10", "--points", "default", "bad", "--work", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "point bad:" in err and "generator.upsample" in err and err.count("\n") == 1
+    assert not (tmp_path / "data").exists()
+
+
+def test_every_point_is_a_valid_config_and_budgets_parse():
+    bench = load_bench()
+    configs = bench.point_configs("fashion_mnist", bench.POINTS, ())
+    assert configs["r1_g1_lazy4"].loss.penalty_interval == 4 and configs["upsample_nearest"].generator.upsample == "nearest"
+    assert bench.images_per_step(configs["d_steps_2"]) == 128
+    assert [bench.parse_budget(b).label for b in ("images=192000", "seconds=240", "seconds=2.5", "default-time")] == [
+        "images=192000", "seconds=240", "seconds=2.5", "default-time"]
+
+
+def record(point: str, seed: int, fd: float, budget: tuple = ("images", 192000.0)) -> dict:
+    return {"point": point, "overrides": [] if point == "default" else [f"loss.kind={point}"], "base": "fashion_mnist",
+            "seed": seed, "budget": {"kind": budget[0], "value": budget[1], "seconds": None}, "steps": 3000,
+            "images": 192000, "train_wall_seconds": 100.0 + seed, "probe": None, "threads": 1, "jobs": 2,
+            "n_eval": 5000, "figures": {"fd": fd, "recall": 0.1 * (seed + 1), "modes_covered": 10 - seed},
+            "commit": "0123456789abcdef", "machine": {"cpu": "a CPU", "cores": 2, "torch": "2"},
+            "date": f"2026-11-2{seed}T00:00:00"}
+
+
+def test_table_means_spreads_order_and_marks():
+    bench = load_bench()
+    records = [record("default", 0, 20.0), record("default", 1, 21.0), record("hinge", 0, 10.0),
+               record("hinge", 1, 12.0), record("hinge", 2, 14.0), record("minimax", 0, 30.0),
+               record("least-squares", 0, 20.2), record("least-squares", 1, 20.4),
+               record("default", 0, 50.0, ("seconds", 240.0))]
+    table = bench.render_table(records)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| point")]
+    assert [r.split(" | ")[0].strip("| *") for r in rows] == ["hinge", "least-squares", "default", "minimax", "default"]
+    hinge, least_squares, default, minimax, seconds = (r.split(" | ") for r in rows)
+    assert hinge[0] == "| **hinge**" and hinge[6:11] == ["12.00 ± 2.00", "10.00, 12.00, 14.00", "0.200", "8", "101"]
+    assert hinge[-1] == "yes |" and hinge[2] == "images=192000" and hinge[5] == "3"
+    assert default[6] == "20.50 ± 0.71" and default[-1] == " |"  # sample std of 20 and 21: 0.7071
+    assert least_squares[0] == "| least-squares" and least_squares[-1] == " |"  # 20.3: lower, within the spread
+    assert minimax[6] == "30.00" and seconds[2] == "seconds=240"
+    assert "2026-11-20 to 2026-11-22" in table
+    assert bench.mean_std([1e16, 1.0, -1e16]) == (pytest.approx(1 / 3), pytest.approx(1e16))
+    assert "Not run yet" in bench.render_table([])
+
+
+def test_benchmarks_md_block_is_the_generated_one():
+    bench = load_bench()
+    if not bench.RESULTS.is_file():
+        pytest.skip("bench/results/search.jsonl does not exist yet: the search has not been run")
+    assert bench.read_block(bench.MARKDOWN) == bench.render_table(bench.read_lines(bench.RESULTS)), (
+        f"the search table in BENCHMARKS.md is not the one bench/results/search.jsonl gives: run {bench.TABLE_COMMAND}")
