@@ -144,13 +144,15 @@ def test_each_phase_gets_its_labels(fashion_shards, tmp_path):
     ("loss.kind=wasserstein", "loss.penalty=wgan-gp", "discriminator.norm=layer", "generator.norm=sync-batch"),
     ("loss.kind=non-saturating", "loss.penalty=r2", "generator.arch=mlp", "discriminator.arch=mlp"),
     ("loss.kind=minimax", "discriminator.arch=maxout", "generator.arch=tf_dcgan", "discriminator.norm=none"),
-], ids=["hinge-r1", "wgan-gp", "r2-mlp", "minimax-maxout-tf_dcgan"])
+    ("generator.conditioning=concat", "generator.norm=none"),
+], ids=["hinge-r1", "wgan-gp", "r2-mlp", "minimax-maxout-tf_dcgan", "concat"])
 def test_conditional_trains_with_losses_penalties_and_archs(overrides, fashion_shards, tmp_path):
     trainer, before = train(load(fashion_shards, tmp_path / "run", "train.steps=3", *overrides))
     check_run(trainer, before)  # every figure finite, the penalty logged on its steps, weights moved
-    class_params = {"G": [k for k in before["G"] if k.endswith((".gain.weight", ".shift.weight"))],
+    concat = "generator.conditioning=concat" in overrides
+    class_params = {"G": ["embed.weight"] if concat else [k for k in before["G"] if k.endswith(("gain.weight", "shift.weight"))],
                     "D": ["embed.weight"]}
-    assert class_params["G"], "no class-conditional norm in G"
+    assert len(class_params["G"]) >= (1 if concat else 2), "no class parameters in G"
     for name, model in (("G", trainer.G_plain), ("D", trainer.D_plain)):
         now = model.state_dict()
         for key in class_params[name]:
@@ -165,7 +167,8 @@ def test_conditional_run_resumes_bit_identical(fashion_shards, tmp_path):
     for name in ("G", "D", "G_ema"):
         a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-00000004" / f"{name}.safetensors"))
         b = load_file(str(tmp_path / "split" / "checkpoints" / "step-00000004" / f"{name}.safetensors"))
-        assert "embed.weight" in a and a.keys() == b.keys()
+        class_key = "embed.weight" if name == "D" else "net.net.2.gain.weight"  # the class parameters are saved
+        assert class_key in a and a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: 2 + resume + 2 != 4 steps"
 
 

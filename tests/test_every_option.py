@@ -133,6 +133,9 @@ COVERED_ELSEWHERE: dict[tuple[str, str], str] = {
     # evaluation needs a feature network (a trained classifier or an Inception file) beside the data
     ("eval.features", "classifier"): "tests/test_eval.py::test_training_evaluates_with_each_feature_network",
     ("eval.features", "inception"): "tests/test_eval.py::test_training_evaluates_with_each_feature_network",
+    # a conditioning applies to a class-conditional G only, which needs labeled shards and both conditional keys
+    ("generator.conditioning", "norm"): "tests/test_conditional.py::test_conditional_trains_with_losses_penalties_and_archs",
+    ("generator.conditioning", "concat"): "tests/test_conditional.py::test_conditional_trains_with_losses_penalties_and_archs",
 }
 
 
