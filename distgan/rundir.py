@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from typing import Any, Optional
 import yaml
 
 from distgan.checkpoint import checkpoint_config, checkpoint_step, find_resume_path, set_aside_newer
-from distgan.config import ConfigError
+from distgan.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +146,20 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def meant_by_absent_keys(saved: dict[str, Any]) -> dict[str, Any]:
+    """What a config.yaml written before a key existed meant by leaving it out: the schema default, which keeps the
+    earlier behaviour, except where the default changed it."""
+    meant = flatten(json.loads(json.dumps(dataclasses.asdict(Config()))))
+    if saved.get("generator.conditional"):
+        meant["generator.conditioning"] = "concat"  # the only conditioning before generator.conditioning existed
+    return meant
+
+
 def config_changes(before_yaml: str, after_yaml: str) -> tuple[list[str], list[str]]:
-    """(refused, allowed) descriptions ``key: old -> new`` of the keys that differ between two configs."""
+    """(refused, allowed) descriptions ``key: old -> new`` of the keys that differ between two configs; a key the
+    saved config does not have (it predates the key) counts as what it meant then."""
     before, after = flatten(yaml.safe_load(before_yaml) or {}), flatten(yaml.safe_load(after_yaml) or {})
+    before = {**{k: v for k, v in meant_by_absent_keys(before).items() if k in after}, **before}
     refused, allowed = [], []
     for key in sorted(before.keys() | after.keys()):
         old, new = before.get(key, "(unset)"), after.get(key, "(unset)")

@@ -2,6 +2,7 @@
 
 Each test reproduces a way a run used to lose data or resume wrongly (see the README's guarantees).
 """
+import dataclasses
 import json
 import logging
 import os
@@ -10,13 +11,14 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 
 from distgan import checkpoint as ck
 from distgan.checkpoint import TrainState, find_resume_path, list_checkpoints, save_checkpoint
-from distgan.config import ConfigError, load_config
-from distgan.rundir import RunDirLock, _process_start
+from distgan.config import Config, ConfigError, load_config
+from distgan.rundir import RunDirLock, _process_start, config_changes
 from distgan.trainer import Trainer
 from tests.distributed.support import MemorySource
 
@@ -182,6 +184,22 @@ def test_config_history_and_resume_changes(tmp_path, caplog):
     assert history == ["0001-start-step-00000000.yaml", "0002-resume-step-00000002.yaml"]
     assert "lr: 0.0001" in (tmp_path / "config.yaml").read_text()
     assert "lr: 0.0002" in (tmp_path / "configs" / history[0]).read_text()
+
+
+def test_a_key_added_since_the_run_started_counts_as_what_it_meant_then():
+    """A run saved before generator.upsample existed resumes (the default is the old behaviour); one saved before
+    generator.conditioning existed was conditioned by concatenation, so resuming it as norm is refused."""
+    now = yaml.safe_dump(dataclasses.asdict(Config()))
+    saved = yaml.safe_load(now)
+    del saved["generator"]["upsample"], saved["generator"]["conditioning"]
+    assert config_changes(yaml.safe_dump(saved), now) == ([], [])
+    saved["generator"]["conditional"] = True
+    current = yaml.safe_load(now)
+    current["generator"]["conditional"] = True
+    refused, _ = config_changes(yaml.safe_dump(saved), yaml.safe_dump(current))
+    assert refused == ["generator.conditioning: concat -> norm"]
+    current["generator"]["conditioning"] = "concat"
+    assert config_changes(yaml.safe_dump(saved), yaml.safe_dump(current)) == ([], [])
 
 
 def test_a_torn_metrics_tail_does_not_stop_a_resume(tmp_path):
