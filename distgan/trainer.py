@@ -115,10 +115,13 @@ def warn_small_bn_batch(cfg: Config, local_batch: int, world: int) -> None:
 
 
 def final_figures(figures: dict[str, float], classes: Optional[list[str]]) -> str:
-    """The end-of-run evaluation in a few words: fd and modes covered (of the classes) when evaluated."""
+    """The end-of-run evaluation in a few words: fd, modes covered (of the classes) and class agreement when
+    evaluated."""
     parts = [f"fd {figures['fd']:.4g}"] if "fd" in figures else []
     if "modes_covered" in figures:
         parts.append(f"modes covered {figures['modes_covered']:.0f}" + (f" of {len(classes)}" if classes else ""))
+    if "class_agreement" in figures:
+        parts.append(f"class agreement {figures['class_agreement']:.3f}")
     return ", ".join(parts) or ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
 
 

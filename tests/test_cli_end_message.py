@@ -9,6 +9,7 @@ import pytest
 from conftest import run_cli
 from distgan.metrics.feature_net import train_feature_classifier
 from distgan.metrics.features import CLASSIFIER_FILE
+from distgan.trainer import final_figures
 
 SMOKE = ("train.steps=4", "log.every=2", "log.sample_every=2", "checkpoint.every=2")
 
@@ -60,3 +61,9 @@ def test_end_message_without_a_classifier(fashion_shards, tmp_path):
                               *SMOKE).stdout)
     assert len(lines) == 2, lines
     assert_where_to_look(lines, run)
+
+
+def test_final_figures_name_fd_modes_and_class_agreement():
+    figures = {"fd": 15.98841, "modes_covered": 10.0, "kl_to_real": 0.01, "class_agreement": 0.926}
+    assert final_figures(figures, [str(k) for k in range(10)]) == "fd 15.99, modes covered 10 of 10, class agreement 0.926"
+    assert final_figures({"kid": 0.5}, None) == "kid 0.5"
