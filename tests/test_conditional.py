@@ -218,6 +218,11 @@ def test_class_agreement_during_training_and_skipped_when_unconditional(fashion_
     assert [line["eval/class_agreement"] for line in figures] == [0.1]
     assert eval_cli.main(["--run", str(tmp_path / "run"), "--metrics", "class_agreement", "--n", "40"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["class_agreement"] == 4 / 40  # the export too
+    torch.manual_seed(0)  # features that vary (the constant classifier's are all zero): per-class fd through the CLI
+    save_classifier(FeatureClassifier(1, 28, 10), data / CLASSIFIER_FILE)
+    assert eval_cli.main(["--run", str(tmp_path / "run"), "--metrics", "fd_per_class", "--n", "60"]) == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < answer["fd_per_class"] <= answer["fd_worst_class"] < float("inf")
     plain = load_config(None, [*TINY, f"data.path={data}", f"run.dir={tmp_path / 'plain'}", *evals])
     train(plain)
     assert not any("eval/class_agreement" in line for line in metrics(tmp_path / "plain"))
