@@ -49,12 +49,14 @@ def shards_with_classifier(fashion_shards, tmp_path) -> Path:
 
 
 def test_built_in_metrics_and_directions():
-    assert registry.names() == ["fd", "kid", "pr", "coverage", "parzen", "class_agreement"]
+    assert registry.names() == ["fd", "kid", "pr", "coverage", "parzen", "class_agreement", "fd_per_class"]
     assert registry.all_figures() == ["fd", "kid", "kid_std", "precision", "recall", "modes_covered", "kl_to_real",
-                                      "parzen_ll", "parzen_se", "parzen_sigma", "class_agreement"]
+                                      "parzen_ll", "parzen_se", "parzen_sigma", "class_agreement", "fd_per_class",
+                                      "fd_worst_class"]
     assert registry.ranked_figures() == ["fd", "kid", "precision", "recall", "modes_covered", "kl_to_real",
-                                         "parzen_ll", "class_agreement"]
+                                         "parzen_ll", "class_agreement", "fd_per_class", "fd_worst_class"]
     assert registry.is_better("class_agreement", 0.9, 0.8)
+    assert registry.is_better("fd_per_class", 10.0, 20.0) and registry.metric_of("fd_worst_class").needs_conditional
     assert registry.is_better("fd", 1.0, 2.0) and not registry.is_better("fd", 2.0, 1.0)
     assert registry.is_better("recall", 0.9, 0.8) and registry.is_better("parzen_ll", -10.0, -20.0)
     assert not registry.is_better("kid", 0.1, 0.1)  # equal is not better: the earlier checkpoint stays
