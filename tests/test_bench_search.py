@@ -23,13 +23,14 @@ def lines(path) -> list[dict]:
 def test_dry_run_both_budgets_writes_lines_and_resumes(tmp_path, capsys):
     require_fashion_mnist()
     bench = load_bench()
-    common = ["--dry-run", "--work", str(tmp_path), "--points", "default", "hinge", "--seeds", "0"]
-    assert bench.main([*common, "--budget", "images=24"]) == 0
-    assert bench.main([*common, "--budget", "seconds=30", "--table"]) == 0
+    # one point per budget: each run is a few subprocesses that import torch (probe, train, eval)
+    images = ["--dry-run", "--work", str(tmp_path), "--points", "hinge", "--seeds", "0", "--budget", "images=24"]
+    seconds = ["--dry-run", "--work", str(tmp_path), "--points", "default", "--seeds", "0", "--budget", "seconds=30"]
+    assert bench.main(images) == 0
+    assert bench.main([*seconds, "--table"]) == 0
     results = tmp_path / "search.jsonl"
     records = lines(results)
-    assert sorted((r["budget"]["kind"], r["point"]) for r in records) == [
-        ("images", "default"), ("images", "hinge"), ("seconds", "default"), ("seconds", "hinge")]
+    assert sorted((r["budget"]["kind"], r["point"]) for r in records) == [("images", "hinge"), ("seconds", "default")]
     for r in records:
         assert FIELDS <= r.keys() and r["overrides"] == list(bench.POINTS[r["point"]])
         assert math.isfinite(r["figures"]["fd"]) and {"recall", "modes_covered"} <= r["figures"].keys()
@@ -42,10 +43,10 @@ def test_dry_run_both_budgets_writes_lines_and_resumes(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| default | - | seconds=30 | 4 | 32 | 1 |" in table
     # a second invocation finds every run done: no probe, no training, no new line
-    assert bench.main([*common, "--budget", "images=24"]) == 0
-    assert bench.main([*common, "--budget", "seconds=30"]) == 0
+    assert bench.main(images) == 0
+    assert bench.main(seconds) == 0
     assert lines(results) == records
-    assert capsys.readouterr().out.count("0 run(s) to do, 2 already") == 2
+    assert capsys.readouterr().out.count("0 run(s) to do, 1 already") == 2
 
 
 @pytest.mark.parametrize("argv, message", [
