@@ -271,14 +271,36 @@ say_node_failed() {  # $1: the down nodes, $2: what srun did
         "which resumes from the last checkpoint, $(last_checkpoint)"
 }
 
+# Several nodes: the c10d rendezvous store runs here, on the first node, until srun has returned. When the
+# first node's launcher hosts it (is_host), it closes it as soon as its own training ends, while the other
+# launchers may still be closing the rendezvous: a DistNetworkError stack at the end of a successful job.
+# The store prints "ready" once it listens and ends on SIGTERM.
+STORE_PY='
+import signal, sys
+from datetime import timedelta
+from torch.distributed import TCPStore
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+store = TCPStore("0.0.0.0", int(sys.argv[1]), is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+print("ready", flush=True)
+signal.sigwait({signal.SIGTERM, signal.SIGINT})
+'
+STORE_PID=""
+if (( NNODES > 1 )); then
+    exec {STORE_FD}< <(exec python3 -c "$STORE_PY" "$MASTER_PORT" 2>&1)
+    STORE_PID=$!
+    if ! read -r -t 60 -u "$STORE_FD" READY || [[ $READY != ready ]]; then
+        die "the rendezvous store could not listen on port $MASTER_PORT (${READY:-no answer in 60 s}): set MASTER_PORT to a free port"
+    fi
+fi
+
 # One launcher per node; the per-node values expand in each task, hence the single quotes.
-# --machine_rank: accelerate checks the port is free on machine 0 only. is_host: the first node hosts
-# the c10d store; without it torch guesses by host name (every node, when they share one host).
+# --machine_rank 1 on every node: torch ignores the node rank with c10d, and accelerate checks the port is
+# free on machine 0 only, where the store above listens on it. is_host=0: the store is already there.
 # --kill-on-bad-exit: a task that fails (a crashed or killed rank) ends the whole step at once.
 # shellcheck disable=SC2016
 srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS_PER_TASK" \
     --kill-on-bad-exit=1 \
-    bash -c 'exec accelerate launch --machine_rank "$SLURM_NODEID" --rdzv_conf "is_host=$(( SLURM_NODEID == 0 ))" "$@"' \
+    bash -c 'exec accelerate launch --machine_rank "$(( ${SLURM_NNODES:-1} > 1 ))" --rdzv_conf is_host=0 "$@"' \
     accelerate-launch \
     "${LAUNCH_ARGS[@]}" -m distgan.train "${TRAIN_ARGS[@]}" &
 SRUN_PID=$!
@@ -296,6 +318,7 @@ while kill -0 "$SRUN_PID" 2>/dev/null; do
 done
 STATUS=0
 wait "$SRUN_PID" || STATUS=$?
+if [[ -n $STORE_PID ]]; then kill "$STORE_PID" 2>/dev/null || true; fi
 rm -f "$STOP_FILE"
 EXPORTED=0
 if [[ $(export_stamp) != "$EXPORT_BEFORE" ]]; then EXPORTED=1; fi
@@ -310,16 +333,17 @@ elif (( STATUS == 0 )) && [[ $STOP_SIGNAL == USR1 ]]; then
         log "scontrol requeue failed (is requeueing allowed on this cluster? JobRequeue, --requeue); $RESUBMIT"
         exit 1
     fi
+elif [[ -n $NODE_DOWN ]] || { { (( STATUS != 0 )) || [[ $STOP_SIGNAL == TERM ]]; } && DOWN=$(down_nodes) &&
+        [[ -n $DOWN ]]; }; then
+    # A node failure: slurmctld ends the job (TERM to this shell, often before srun returns, hence the check in
+    # the trap too) and requeues it itself (--requeue). srun's status, 0 or not, says nothing more then.
+    say_node_failed "${NODE_DOWN:-$DOWN}" "srun exit status $STATUS"
 elif (( STATUS == 0 )) && [[ -n $STOP_SIGNAL ]]; then
     log "training stopped on request (SIG$STOP_SIGNAL) at checkpoint $CHECKPOINT; not requeued; $RESUBMIT"
 elif (( STATUS == 0 )); then
     # No signal came, yet no export appeared: a STOP file someone wrote, or training wrote elsewhere.
     log "training exited without exporting $EXPORT and without a signal (a STOP file in the run dir?);" \
         "last checkpoint $CHECKPOINT; not requeued; $RESUBMIT"
-elif [[ -n $NODE_DOWN ]] || { DOWN=$(down_nodes) && [[ -n $DOWN ]]; }; then
-    # srun returns once slurmctld has declared the node dead; Slurm then requeues the job itself
-    # (--requeue) and ends this shell (its TERM may come before srun returns: checked first).
-    say_node_failed "${NODE_DOWN:-$DOWN}" "srun exit status $STATUS"
 elif [[ -n $STOP_SIGNAL ]]; then
     # scancel and the time limit send TERM to the job step too: the launcher passes it on to training,
     # which checkpoints, and then exits non-zero itself. The job ends CANCELLED or TIMEOUT.

@@ -165,7 +165,8 @@ def test_launch_is_explicit_c10d_rendezvous_on_a_port_below_the_ephemeral_range(
     assert port == 20000 + 14321 % 10000 == 24321  # not 34321 (% 20000): ephemeral
     low, _high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     assert port < low
-    assert "exec accelerate launch --machine_rank \"$SLURM_NODEID\" --rdzv_conf" in " ".join(args), shlex.join(args)
+    # the store runs in the batch shell for the whole step: no launcher hosts it, none checks its port
+    assert "exec accelerate launch --machine_rank \"$(( ${SLURM_NNODES:-1} > 1 ))\" --rdzv_conf is_host=0" in " ".join(args), shlex.join(args)
     assert re.search(r"main 127\.0\.0\.1:24321", done.stdout)
 
 
