@@ -60,6 +60,12 @@ class GeneratorConfig:
     conditioning: Literal["norm", "concat"] = "norm"  # how a conditional G sees the class: per-class gain and shift in its norm layers, or an embedding concatenated to z
 
 
+def generator_keys_meant_when_absent(section: dict) -> dict[str, Any]:
+    """What a generator section written before a key existed meant by leaving it out, where that is not the
+    key's default (exports and checkpoint configs of older runs)."""
+    return {"conditioning": "concat"} if section.get("conditional") else {}  # concat was the only conditioning
+
+
 @dataclass
 class DiscriminatorConfig:
     arch: Literal["dcgan", "mlp", "maxout", "tf_dcgan"] = "dcgan"  # maxout: the 2014 paper's maxout MLP

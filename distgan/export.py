@@ -17,7 +17,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from distgan.checkpoint import module_tensors
-from distgan.config import ConfigError, GeneratorConfig, section_from_dict, validate_generator
+from distgan.config import (
+    ConfigError, GeneratorConfig, generator_keys_meant_when_absent, section_from_dict, validate_generator,
+)
 from distgan.errors import UserError
 from distgan.nn import build_generator
 
@@ -73,8 +75,8 @@ def load_generator_export(path: Path, device: str | torch.device = "cpu") -> tup
     """Rebuild an exported generator (eval mode) and return it with its metadata."""
     meta = read_export_metadata(path)
     g = meta.get("generator")
-    if isinstance(g, dict) and g.get("conditional") and "conditioning" not in g:
-        g["conditioning"] = "concat"  # exported before generator.conditioning existed: concat was the only way
+    if isinstance(g, dict):  # an older export: what it meant by a key it predates
+        g = meta["generator"] = {**generator_keys_meant_when_absent(g), **g}
     try:
         generator_cfg = section_from_dict(GeneratorConfig, g, "generator")
         validate_generator(generator_cfg)

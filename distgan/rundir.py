@@ -24,7 +24,7 @@ from typing import Any, Optional
 import yaml
 
 from distgan.checkpoint import checkpoint_config, checkpoint_step, find_resume_path, set_aside_newer
-from distgan.config import Config, ConfigError
+from distgan.config import Config, ConfigError, generator_keys_meant_when_absent
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +150,8 @@ def meant_by_absent_keys(saved: dict[str, Any]) -> dict[str, Any]:
     """What a config.yaml written before a key existed meant by leaving it out: the schema default, which keeps the
     earlier behaviour, except where the default changed it."""
     meant = flatten(json.loads(json.dumps(dataclasses.asdict(Config()))))
-    if saved.get("generator.conditional"):
-        meant["generator.conditioning"] = "concat"  # the only conditioning before generator.conditioning existed
+    generator = {k.split(".", 1)[1]: v for k, v in saved.items() if k.startswith("generator.")}
+    meant.update({f"generator.{k}": v for k, v in generator_keys_meant_when_absent(generator).items()})
     return meant
 
 

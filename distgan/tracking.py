@@ -55,6 +55,39 @@ def save_gif(frames: list[Path], path: Path, duration_ms: int = 200) -> Optional
     return path
 
 
+def sample_grids(run_dir: Path) -> list[Path]:
+    """The sample grids in step order: G_ema's, or G's when there is no EMA."""
+    samples = run_dir / "samples"
+    return sorted(samples.glob("g_ema-step-*.png")) or sorted(samples.glob("g-step-*.png"))
+
+
+def final_figures(figures: dict[str, float], classes: Optional[list[str]]) -> str:
+    """The end-of-run evaluation in a few words: fd, modes covered (of the classes) and class agreement when
+    evaluated."""
+    parts = [f"fd {figures['fd']:.4g}"] if "fd" in figures else []
+    if "modes_covered" in figures:
+        parts.append(f"modes covered {figures['modes_covered']:.0f}" + (f" of {len(classes)}" if classes else ""))
+    if "class_agreement" in figures:
+        parts.append(f"class agreement {figures['class_agreement']:.3f}")
+    return ", ".join(parts) or ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
+
+
+def end_lines(run_dir: Path, step: int, final: Optional[dict[str, float]], classes: Optional[list[str]],
+              scorable: bool) -> list[str]:
+    """What to look at after a run: the last grid, the GIF and the plots, then the evaluation at the last ``step``
+    (``final``), or, when a feature classifier is there for it (``scorable``), the command that scores the run."""
+    grids = sample_grids(run_dir)
+    places = (("last samples", grids[-1] if grids else None), ("progress", run_dir / "progress.gif"),
+              ("plots", run_dir / "plots"))
+    shown = [f"{name} {path}" for name, path in places if path is not None and path.exists()]
+    lines = ["see: " + "; ".join(shown)] if shown else []
+    if final is not None:
+        lines.append(f"evaluation at step {step}: " + final_figures(final, classes))
+    elif scorable:
+        lines.append(f"score it: python -m distgan.eval --run {run_dir}")
+    return lines
+
+
 def tracker_config(cfg: Any) -> dict[str, Any]:
     """The config as flat ``section.key`` scalars: what wandb shows and TensorBoard's hparams accept (lists become
     strings, None the string 'None')."""

@@ -47,7 +47,9 @@ from distgan.precision import loss_scale, step_unless, unscale_and_norm
 from distgan.health import StepHealth
 from distgan.rundir import RunDirLock, claim_run_dir, record_config
 from distgan.stop import StopRequest
-from distgan.tracking import RunLog, save_gif, save_grid, tracker_config, wandb_mode_for_environment
+from distgan.tracking import (
+    RunLog, end_lines, sample_grids, save_gif, save_grid, tracker_config, wandb_mode_for_environment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +114,6 @@ def warn_small_bn_batch(cfg: Config, local_batch: int, world: int) -> None:
             "fewer than %d samples are noisy. Raise train.batch_size to at least %d (and scale the learning rate, "
             "see the README) or use norm=sync-batch", local_batch, cfg.train.batch_size, world, " and ".join(plain),
             MIN_BN_SAMPLES, MIN_BN_SAMPLES * world)
-
-
-def final_figures(figures: dict[str, float], classes: Optional[list[str]]) -> str:
-    """The end-of-run evaluation in a few words: fd, modes covered (of the classes) and class agreement when
-    evaluated."""
-    parts = [f"fd {figures['fd']:.4g}"] if "fd" in figures else []
-    if "modes_covered" in figures:
-        parts.append(f"modes covered {figures['modes_covered']:.0f}" + (f" of {len(classes)}" if classes else ""))
-    if "class_agreement" in figures:
-        parts.append(f"class agreement {figures['class_agreement']:.3f}")
-    return ", ".join(parts) or ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
 
 
 class Trainer:
@@ -523,9 +514,13 @@ class Trainer:
 
                 plot_run(self.run_dir)
                 if self.cfg.log.gif:
-                    save_gif(self._grids(), self.run_dir / "progress.gif")
+                    save_gif(sample_grids(self.run_dir), self.run_dir / "progress.gif")
                 self.run_log.write(f"done: {st.step} steps, {st.images_seen} images in {seconds:.0f} s; run dir {self.run_dir}")
-                for line in self._end_lines():
+                final = self.last_eval[1] if self.last_eval is not None and self.last_eval[0] == st.step else None
+                from distgan.metrics.features import CLASSIFIER_FILE  # the metrics stack loads only at the end
+
+                scorable = (Path(self.cfg.data.path) / CLASSIFIER_FILE).is_file()
+                for line in end_lines(self.run_dir, st.step, final, self.classes, scorable):
                     self.run_log.write(line)
             self.run_log.close()
             self.lock.release()
@@ -533,27 +528,6 @@ class Trainer:
         for tracker in acc.trackers:
             tracker.finish()
         acc.wait_for_everyone()
-
-    def _grids(self) -> list[Path]:
-        """The sample grids in step order: G_ema's, or G's when there is no EMA."""
-        samples = self.run_dir / "samples"
-        return sorted(samples.glob("g_ema-step-*.png")) or sorted(samples.glob("g-step-*.png"))
-
-    def _end_lines(self) -> list[str]:
-        """What to look at after the run (main process): the last grid, the GIF and the plots, then the final
-        evaluation's figures, or the command that scores the run when a feature classifier is there for it."""
-        from distgan.metrics.features import CLASSIFIER_FILE  # the metrics stack loads only at the end
-
-        run, grids = self.run_dir, self._grids()
-        places = (("last samples", grids[-1] if grids else None), ("progress", run / "progress.gif"),
-                  ("plots", run / "plots"))
-        shown = [f"{name} {path}" for name, path in places if path is not None and path.exists()]
-        lines = ["see: " + "; ".join(shown)] if shown else []
-        if self.last_eval is not None and self.last_eval[0] == self.state.step:
-            lines.append(f"evaluation at step {self.state.step}: " + final_figures(self.last_eval[1], self.classes))
-        elif (Path(self.cfg.data.path) / CLASSIFIER_FILE).is_file():
-            lines.append(f"score it: python -m distgan.eval --run {run}")
-        return lines
 
     def close(self) -> None:
         """End the process group; call once, after the last fit() of this process."""

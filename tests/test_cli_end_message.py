@@ -9,7 +9,7 @@ import pytest
 from conftest import run_cli
 from distgan.metrics.feature_net import train_feature_classifier
 from distgan.metrics.features import CLASSIFIER_FILE
-from distgan.trainer import final_figures
+from distgan.tracking import final_figures
 
 SMOKE = ("train.steps=4", "log.every=2", "log.sample_every=2", "checkpoint.every=2")
 

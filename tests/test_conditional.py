@@ -273,3 +273,25 @@ def test_an_unconditional_export_refuses_class_options(capsys, tmp_path):
                             True)
     line = one_line_error(capsys, sample_cli.main, ["--export", str(path), "--per-class", "--out", str(tmp_path)])
     assert "--per-class goes with --grid" in line
+
+
+def test_an_export_older_than_generator_conditioning_loads_as_concat(tmp_path):
+    """Exports written before the key existed have no 'conditioning': concat was the only way then."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from distgan.export import load_generator_export
+
+    cfg = GeneratorConfig(arch="dcgan", z_dim=8, width=4, conditional=True, conditioning="concat")
+    torch.manual_seed(0)
+    model = build_generator(cfg, 28, 1, num_classes=3).eval()
+    path = export_generator(tmp_path / "g.safetensors", model, cfg, 28, 1, ["a", "b", "c"], 5, ema=True)
+    with safe_open(str(path), "pt") as fh:
+        meta = json.loads(fh.metadata()["distgan"])
+    del meta["generator"]["conditioning"]
+    save_file(load_file(str(path)), str(path), metadata={"distgan": json.dumps(meta)})
+    loaded, loaded_meta = load_generator_export(path)
+    assert loaded.conditioning == loaded_meta["generator"]["conditioning"] == "concat"
+    z, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        assert torch.equal(loaded(z, y), model(z, y))

@@ -15,21 +15,11 @@ import yaml
 from conftest import run_cli
 from distgan.config import CONFIG_DIR, load_config
 from distgan.export import load_generator_export
+from distgan.rundir import flatten as file_values  # section.key -> value of a YAML file's keys
 from test_configs import flatten
 
 STEPS = 20
 LOG = ("log.wandb=false", "log.progress_bar=false", "log.every=5", "log.sample_every=10")
-
-
-def file_values(node: dict, prefix: str = "") -> dict[str, object]:
-    """``section.key`` -> value for every key written in a YAML config file."""
-    out: dict[str, object] = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(file_values(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 @pytest.mark.timeout(120)

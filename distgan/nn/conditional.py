@@ -32,7 +32,7 @@ class ClassNorm(nn.Module):
 
     def __init__(self, norm: nn.Module, num_classes: int) -> None:
         super().__init__()
-        features = norm.num_features if isinstance(norm, _BatchNorm) else _features_of(norm)
+        features = _features_of(norm)
         self.norm = norm
         self.gain = nn.Embedding(num_classes, features)
         self.shift = nn.Embedding(num_classes, features)
@@ -48,6 +48,8 @@ class ClassNorm(nn.Module):
 
 
 def _features_of(norm: nn.Module) -> int:
+    if isinstance(norm, _BatchNorm):
+        return norm.num_features
     if isinstance(norm, nn.GroupNorm):
         return norm.num_channels
     return int(norm.normalized_shape[-1])
