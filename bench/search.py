@@ -38,6 +38,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -96,7 +97,10 @@ POINTS: dict[str, tuple[str, ...]] = {
 }
 
 COMMON_OVERRIDES = ("log.wandb=false", "log.gif=false", "log.progress_bar=false")
-PROBE_STEPS, PROBE_FROM, PROBE_LOG_EVERY = 60, 20, 10  # probe: train 60 steps, time steps 20-60 from metrics.jsonl
+PROBE_STEPS, PROBE_FROM, PROBE_LOG_EVERY = 120, 20, 10  # probe: train 120 steps, time steps 20-120 from metrics.jsonl
+# keys whose values change no step's work (see same_compute)
+SAME_COMPUTE_KEYS = ("loss.kind", "g_optim.lr", "d_optim.lr", "g_optim.betas", "d_optim.betas", "ema.half_life_kimg",
+                     "ema.rampup")
 METRICS = ("fd", "pr", "coverage")
 DRY = {"full": 300, "test": 100, "shard_size": 100, "classifier_steps": 5, "n": 100, "max_steps": 4,
        "probe_steps": 4, "probe_from": 2, "probe_log_every": 1}
@@ -217,20 +221,27 @@ def train_command(base: str, run_dir: Path, data: Path, seed: int, steps: int, t
 
 
 def seconds_per_step(metrics_file: Path, first: int, last: int) -> float:
-    """Training seconds per step over steps (first, last]: each log line's images over its images_per_s."""
-    seconds, steps = 0.0, 0
+    """Training seconds per step over steps (first, last]: the median over log intervals of each interval's images
+    over its images_per_s (a median: a moment of contention on a shared machine moves one interval, not the figure)."""
+    rates = []
     previous = None
     for line in metrics_file.read_text().splitlines():
         record = json.loads(line)
         if "images_per_s" not in record:
             continue
         if previous is not None and first < record["step"] <= last and record["images_per_s"] > 0:
-            seconds += (record["images_seen"] - previous["images_seen"]) / record["images_per_s"]
-            steps += record["step"] - previous["step"]
+            seconds = (record["images_seen"] - previous["images_seen"]) / record["images_per_s"]
+            rates.append(seconds / (record["step"] - previous["step"]))
         previous = record
-    if steps == 0:
+    if not rates:
         raise SystemExit(f"{metrics_file}: no timed log lines between steps {first} and {last}")
-    return seconds / steps
+    return statistics.median(rates)
+
+
+def same_compute(overrides: tuple[str, ...]) -> bool:
+    """True when every override only changes numbers or a loss formula, not the work of a step (loss kind, learning
+    rates, betas, EMA): such a point trains exactly the default's steps instead of a probe's noisy estimate."""
+    return all(o.split("=", 1)[0].startswith(SAME_COMPUTE_KEYS) for o in overrides)
 
 
 def probe(name: str, overrides: tuple[str, ...], ctx: "Search") -> dict:
@@ -302,7 +313,7 @@ def plan_steps(name: str, ctx: Search, probes: dict[str, dict], default_seconds:
         plan = {"steps": steps, "probe": None, "budget_seconds": None}
     else:
         seconds = ctx.budget.value if ctx.budget.kind == "seconds" else default_seconds
-        steps = max(1, math.floor(seconds / probes[name]["seconds_per_step"]))
+        steps = max(1, math.floor(seconds / probes[name]["seconds_per_step"] + 1e-9))  # x / x is 1, not 0.99..
         plan = {"steps": steps, "probe": probes[name], "budget_seconds": seconds,
                 "default_probe": probes["default"] if ctx.budget.kind == "default-time" else None}
     if ctx.max_steps is not None and plan["steps"] > ctx.max_steps:
@@ -418,8 +429,11 @@ def search(ctx: Search) -> int:
     probes: dict[str, dict] = {}
     default_seconds = None
     if ctx.budget.wall_clock:
-        names = sorted({name for name, _ in todo} | ({"default"} if ctx.budget.kind == "default-time" else set()))
-        probes = measure_probes(names, ctx)
+        names = {name for name, _ in todo}
+        if ctx.budget.kind == "default-time" or any(same_compute(ctx.points[n]) for n in names):
+            names.add("default")
+        probes = measure_probes(sorted(n for n in names if n == "default" or not same_compute(ctx.points[n])), ctx)
+        probes.update({n: {**probes["default"], "same_compute_as": "default"} for n in names if n not in probes})
         if ctx.budget.kind == "default-time":
             base_steps = load_config(ctx.base, list(ctx.extra)).train.steps
             default_seconds = base_steps * probes["default"]["seconds_per_step"]

@@ -116,3 +116,18 @@ def test_benchmarks_md_block_is_the_generated_one():
         pytest.skip("bench/results/search.jsonl does not exist yet: the search has not been run")
     assert bench.read_block(bench.MARKDOWN) == bench.render_table(bench.read_lines(bench.RESULTS)), (
         f"the search table in BENCHMARKS.md is not the one bench/results/search.jsonl gives: run {bench.TABLE_COMMAND}")
+
+
+def test_same_compute_points_and_the_probe_median(tmp_path):
+    bench = load_bench()
+    assert bench.same_compute(bench.POINTS["hinge"]) and bench.same_compute(bench.POINTS["ttur_betas_0_0.9"])
+    assert bench.same_compute(bench.POINTS["ema_hl_2.5"]) and bench.same_compute(())
+    for name in ("r1_g1", "width_32", "batch_128", "d_steps_2", "upsample_nearest", "d_norm_none"):
+        assert not bench.same_compute(bench.POINTS[name]), name
+    # log lines every 10 steps of 64 images: 0.1 s/step in four intervals, one interval slowed 5x by contention
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [(10, 640.0), (20, 640.0), (30, 128.0), (40, 640.0), (50, 640.0)]
+    metrics.write_text("".join(json.dumps({"step": s, "images_seen": s * 64, "images_per_s": r}) + "\n"
+                               for s, r in rows))
+    assert bench.seconds_per_step(metrics, 10, 50) == pytest.approx(0.1)  # the mean would say 0.2
+    assert bench.seconds_per_step(metrics, 20, 50) == pytest.approx(0.1)
