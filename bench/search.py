@@ -94,6 +94,10 @@ POINTS: dict[str, tuple[str, ...]] = {
     "upsample_nearest": ("generator.upsample=nearest",),
     "upsample_bilinear": ("generator.upsample=bilinear",),
     "d_steps_2": ("train.d_steps=2",),
+    # 28x28 padded to 32x32 and the 32x32 DCGAN (4-8-16-32): LeNet-5 read MNIST padded to 32x32 (LeCun et al. 1998,
+    # "Gradient-based learning applied to document recognition"), and DCGAN code on MNIST commonly resizes it to
+    # 32 or 64 (pytorch/examples dcgan/main.py: --dataset mnist at --imageSize, 64 by default); scored cropped to 28
+    "pad_32": ("data.pad=2",),
 }
 
 COMMON_OVERRIDES = ("log.wandb=false", "log.gif=false", "log.progress_bar=false")

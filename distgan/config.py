@@ -42,6 +42,7 @@ class DataConfig:
     cache_mb: int = 256  # decoded shards kept in memory per data worker (MB)
     skip_bad_samples: bool = False  # skip (and count) unreadable or misshapen samples instead of failing
     allow_pipe: bool = False  # allow 'pipe:' shard URLs (they run shell commands)
+    pad: int = 0  # background pixels (pixel value 0) added on each side of the real images, e.g. 2 makes 28x28 Fashion-MNIST 32x32 for the 32x32 DCGAN; G and D are built at the padded size, and evaluation, sample grids and the export crop G's images back to the data's size (0 = off)
     prepare: Optional[str] = None  # a distgan.prepare source (fashion-mnist, mnist, cifar10) that makes data.path on first use (downloaded, checksums verified, when not installed locally)
 
 
@@ -374,7 +375,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'discriminator.dropout' = {d.dropout}: must be in [0, 1)")
     if t.cpu_threads < 0:
         raise ConfigError(f"config key 'train.cpu_threads' = {t.cpu_threads}: must be 0 (automatic) or more")
-    for key, value in (("data.num_workers", cfg.data.num_workers), ("data.cache_mb", cfg.data.cache_mb)):
+    for key, value in (("data.num_workers", cfg.data.num_workers), ("data.cache_mb", cfg.data.cache_mb),
+                       ("data.pad", cfg.data.pad)):
         if value < 0:
             raise ConfigError(f"config key '{key}' = {value}: must be 0 or more")
     if t.collective_timeout_s <= 0:

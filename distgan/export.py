@@ -1,8 +1,11 @@
 """The exported generator: ``generator_ema.safetensors`` plus ``generator_ema.json``, all that sampling needs.
 
 The weights file carries its metadata (the generator's config section, ``conditional`` included, resolution,
-channels, classes: a conditional generator's class indices), so
+channels, classes: a conditional generator's class indices, and ``pad``: the run's data.pad), so
 ``distgan.sample`` and ``distgan.eval`` rebuild the network without the run's config or checkpoints.
+``resolution`` is the generator's own; a padded run's images are cropped by ``pad`` on each side back to the
+data's resolution (resolution - 2 pad) wherever they are used: :func:`load_generator_export` returns the
+generator cropped. An export written before ``pad`` existed has none: 0.
 """
 from __future__ import annotations
 
@@ -21,16 +24,17 @@ from distgan.config import (
     ConfigError, GeneratorConfig, generator_keys_meant_when_absent, section_from_dict, validate_generator,
 )
 from distgan.errors import UserError
-from distgan.nn import build_generator
+from distgan.nn import build_generator, cropped
 
 EXPORT_VERSION = 1
 
 
 def export_generator(path: Path, model: torch.nn.Module, generator_cfg: GeneratorConfig, resolution: int,
-                     channels: int, classes: Optional[list[str]], step: int, ema: bool) -> Path:
-    """Write the weights (metadata inside) atomically, then the readable ``.json`` beside them."""
+                     channels: int, classes: Optional[list[str]], step: int, ema: bool, pad: int = 0) -> Path:
+    """Write the weights (metadata inside) atomically, then the readable ``.json`` beside them; ``resolution``: the
+    generator's, ``pad``: pixels cropped from each side of its images (the run's data.pad)."""
     meta = {"format_version": EXPORT_VERSION, "generator": asdict(generator_cfg), "resolution": resolution,
-            "channels": channels, "classes": classes, "step": step, "ema": ema}
+            "channels": channels, "classes": classes, "step": step, "ema": ema, "pad": pad}
     tmp = path.with_name(path.name + ".tmp")
     save_file(module_tensors(model), str(tmp), metadata={"distgan": json.dumps(meta)})
     os.replace(tmp, path)
@@ -68,11 +72,16 @@ def read_export_metadata(path: Path) -> dict:
     if not (isinstance(resolution, int) and 1 <= resolution <= MAX_RESOLUTION and channels in (1, 3)):
         raise ExportError(f"{path}: metadata says resolution {resolution!r} and channels {channels!r} "
                           f"(expected 1..{MAX_RESOLUTION} and 1 or 3): the export is damaged")
+    pad = meta.setdefault("pad", 0)  # an export written before data.pad existed: not padded
+    if not (isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad and 2 * pad < resolution):
+        raise ExportError(f"{path}: metadata says pad {pad!r} for resolution {resolution} (expected 0 <= pad < "
+                          "resolution / 2): the export is damaged")
     return meta
 
 
 def load_generator_export(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild an exported generator (eval mode) and return it with its metadata."""
+    """Rebuild an exported generator (eval mode) and return it with its metadata; a padded run's generator comes
+    cropped (its images at the data's resolution, resolution - 2 * meta["pad"])."""
     meta = read_export_metadata(path)
     g = meta.get("generator")
     if isinstance(g, dict):  # an older export: what it meant by a key it predates
@@ -94,13 +103,14 @@ def load_generator_export(path: Path, device: str | torch.device = "cpu") -> tup
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ExportError(f"{path}: its weights cannot be loaded ({first}); the file is truncated or does not "
                           "match its metadata: re-export it") from None
-    return model.to(device).eval(), meta
+    return cropped(model, meta["pad"]).to(device).eval(), meta
 
 
 def export_onnx(model: torch.nn.Module, meta: dict, path: Path, check_batch: int = 8, seed: int = 0) -> dict:
     """The generator as ONNX (input ``z`` [batch, z_dim], and ``y`` [batch] int64 class indices for a conditional
-    one; output ``images`` [batch, C, R, R] in [-1, 1], any batch), its metadata (the class names included) in the
-    model's metadata_props, then run by onnxruntime against PyTorch on the same latents and classes."""
+    one; output ``images`` [batch, C, R, R] in [-1, 1], any batch, R the data's: a padded run's ``model`` comes
+    cropped), its metadata (the class names included) in the model's metadata_props, then run by onnxruntime
+    against PyTorch on the same latents and classes."""
     try:
         import onnx
         import onnxruntime

@@ -34,14 +34,14 @@ from torch import Tensor, nn
 from distgan.augment import Augmented, RealBatchMarker
 from distgan.checkpoint import TrainState, list_checkpoints, load_checkpoint, read_best, save_best, save_checkpoint
 from distgan.config import Config, ConfigError, OptimizerConfig, dump_yaml
-from distgan.data.stream import DataSource, ShardSource, normalize_images
+from distgan.data.stream import DataSource, ShardSource, normalize_images, pad_images
 from distgan.distributed import any_rank, average_buffers, make_accelerator, set_cpu_threads
 from distgan.ema import EMA
 from distgan.errors import UserError
 from distgan.export import export_generator
 from distgan.first_use import needs_preparing, prepare_data
 from distgan.metrics.registry import is_better
-from distgan.nn import build_discriminator, build_generator, sample_labels, sample_latent
+from distgan.nn import build_discriminator, build_generator, cropped, padded_resolution, sample_labels, sample_latent
 from distgan.objective import Figures, GANObjective, call
 from distgan.precision import loss_scale, step_unless, unscale_and_norm
 from distgan.health import StepHealth
@@ -135,7 +135,9 @@ class Trainer:
         if source is None and needs_preparing(cfg.data):
             self._on_main_process(lambda: prepare_data(cfg.data))
         self.source = source or ShardSource(cfg.data, raw=acc.device.type == "cuda")  # uint8, normalised on the GPU
-        res, ch = self.source.resolution, self.source.channels
+        ch, self.pad = self.source.channels, cfg.data.pad
+        # G and D work at the padded resolution; what is scored or shown is cropped back (self.shown)
+        self.resolution = res = padded_resolution(self.source.resolution, self.pad, cfg.generator, cfg.discriminator)
         self.classes = classes = self.source.classes
         self.num_classes = len(classes) if cfg.generator.conditional and classes else None
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -303,6 +305,7 @@ class Trainer:
         real = real.to(device, non_blocking=True)
         if real.dtype == torch.uint8:
             real = normalize_images(real)
+        real = pad_images(real, self.pad)  # after normalising: the same numbers from either path
         labels = labels.to(device, non_blocking=True) if self.num_classes else None
         return real.contiguous(memory_format=self.memory_format), labels
 
@@ -397,7 +400,7 @@ class Trainer:
         for name, model in models.items():
             was_training = model.training
             model.eval()
-            images = call(model, self.fixed_z, self.fixed_y).float()
+            images = call(self.shown(model), self.fixed_z, self.fixed_y).float()
             model.train(was_training)
             written[f"samples/{name}"] = save_grid(images, samples / f"{name.lower()}-step-{step:08d}.png")
         return written
@@ -405,9 +408,13 @@ class Trainer:
     def sample_model(self) -> nn.Module:
         return self.ema.model if self.ema is not None else self.G_plain
 
+    def shown(self, generator: nn.Module) -> nn.Module:
+        """``generator`` as scored and shown: its images cropped back to the data's resolution (data.pad)."""
+        return cropped(generator, self.pad)
+
     def evaluate(self, step: int) -> dict[str, float]:
         """All ranks generate their share of G_ema's images; rank 0 logs the figures and keeps the best."""
-        figures = self.evaluator.evaluate(self.sample_model(), self.rank, self.world, self.accelerator.gather)
+        figures = self.evaluator.evaluate(self.shown(self.sample_model()), self.rank, self.world, self.accelerator.gather)
         if self.accelerator.is_main_process:
             if not self.logged_reference:  # the real-vs-real floor, once per run
                 reference = self.evaluator.reference()
@@ -535,5 +542,5 @@ class Trainer:
 
     def _export(self) -> None:
         export_generator(self.run_dir / "generator_ema.safetensors", self.sample_model(), self.cfg.generator,
-                         self.source.resolution, self.source.channels, self.source.classes, self.state.step,
-                         ema=self.ema is not None)
+                         self.resolution, self.source.channels, self.source.classes, self.state.step,
+                         ema=self.ema is not None, pad=self.pad)

@@ -111,6 +111,7 @@ MATRIX: list[Case] = [
     Case("max-grad-norm", ("train.max_grad_norm=0.001", "g_optim.name=sgd", "g_optim.lr=0.01",
                            "d_optim.name=sgd", "d_optim.lr=0.01")),
     Case("hflip", ("data.hflip=true",)),
+    Case("pad-28-to-32", ("data.pad=2",)),  # the 32x32 DCGAN on 28x28 data; tests/test_pad.py: the crop back
     Case("one-data-worker", ("data.num_workers=1",)),
     Case("on-nonfinite-skip", ("train.on_nonfinite=skip",)),
     # quoted: YAML 1.1 reads a bare `no` as False, which the Literal check refuses (a distgan bug, reported)
@@ -260,7 +261,8 @@ def check_run(trainer: Trainer, before: dict[str, dict[str, torch.Tensor]], firs
     assert export.keys() == reference.keys() and all(torch.equal(export[k], reference[k]) for k in export)
     meta = json.loads((run / "generator_ema.json").read_text())
     source = trainer.source
-    assert (meta["ema"], meta["resolution"], meta["channels"]) == (cfg.ema.enabled, source.resolution, source.channels)
+    assert (meta["ema"], meta["resolution"], meta["channels"], meta["pad"]) == (
+        cfg.ema.enabled, source.resolution + 2 * cfg.data.pad, source.channels, cfg.data.pad)
     grids = {p.name for p in (run / "samples").glob("*.png")}
     prefixes = ("g", "g_ema") if cfg.ema.enabled else ("g",)
     assert grids == {f"{p}-step-{s:08d}.png" for p in prefixes for s in range(1, t.steps + 1)}
@@ -340,7 +342,7 @@ def test_every_choice_value_is_trained():
 
 
 def test_dcgan_is_trained_at_every_resolution_it_supports():
-    trained = {RESOLUTIONS[c.data] for c in MATRIX
+    trained = {RESOLUTIONS[c.data] + 2 * cfg.data.pad for c in MATRIX
                if (cfg := c.load()).generator.arch == cfg.discriminator.arch == "dcgan"}
     assert trained == set(BASE_SIZE)
 

@@ -154,6 +154,15 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
+BACKGROUND = -1.0  # pixel 0 after normalize_images: what data.pad adds around the real images
+
+
+def pad_images(images: torch.Tensor, pad: int) -> torch.Tensor:
+    """Normalised images [B, C, R, R] with ``pad`` pixels of background on each side (``data.pad``); the same
+    numbers whichever path (float from the stream, or uint8 normalised on the device) made ``images``."""
+    return torch.nn.functional.pad(images, (pad, pad, pad, pad), value=BACKGROUND) if pad else images
+
+
 class BatchStream:
     """Endless iterator of (images float32 [B, C, R, R] in [-1, 1], labels int64 [B], -1 = unknown).
 

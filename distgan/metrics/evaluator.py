@@ -237,6 +237,10 @@ class Evaluator:
                 z_batch = mine[start:start + batch].to(self.device)
                 y_batch = () if mine_y is None else (mine_y[start:start + batch].to(self.device),)
                 x = generator(z_batch, *y_batch).float().clamp_(-1.0, 1.0)
+                if x.shape[1:] != (self.info.channels, self.info.resolution, self.info.resolution):
+                    raise ValueError(f"evaluate: the generator makes {tuple(x.shape[1:])} images, the data "
+                                     f"{self.info.channels}x{self.info.resolution}x{self.info.resolution}; a padded "
+                                     "run's generator is passed cropped (distgan.nn.cropped)")
                 f, y = self._batch_features(x)
                 feats.append(f)
                 if y is not None:
@@ -250,6 +254,10 @@ class Evaluator:
     def evaluate(self, generator: nn.Module, rank: int, world_size: int,
                  gather: Callable[[Tensor], Tensor]) -> dict[str, float]:
         """Generate this rank's share, gather, and (rank 0) compute the figures; other ranks return {}.
+
+        ``generator`` makes images at the data's resolution: a run with data.pad passes its generator cropped
+        (``distgan.nn.cropped``), so the feature network sees what it was trained on and figures compare with
+        unpadded runs.
 
         Every rank must call it (``gather`` is a collective: accelerator.gather, or identity on one process).
         """
@@ -359,8 +367,9 @@ def evaluate_export(model: nn.Module, meta: dict, export: Path, data_cfg: DataCo
     if not eval_cfg.metrics:
         eval_cfg = dataclasses.replace(eval_cfg, metrics=names())
     info = read_dataset_info(data_cfg.path, allow_pipe=data_cfg.allow_pipe)
-    if (meta["channels"], meta["resolution"]) != (info.channels, info.resolution):
-        raise ConfigError(f"{export} makes {meta['channels']}x{meta['resolution']} images but {data_cfg.path} holds "
+    resolution = meta["resolution"] - 2 * meta.get("pad", 0)  # ``model`` comes cropped (load_generator_export)
+    if (meta["channels"], resolution) != (info.channels, info.resolution):
+        raise ConfigError(f"{export} makes {meta['channels']}x{resolution} images but {data_cfg.path} holds "
                           f"{info.channels}x{info.resolution}: pass --data with the run's data")
     trained = ensure_feature_net(eval_cfg, data_cfg.path, info)
     num_classes = len(meta["classes"]) if meta["generator"].get("conditional") else None

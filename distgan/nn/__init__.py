@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from distgan.config import ConfigError, DiscriminatorConfig, GeneratorConfig
 from distgan.nn.conditional import ConditionalGenerator, ProjectionDiscriminator
-from distgan.nn.dcgan import DCGANDiscriminator, DCGANGenerator
+from distgan.nn.crop import CenterCrop, cropped
+from distgan.nn.dcgan import BASE_SIZE, DCGANDiscriminator, DCGANGenerator
 from distgan.nn.mlp import MaxoutDiscriminator, MLPDiscriminator, MLPGenerator
 from distgan.nn.syncbn import SyncBatchNorm, convert_sync_batchnorm
 from distgan.nn.tf_dcgan import TFDCGANDiscriminator, TFDCGANGenerator
@@ -25,16 +26,38 @@ DISCRIMINATORS: dict[str, Callable[..., nn.Module]] = {
     "dcgan": DCGANDiscriminator, "mlp": MLPDiscriminator, "maxout": MaxoutDiscriminator,
     "tf_dcgan": TFDCGANDiscriminator,
 }
+# arch -> (whether it builds at a resolution, the resolutions it builds at in words): data.pad's check names them
+RESOLUTIONS: dict[str, tuple[Callable[[int], bool], str]] = {
+    "dcgan": (lambda r: r in BASE_SIZE, ", ".join(map(str, BASE_SIZE))),
+    "tf_dcgan": (lambda r: r >= 4 and r % 4 == 0, "multiples of 4"),
+    "mlp": (lambda r: r >= 1, "any"),
+    "maxout": (lambda r: r >= 1, "any"),
+}
 
 __all__ = [
     "build_generator", "build_discriminator", "sample_latent", "sample_labels", "SyncBatchNorm", "convert_sync_batchnorm",
-    "GENERATORS", "DISCRIMINATORS",
+    "GENERATORS", "DISCRIMINATORS", "RESOLUTIONS", "padded_resolution", "CenterCrop", "cropped",
 ]
 
 
 def _check_image(resolution: int, channels: int, who: str) -> None:
     if resolution < 1 or channels < 1:
         raise ConfigError(f"{who}: resolution and channels must be positive, got {resolution} and {channels}")
+
+
+def padded_resolution(resolution: int, pad: int, generator: GeneratorConfig, discriminator: DiscriminatorConfig) -> int:
+    """The resolution G and D are built at for data of ``resolution`` with ``data.pad`` pixels added on each side;
+    a pad that gives one an architecture cannot build at is refused, naming data.pad."""
+    padded = resolution + 2 * pad
+    if pad == 0:
+        return padded  # unpadded: the architectures' own errors, as before
+    for who, arch in (("generator", generator.arch), ("discriminator", discriminator.arch)):
+        builds, supported = RESOLUTIONS[arch]
+        if not builds(padded):
+            raise ConfigError(f"config key 'data.pad' = {pad}: pads the {resolution}x{resolution} images to "
+                              f"{padded}x{padded}, which {who}.arch={arch} does not support (supported: {supported}); "
+                              f"choose data.pad so that {resolution} + 2 x data.pad is one of them, or data.pad=0")
+    return padded
 
 
 def _check_classes(num_classes: Optional[int], who: str) -> None:
