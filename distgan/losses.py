@@ -11,9 +11,10 @@ Losses (D logits are raw scores; sigmoid(l) is D's probability of "real" for the
 Penalties are unweighted means; :func:`penalty_weight` gives the factor the trainer multiplies them by.
 They follow the PyTorch AMP gradient-penalty recipe: the outputs are scaled before ``autograd.grad`` (so
 fp16 gradients do not underflow), the gradients are unscaled afterwards, and the penalty is computed in fp32.
-The inner backward is seeded with the MEAN of the outputs times the GradScaler's scale S: each sample's
-seed is S / B, the size the loss's own backward has (a mean over the batch), which the scaler keeps below
-overflow. Seeding with the sum would give each sample S (65,536 at the start: above fp16's 65,504).
+The inner backward gives each sample the seed min(S / B, 2**12), S the GradScaler's scale: S / B is the size
+the loss's own backward has (a mean over the batch). Seeding with the sum would give each sample S (65,536 at
+the start: above fp16's 65,504), and S / B alone overflows too once the scaler has grown S (2**22 at B = 64
+after 12,000 clean steps): the cap keeps 16x headroom below fp16's largest number, far above its smallest.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from torch import Tensor
 
 from distgan.config import LossConfig, choices
 from distgan.precision import at_least_fp32
+
+MAX_SAMPLE_SEED = 2.0**12  # the inner backward's largest per-sample seed under fp16 loss scaling
 
 
 def _d_bce(real: Tensor, fake: Tensor) -> Tensor:  # -log sigmoid(r) - log(1 - sigmoid(f))
@@ -68,9 +71,11 @@ def _input_grads(outputs: Tensor, inputs: Tensor, grad_scale: Union[float, Tenso
     outputs = at_least_fp32(outputs)
     if isinstance(grad_scale, float) and grad_scale == 1.0:  # no loss scaler: the plain gradient, no rounding
         (grad,) = torch.autograd.grad(outputs=outputs.sum(), inputs=inputs, create_graph=True)
-    else:  # each sample seeded with S / B (see the module docstring), then unscaled
-        (grad,) = torch.autograd.grad(outputs=outputs.mean() * grad_scale, inputs=inputs, create_graph=True)
-        grad = grad * (outputs.numel() / grad_scale)
+    else:  # each sample seeded with min(S / B, 2**12) (see the module docstring), then unscaled
+        seed = torch.as_tensor(grad_scale, dtype=torch.float32, device=outputs.device) / outputs.numel()
+        seed = seed.clamp(max=MAX_SAMPLE_SEED)  # on the device: no host sync for the scaler's tensor
+        (grad,) = torch.autograd.grad(outputs=outputs.sum() * seed, inputs=inputs, create_graph=True)
+        grad = grad / seed
     grad = at_least_fp32(grad)
     return rearrange(grad, "b ... -> b (...)")
 

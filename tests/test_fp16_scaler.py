@@ -145,3 +145,16 @@ def test_the_fp16_penalty_at_the_initial_scale_does_not_overflow():
         (gf,) = torch.autograd.grad(reference, full.net[0].weight)
         assert torch.isfinite(gh).all()
         assert ((gh.float() - gf).norm() / gf.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("batch, scale", [(8, 2.0**20), (64, 2.0**22), (128, 2.0**24)])
+def test_the_fp16_penalty_stays_finite_after_the_scale_has_grown(batch, scale):
+    """GradScaler doubles S every 2,000 clean steps: S / B per sample alone overflowed fp16 at these sizes."""
+    x = torch.randn(batch, 16, generator=torch.Generator().manual_seed(3))
+    half, full = HalfCritic(torch.float16), HalfCritic(torch.float32)
+    xh, xf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    for penalty in (losses.r1_penalty, losses.wgan_gp_penalty):
+        value = penalty(half(xh), xh, grad_scale=torch.tensor(scale))
+        reference = penalty(full(xf), xf)
+        assert torch.isfinite(value), f"{penalty.__name__}: overflow at S = {scale:.0f}, B = {batch}"
+        assert value.item() == pytest.approx(reference.item(), rel=1e-2)  # fp16 arithmetic: ~1e-3
