@@ -103,8 +103,8 @@ POINTS: dict[str, tuple[str, ...]] = {
 COMMON_OVERRIDES = ("log.wandb=false", "log.gif=false", "log.progress_bar=false")
 PROBE_STEPS, PROBE_FROM, PROBE_LOG_EVERY = 120, 20, 10  # probe: train 120 steps, time steps 20-120 from metrics.jsonl
 # keys whose values change no step's work (see same_compute)
-SAME_COMPUTE_KEYS = ("loss.kind", "g_optim.lr", "d_optim.lr", "g_optim.betas", "d_optim.betas", "ema.half_life_kimg",
-                     "ema.rampup")
+SAME_COMPUTE_KEYS = ("loss.kind", "loss.penalty_weight", "g_optim.lr", "d_optim.lr", "g_optim.betas", "d_optim.betas",
+                     "ema.half_life_kimg", "ema.rampup")
 METRICS = ("fd", "pr", "coverage")
 DRY = {"full": 300, "test": 100, "shard_size": 100, "classifier_steps": 5, "n": 100, "max_steps": 4,
        "probe_steps": 4, "probe_from": 2, "probe_log_every": 1}
@@ -242,10 +242,15 @@ def seconds_per_step(metrics_file: Path, first: int, last: int) -> float:
     return statistics.median(rates)
 
 
+def compute_class(overrides: tuple[str, ...]) -> tuple[str, ...]:
+    """The overrides that change a step's work: points with equal classes share one probe (so one probe's noise
+    does not set them apart); the loss kind, learning rates, betas, EMA and penalty weight change only numbers."""
+    return tuple(sorted(o for o in overrides if not o.split("=", 1)[0].startswith(SAME_COMPUTE_KEYS)))
+
+
 def same_compute(overrides: tuple[str, ...]) -> bool:
-    """True when every override only changes numbers or a loss formula, not the work of a step (loss kind, learning
-    rates, betas, EMA): such a point trains exactly the default's steps instead of a probe's noisy estimate."""
-    return all(o.split("=", 1)[0].startswith(SAME_COMPUTE_KEYS) for o in overrides)
+    """True when the point does the default's work per step: it trains exactly the default's steps."""
+    return compute_class(overrides) == ()
 
 
 def probe(name: str, overrides: tuple[str, ...], ctx: "Search") -> dict:
@@ -436,8 +441,13 @@ def search(ctx: Search) -> int:
         names = {name for name, _ in todo}
         if ctx.budget.kind == "default-time" or any(same_compute(ctx.points[n]) for n in names):
             names.add("default")
-        probes = measure_probes(sorted(n for n in names if n == "default" or not same_compute(ctx.points[n])), ctx)
-        probes.update({n: {**probes["default"], "same_compute_as": "default"} for n in names if n not in probes})
+        classes: dict[tuple[str, ...], str] = {}  # compute class -> the point probed for it
+        for name in sorted(names, key=lambda n: (n != "default", n)):
+            classes.setdefault(compute_class(POINTS[name]), name)
+        probes = measure_probes(sorted(classes.values()), ctx)
+        for name in names - set(probes):
+            probed = classes[compute_class(POINTS[name])]
+            probes[name] = {**probes[probed], "same_compute_as": probed}
         if ctx.budget.kind == "default-time":
             base_steps = load_config(ctx.base, list(ctx.extra)).train.steps
             default_seconds = base_steps * probes["default"]["seconds_per_step"]

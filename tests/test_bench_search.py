@@ -124,6 +124,10 @@ def test_same_compute_points_and_the_probe_median(tmp_path):
     assert bench.same_compute(bench.POINTS["ema_hl_2.5"]) and bench.same_compute(())
     for name in ("r1_g1", "width_32", "batch_128", "d_steps_2", "upsample_nearest", "d_norm_none"):
         assert not bench.same_compute(bench.POINTS[name]), name
+    # R1 at any weight, with either loss, is one probe; lazy R1 does other work
+    r1 = {bench.compute_class(bench.POINTS[n]) for n in ("r1_g0.1", "r1_g1", "r1_g10", "hinge_r1_g1")}
+    assert r1 == {("loss.penalty=r1",)}
+    assert bench.compute_class(bench.POINTS["r1_g1_lazy4"]) == ("loss.penalty=r1", "loss.penalty_interval=4")
     # log lines every 10 steps of 64 images: 0.1 s/step in four intervals, one interval slowed 5x by contention
     metrics = tmp_path / "metrics.jsonl"
     rows = [(10, 640.0), (20, 640.0), (30, 128.0), (40, 640.0), (50, 640.0)]
