@@ -123,6 +123,31 @@ def test_sample_refuses_bad_exports_and_arguments(capsys, tmp_path, case, expect
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["--device", "bogus"], "--device bogus: "),
+    (["--device", "cuda:99"], "--device cuda:99: "),  # no GPU, or not that many
+    (["--n", "0"], "--n 0: must be at least 2"),
+    (["--batch", "0"], "--batch 0: must be at least 1"),
+    (["--classifier-steps", "0"], "--classifier-steps 0: must be at least 1"),
+    (["--seed", "-1"], "--seed -1: must be at least 0"),
+    (["stats", "--n", "1"], "--n 1: must be at least 2"),
+    (["stats", "--device", "bogus"], "--device bogus: "),
+    (["train-features", "--batch", "0"], "--batch 0: must be at least 1"),
+    (["train-features", "--lr", "nan"], "--lr nan: must be a positive finite number"),
+])
+def test_eval_refuses_bad_flags_before_reading_anything(capsys, tmp_path, argv, expected):
+    """Checked first: the export and the data named here do not exist, and the error is still about the flag."""
+    missing = str(tmp_path / "nothing")
+    if argv[0] == "stats":
+        argv = ["stats", "--data", missing, "--out", str(tmp_path / "ref.npz"), *argv[1:]]
+    elif argv[0] == "train-features":
+        argv = ["train-features", "--data", missing, *argv[1:]]
+    else:
+        argv = ["--export", missing + ".safetensors", "--data", missing, *argv]
+    line = one_line_error(capsys, eval_cli.main, argv)
+    assert line.startswith("distgan.eval: error: " + expected), line
+
+
 def test_eval_refuses_a_folder_that_is_not_a_run(capsys, tmp_path):
     line = one_line_error(capsys, eval_cli.main, ["--run", str(tmp_path)])
     assert "config.yaml not found" in line
