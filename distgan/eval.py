@@ -25,6 +25,7 @@ import torch
 
 from distgan.cli import add_debug_flag, run_command
 from distgan.config import ConfigError, DataConfig, EvalConfig, load_config
+from distgan.errors import UserError
 from distgan.metrics import registry
 from distgan.metrics.feature_net import TRAIN_FEATURES_DEFAULTS, train_feature_classifier
 
@@ -36,7 +37,26 @@ def _write_json_atomic(path: Path, record: dict) -> None:
 
 
 def _device(name: Optional[str]) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """--device as a torch device, refused in one line when torch cannot parse it or has no such GPU."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "not a device"
+        raise UserError(f"--device {name}: {reason}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this torch sees no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 .. "
+                        f"cuda:{torch.cuda.device_count() - 1}); pick one of them")
+    return device
+
+
+def _check_numbers(args: argparse.Namespace, least: dict[str, int]) -> None:
+    """The numeric flags, checked before any data is read or a feature classifier trained."""
+    for name, minimum in least.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be at least {minimum}")
 
 
 # ---------------------------------------------------------------- evaluate an exported generator
@@ -70,6 +90,8 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     from distgan.export import load_generator_export
     from distgan.metrics.evaluator import evaluate_export
 
+    _check_numbers(args, {"n": 2, "batch": 1, "classifier_steps": 1, "seed": 0})
+    device = _device(args.device)
     data_cfg, eval_cfg, seed = DataConfig(), EvalConfig(), 0
     if args.run is not None:
         config_file = args.run / "config.yaml"
@@ -88,7 +110,6 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     eval_cfg = dataclasses.replace(eval_cfg, **{k: v for k, v in overrides.items() if v is not None})
     data_cfg = dataclasses.replace(data_cfg, path=args.data or data_cfg.path, num_workers=0)
     seed = args.seed if args.seed is not None else seed
-    device = _device(args.device)
     model, meta = load_generator_export(Path(export), device)
     record = evaluate_export(model, meta, export, data_cfg, eval_cfg, seed, device)
     if args.run is not None:
@@ -153,11 +174,15 @@ def run(argv: list[str]) -> int:
         from distgan.metrics.evaluator import write_reference_stats
 
         args = stats_parser().parse_args(argv[1:])
+        _check_numbers(args, {"n": 2})
         eval_cfg = EvalConfig(n=args.n, features=args.features, inception_weights=args.inception_weights)
         result = write_reference_stats(DataConfig(path=args.data, num_workers=0), eval_cfg, args.out,
                                        _device(args.device))
     elif command == "train-features":
         args = train_features_parser().parse_args(argv[1:])
+        _check_numbers(args, {"steps": 1, "batch": 1, "seed": 0})
+        if not 0 < args.lr < float("inf"):
+            raise UserError(f"--lr {args.lr}: must be a positive finite number")
         result = train_feature_classifier(args.data, args.test_data, args.steps, args.batch, args.lr, args.seed)
     elif command == "plot":
         from distgan.plots import plot_run

@@ -79,6 +79,36 @@ def read_export_metadata(path: Path) -> dict:
     return meta
 
 
+# torch dtype -> the safetensors header's name for it (what save_file writes)
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _check_weights_fit(path: Path, expected: dict[str, torch.Tensor]) -> None:
+    """Refuse a file whose tensors (read from its header only) are not the network its metadata describes, or
+    that is smaller than that network's bytes, so a damaged export never sizes an allocation."""
+    damaged = f"{path}: its weights cannot be loaded: they do not match its metadata"
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = {key: (tuple(fh.get_slice(key).get_shape()), fh.get_slice(key).get_dtype()) for key in fh.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ExportError(f"{path}: not a readable safetensors file ({err}); re-export it or point at another") from None
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise ExportError(f"{damaged} (missing {missing[:3]}, unexpected {unexpected[:3]}): the export is damaged; "
+                          "re-export it")
+    for key, tensor in expected.items():
+        want = (tuple(tensor.shape), _SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype)))
+        if header[key] != want:
+            raise ExportError(f"{damaged} ({key}: {header[key][1]} {list(header[key][0])} in the file, the "
+                              f"metadata's network needs {want[1]} {list(want[0])}): the export is damaged; re-export it")
+    total = sum(t.numel() * t.element_size() for t in expected.values())
+    if total > path.stat().st_size:
+        raise ExportError(f"{damaged} (its network needs {total} bytes, the file has {path.stat().st_size}): the "
+                          "export is damaged; re-export it")
+
+
 def load_generator_export(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild an exported generator (eval mode) and return it with its metadata; a padded run's generator comes
     cropped (its images at the data's resolution, resolution - 2 * meta["pad"])."""
@@ -95,8 +125,11 @@ def load_generator_export(path: Path, device: str | torch.device = "cpu") -> tup
     if generator_cfg.conditional and not (isinstance(classes, list) and len(classes) >= 2):
         raise ExportError(f"{path}: a conditional generator whose metadata has no class list ({classes!r}): "
                           "the export is damaged; re-export it")
-    model = build_generator(generator_cfg, meta["resolution"], meta["channels"],
-                            len(classes) if generator_cfg.conditional else None)
+    num_classes = len(classes) if generator_cfg.conditional else None
+    with torch.device("meta"):  # shapes only: the metadata must fit the file before anything is allocated
+        shapes = build_generator(generator_cfg, meta["resolution"], meta["channels"], num_classes).state_dict()
+    _check_weights_fit(path, shapes)
+    model = build_generator(generator_cfg, meta["resolution"], meta["channels"], num_classes)
     try:
         model.load_state_dict(load_file(str(path)))
     except (SafetensorError, OSError, RuntimeError) as err:

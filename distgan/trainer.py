@@ -134,7 +134,8 @@ class Trainer:
             warn_small_bn_batch(cfg, self.local_batch, self.world)
         if source is None and needs_preparing(cfg.data):
             self._on_main_process(lambda: prepare_data(cfg.data))
-        self.source = source or ShardSource(cfg.data, raw=acc.device.type == "cuda")  # uint8, normalised on the GPU
+        self.source = source or ShardSource(cfg.data, raw=acc.device.type == "cuda",  # uint8, normalised on the GPU
+                                            need_labels=cfg.generator.conditional)
         ch, self.pad = self.source.channels, cfg.data.pad
         # G and D work at the padded resolution; what is scored or shown is cropped back (self.shown)
         self.resolution = res = padded_resolution(self.source.resolution, self.pad, cfg.generator, cfg.discriminator)

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from distgan import eval as eval_cli
 from distgan import sample as sample_cli
 from distgan import train as train_cli
-from distgan.config import ConfigError
+from distgan.config import ConfigError, GeneratorConfig, section_from_dict
+from distgan.nn import build_generator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,6 +91,8 @@ GOOD_META = {"format_version": 1, "generator": {"arch": "mlp", "z_dim": 4, "hidd
     ("missing", "no exported generator there"),
     ("junk", "not a readable safetensors file"),
     ("huge", "resolution 1000000000 and channels 1"),
+    ("huge-network", "they do not match its metadata"),  # 51 GB of weights asked for: refused before allocating
+    ("weights-shape", "net.0.weight: F32 [8, 5] in the file, the metadata's network needs F32 [8, 4]"),
     ("bad-generator", "generator section of its metadata is not valid: config key 'generator.hidden[0]' = -8"),
     ("weights-mismatch", "its weights cannot be loaded"),
     ("n0", "--n 0: must be at least 1"),
@@ -101,6 +104,15 @@ def test_sample_refuses_bad_exports_and_arguments(capsys, tmp_path, case, expect
         path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     elif case == "huge":
         _export(path, {**GOOD_META, "resolution": 10**9})
+    elif case == "huge-network":
+        _export(path, {**GOOD_META, "generator": {"arch": "mlp", "z_dim": 4, "hidden": [65536]}, "resolution": 256,
+                       "channels": 3})
+    elif case == "weights-shape":  # the right keys, one tensor of another shape
+        with torch.device("meta"):
+            names = build_generator(section_from_dict(GeneratorConfig, GOOD_META["generator"], "generator"), 8, 1)
+        tensors = {k: torch.zeros(v.shape) for k, v in names.state_dict().items()}
+        tensors[next(iter(tensors))] = torch.zeros(8, 5)
+        _export(path, GOOD_META, tensors)
     elif case == "bad-generator":
         _export(path, {**GOOD_META, "generator": {"arch": "mlp", "hidden": [-8]}})
     elif case in ("weights-mismatch", "n0"):
@@ -109,6 +121,31 @@ def test_sample_refuses_bad_exports_and_arguments(capsys, tmp_path, case, expect
     line = one_line_error(capsys, sample_cli.main, ["--export", str(path), "--n", n, "--out", str(tmp_path / "o")])
     assert line.startswith("distgan.sample: error: ") and expected in line
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--device", "bogus"], "--device bogus: "),
+    (["--device", "cuda:99"], "--device cuda:99: "),  # no GPU, or not that many
+    (["--n", "0"], "--n 0: must be at least 2"),
+    (["--batch", "0"], "--batch 0: must be at least 1"),
+    (["--classifier-steps", "0"], "--classifier-steps 0: must be at least 1"),
+    (["--seed", "-1"], "--seed -1: must be at least 0"),
+    (["stats", "--n", "1"], "--n 1: must be at least 2"),
+    (["stats", "--device", "bogus"], "--device bogus: "),
+    (["train-features", "--batch", "0"], "--batch 0: must be at least 1"),
+    (["train-features", "--lr", "nan"], "--lr nan: must be a positive finite number"),
+])
+def test_eval_refuses_bad_flags_before_reading_anything(capsys, tmp_path, argv, expected):
+    """Checked first: the export and the data named here do not exist, and the error is still about the flag."""
+    missing = str(tmp_path / "nothing")
+    if argv[0] == "stats":
+        argv = ["stats", "--data", missing, "--out", str(tmp_path / "ref.npz"), *argv[1:]]
+    elif argv[0] == "train-features":
+        argv = ["train-features", "--data", missing, *argv[1:]]
+    else:
+        argv = ["--export", missing + ".safetensors", "--data", missing, *argv]
+    line = one_line_error(capsys, eval_cli.main, argv)
+    assert line.startswith("distgan.eval: error: " + expected), line
 
 
 def test_eval_refuses_a_folder_that_is_not_a_run(capsys, tmp_path):

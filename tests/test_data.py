@@ -5,9 +5,11 @@ import dataclasses
 import gzip
 import hashlib
 import http.server
+import io
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -22,6 +24,7 @@ from PIL import Image
 
 from conftest import require_fashion_mnist
 from distgan import prepare
+from distgan.train import main as train_main
 from distgan.data import download as dl
 from distgan.data.errors import DataError
 from distgan.data.raw import FASHION_MNIST_DIR, load_idx_split, mixed_order, open_source, read_idx
@@ -229,6 +232,51 @@ def test_shard_round_trip_and_dataset_json(tmp_path):
     with tarfile.open(info.shards[0]) as tar:
         assert tar.getnames()[:2] == ["000000000.cls", "000000000.png"]
     assert oct(os.stat(tmp_path / "ds").st_mode & 0o777) != oct(0o700)
+
+
+def labeled_shards(folder: Path, bad: int) -> Path:
+    """16 two-class 28x28 images in one shard; image 3's .cls says ``bad`` (-1: it has none)."""
+    rng = np.random.default_rng(0)
+    write_shards(rng.integers(0, 256, (16, 28, 28), dtype=np.uint8), [i % 2 for i in range(16)], folder,
+                 classes=["a", "b"], progress=False)
+    shard = folder / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            if member.name == "000000003.cls":
+                if bad == -1:
+                    continue
+                data = str(bad).encode()
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return folder
+
+
+@pytest.mark.parametrize("bad, expected", [(7, "label 7 is not one of dataset.json's 2 classes (0..1)"),
+                                           (-5, "label -5 is not one of"), (-1, "no .cls label")])
+def test_labels_outside_the_classes_are_damaged_samples(tmp_path, bad, expected):
+    info = read_dataset_info(str(labeled_shards(tmp_path / "ds", bad)))
+    with pytest.raises(DataError, match=rf"shard .*shard-000000.tar: key 000000003: {re.escape(expected)}.*skip_bad_samples"):
+        read_shard(info.shards[0], resolution=28, channels=1, num_classes=2, need_labels=True)
+    shard = read_shard(info.shards[0], resolution=28, channels=1, num_classes=2, need_labels=True, skip_bad=True)
+    assert shard.skipped == 1 and len(shard.labels) == 15 and set(shard.labels.tolist()) == {0, 1}
+    if bad == -1:  # an unlabeled sample is fine where no class is needed (an unconditional run)
+        assert read_shard(info.shards[0], resolution=28, channels=1, num_classes=2).labels[3] == -1
+
+
+def test_a_conditional_run_refuses_a_bad_label_in_one_line_or_skips_it(tmp_path, capsys):
+    """A .cls beyond dataset.json's classes used to end in an IndexError traceback inside the projection head."""
+    from test_cli_errors import one_line_error
+    from test_every_option import TINY
+
+    data = labeled_shards(tmp_path / "ds", 7)
+    args = ["--config", "smoke", *TINY, "generator.conditional=true", "discriminator.conditional=true",
+            "generator.arch=mlp", "discriminator.arch=mlp", f"data.path={data}", "eval.metrics=[]"]
+    line = one_line_error(capsys, train_main, [*args, f"run.dir={tmp_path / 'run'}"])
+    assert line.startswith("distgan.train: error: ") and "key 000000003: label 7" in line and "shard-000000.tar" in line
+    assert train_main([*args, f"run.dir={tmp_path / 'skip'}", "data.skip_bad_samples=true"]) == 0
+    assert (tmp_path / "skip" / "generator_ema.safetensors").is_file()
 
 
 def test_write_shards_takes_a_torch_batch(tmp_path):

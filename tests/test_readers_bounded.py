@@ -5,6 +5,7 @@ import gzip
 import io
 import json
 import pickle
+import tarfile
 import tracemalloc
 import zipfile
 from contextlib import contextmanager
@@ -129,6 +130,22 @@ def test_cifar_limit_stops_before_the_batches_it_does_not_need(tmp_path):
     assert len(list(open_source("cifar10", folder, limit=5).images)) == 5  # batches 1 and 2 hold 6
     with pytest.raises(DataError, match="data_batch_3: not a CIFAR-10 python batch"):
         open_source("cifar10", folder)
+
+
+def test_cifar_archive_limit_reads_only_the_batches_it_needs(tmp_path, monkeypatch):
+    """From the .tar.gz too: the batches past the limit are skipped over, never read into memory."""
+    from test_data import make_cifar
+
+    archive, expected = make_cifar(tmp_path, per_batch=3)
+    read: list[str] = []
+    extract = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                        lambda self, member: read.append(member.name.rsplit("/", 1)[-1]) or extract(self, member))
+    dataset = open_source("cifar10", archive, limit=5)  # batches 1 and 2 hold 6
+    np.testing.assert_array_equal(np.stack(list(dataset.images)), expected["train"][0][:5])
+    assert sorted(read) == ["batches.meta", "data_batch_1", "data_batch_2"]
+    read.clear()
+    assert len(list(open_source("cifar10", archive).images)) == 15 and len(read) == 6
 
 
 # ---------------------------------------------------------------- .npy and .npz

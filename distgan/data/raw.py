@@ -10,6 +10,7 @@ entry in ``distgan.data.download.REMOTES``.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import math
@@ -188,8 +189,10 @@ def _unpickle(data: bytes, name: str) -> dict:
     return record
 
 
-def _cifar_files(src: Path, names: list[str]) -> dict[str, bytes]:
-    """The named batch files from the .tar.gz archive or from an extracted cifar-10-batches-py folder."""
+@contextlib.contextmanager
+def _cifar_files(src: Path, names: list[str]) -> Iterator[Callable[[str], bytes]]:
+    """A reader of the named batch files from the .tar.gz archive or from an extracted cifar-10-batches-py folder:
+    all are checked (there, not too big) first, and each file's bytes are read only when it is asked for."""
     if src.is_dir():
         if (src / CIFAR_DIR).is_dir():
             src = src / CIFAR_DIR
@@ -202,47 +205,62 @@ def _cifar_files(src: Path, names: list[str]) -> dict[str, bytes]:
         too_big = [n for n in names if (src / n).stat().st_size > CIFAR_MAX_FILE]
         if too_big:
             raise DataError(f"{src / too_big[0]}: larger than {CIFAR_MAX_FILE} bytes; not a CIFAR-10 batch")
-        return {n: (src / n).read_bytes() for n in names}
+        folder = src
+        yield lambda name: (folder / name).read_bytes()
+        return
     if not src.is_file():
         raise DataError(f"{src}: no CIFAR-10 archive ({CIFAR_ARCHIVE}) or {CIFAR_DIR} folder; use --download or --src")
-    found: dict[str, bytes] = {}
+    found: dict[str, tarfile.TarInfo] = {}
     try:
-        with tarfile.open(src, "r:*") as archive:  # read members into memory; nothing is extracted to disk
-            for member in archive:
+        archive = tarfile.open(src, "r:*")  # nothing is extracted to disk
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise DataError(f"{src}: cannot read the CIFAR-10 archive: {err}") from None
+    with archive:
+        try:
+            for member in archive:  # headers only: tarfile skips the data of members nobody extracts
                 base = member.name.rsplit("/", 1)[-1]
                 if member.isfile() and base in names and base not in found:
                     if member.size > CIFAR_MAX_FILE:
                         raise DataError(f"{src}: {member.name} has {member.size} bytes; not a CIFAR-10 batch")
-                    found[base] = archive.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise DataError(f"{src}: cannot read the CIFAR-10 archive: {err}") from None
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise DataError(f"{src}: archive has no {missing} (expected {CIFAR_DIR}/data_batch_1..5, test_batch, batches.meta)")
-    return found
+                    found[base] = member
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise DataError(f"{src}: cannot read the CIFAR-10 archive: {err}") from None
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise DataError(f"{src}: archive has no {missing} (expected {CIFAR_DIR}/data_batch_1..5, test_batch, "
+                            "batches.meta)")
+
+        def read(name: str) -> bytes:
+            try:
+                return archive.extractfile(found[name]).read()
+            except (tarfile.TarError, OSError, EOFError) as err:
+                raise DataError(f"{src}: cannot read {found[name].name} from the CIFAR-10 archive: {err}") from None
+
+        yield read
 
 
 def load_cifar10(src: str | Path, split: str, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(images N,32,32,3 uint8, labels int64, class names) from the official CIFAR-10 python version;
-    batches past the first ``limit`` images are not unpickled."""
+    batches past the first ``limit`` images are neither read nor unpickled."""
     batches = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    files = _cifar_files(Path(src), batches + ["batches.meta"])
-    classes = [c.decode() for c in _unpickle(files["batches.meta"], "batches.meta").get(b"label_names", [])]
     images, labels = [], []
-    for name in batches:
-        record = _unpickle(files[name], name)
-        data, batch_labels = record.get(b"data"), record.get(b"labels")
-        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-            raise DataError(f"{name}: b'data' should be a uint8 array N x 3072, got {getattr(data, 'shape', type(data))}")
-        if batch_labels is None or len(batch_labels) != len(data):
-            raise DataError(f"{name}: b'labels' missing or not one per image")
-        try:
-            labels.append(np.asarray(batch_labels, dtype=np.int64))
-        except (TypeError, ValueError, OverflowError):
-            raise DataError(f"{name}: b'labels' are not integers") from None
-        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # rows are R, G, B planes (CHW)
-        if limit is not None and sum(map(len, labels)) >= limit:
-            break
+    with _cifar_files(Path(src), batches + ["batches.meta"]) as read:
+        classes = [c.decode() for c in _unpickle(read("batches.meta"), "batches.meta").get(b"label_names", [])]
+        for name in batches:
+            record = _unpickle(read(name), name)
+            data, batch_labels = record.get(b"data"), record.get(b"labels")
+            if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+                raise DataError(f"{name}: b'data' should be a uint8 array N x 3072, got "
+                                f"{getattr(data, 'shape', type(data))}")
+            if batch_labels is None or len(batch_labels) != len(data):
+                raise DataError(f"{name}: b'labels' missing or not one per image")
+            try:
+                labels.append(np.asarray(batch_labels, dtype=np.int64))
+            except (TypeError, ValueError, OverflowError):
+                raise DataError(f"{name}: b'labels' are not integers") from None
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # rows are R, G, B planes (CHW)
+            if limit is not None and sum(map(len, labels)) >= limit:
+                break
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), classes or None
 
 

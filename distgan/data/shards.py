@@ -351,6 +351,22 @@ def decode_image(sample: dict[str, bytes], max_pixels: Optional[int] = None) -> 
     return array
 
 
+def parse_label(sample: dict[str, bytes], num_classes: Optional[int], need_labels: bool) -> int:
+    """A sample's class from its ``.cls`` (-1: none), checked against the dataset's classes; ValueError if bad."""
+    if "cls" not in sample:
+        if need_labels:
+            raise ValueError("no .cls label, but a conditional run needs every sample's class; label the sample "
+                             "or re-run python -m distgan.prepare")
+        return -1
+    label = int(sample["cls"].decode().strip())
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise ValueError(f"label {label} is not one of dataset.json's {num_classes} classes (0..{num_classes - 1}); "
+                         "fix the .cls or re-run python -m distgan.prepare")
+    if not -2**63 <= label < 2**63:
+        raise ValueError(f"label {label} does not fit int64")
+    return label
+
+
 def read_shard(
     url: str,
     *,
@@ -359,11 +375,14 @@ def read_shard(
     keep: Optional[Callable[[int], bool]] = None,
     skip_bad: bool = False,
     allow_pipe: bool = False,
+    num_classes: Optional[int] = None,
+    need_labels: bool = False,
 ) -> ShardData:
     """Decode one shard; ``keep(index_in_shard)`` selects samples before decoding (rank splitting).
 
-    Errors name the shard and key. With ``skip_bad`` a bad sample (or the unreadable rest of a corrupt
-    shard) is skipped and counted instead.
+    A label must be one of ``num_classes`` (dataset.json's classes) when given, and present when ``need_labels``
+    (a conditional run). Errors name the shard and key. With ``skip_bad`` a bad sample (or the unreadable rest
+    of a corrupt shard) is skipped and counted instead.
     """
     images, labels, keys, skipped, seen = [], [], [], 0, 0
     expected = (resolution, resolution, channels) if resolution and channels else None
@@ -386,7 +405,7 @@ def read_shard(
                     raise ValueError(
                         f"image is {'x'.join(map(str, image.shape))} (HxWxC) but the dataset is "
                         f"{resolution}x{resolution}x{channels} (dataset.json or the first sample)")
-                label = int(sample["cls"].decode().strip()) if "cls" in sample else -1
+                label = parse_label(sample, num_classes, need_labels)
             except (ValueError, UnicodeDecodeError) as err:
                 if not skip_bad:
                     raise DataError(f"shard {url}: key {key}: {err} (data.skip_bad_samples=true skips such samples)") from None
@@ -434,7 +453,8 @@ def read_images(info: DatasetInfo, data_cfg: DataConfig, n: int, seed: int) -> t
     images, labels, have = [], [], 0
     for index in rng.permutation(len(info.shards)):
         shard = read_shard(info.shards[index], resolution=info.resolution, channels=info.channels,
-                           skip_bad=data_cfg.skip_bad_samples, allow_pipe=data_cfg.allow_pipe)
+                           skip_bad=data_cfg.skip_bad_samples, allow_pipe=data_cfg.allow_pipe,
+                           num_classes=len(info.classes) if info.classes else None)
         images.append(shard.images)
         labels.append(shard.labels)
         have += len(shard.labels)

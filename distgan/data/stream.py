@@ -54,9 +54,11 @@ class StreamPlan:
     hflip: bool
     skip_bad: bool
     allow_pipe: bool
+    need_labels: bool = False  # a conditional run: every sample needs a class
 
     @classmethod
-    def build(cls, cfg: DataConfig, info: DatasetInfo, batch_size: int, rank: int, world_size: int, seed: int) -> "StreamPlan":
+    def build(cls, cfg: DataConfig, info: DatasetInfo, batch_size: int, rank: int, world_size: int, seed: int,
+              need_labels: bool = False) -> "StreamPlan":
         if not info.shards:
             raise DataError(f"data.path {cfg.path}: the dataset lists no shards")
         # Whole shards per rank only when they divide evenly: with 10 shards over 8 ranks, ranks holding 2 shards
@@ -73,7 +75,7 @@ class StreamPlan:
             log.warning("rank %d: a block holds about %d samples, fewer than a batch of %d: samples repeat within "
                         "batches (raise data.shards_per_block or use a smaller batch)", rank, per_block * per_shard, batch_size)
         return cls(info, shards, split_within, rank, world_size, seed % 2**63, batch_size, per_block, batches,
-                   cfg.hflip, cfg.skip_bad_samples, cfg.allow_pipe)
+                   cfg.hflip, cfg.skip_bad_samples, cfg.allow_pipe, need_labels)
 
     def block_shards(self, block: int) -> list[str]:
         """Shards of ``block``: positions [block*k, (block+1)*k) of the endless per-epoch shuffles."""
@@ -102,7 +104,8 @@ class _ShardCache:
             return self.items[url]
         data = read_shard(url, resolution=plan.info.resolution, channels=plan.info.channels,
                           keep=plan.keep if plan.split_within else None, skip_bad=plan.skip_bad,
-                          allow_pipe=plan.allow_pipe)
+                          allow_pipe=plan.allow_pipe, need_labels=plan.need_labels,
+                          num_classes=len(plan.info.classes) if plan.info.classes else None)
         if data.skipped:
             log.debug("shard %s: skipped %d bad samples", url, data.skipped)
         self.items[url] = data
@@ -223,7 +226,8 @@ class BatchStream:
 
 
 def make_batch_iterator(
-    cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int, start_batch: int = 0, raw: bool = False
+    cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int, start_batch: int = 0, raw: bool = False,
+    need_labels: bool = False,
 ) -> BatchStream:
     """Endless per-rank batches; ``start_batch=k`` yields exactly what a fresh stream yields from batch k on.
 
@@ -234,7 +238,7 @@ def make_batch_iterator(
         raise DataError(f"make_batch_iterator: batch_size={batch_size}, rank={rank}, world_size={world_size}, "
                         f"start_batch={start_batch}: need batch_size >= 1, 0 <= rank < world_size, start_batch >= 0")
     info = read_dataset_info(cfg.path, allow_pipe=cfg.allow_pipe)
-    plan = StreamPlan.build(cfg, info, batch_size, rank, world_size, seed)
+    plan = StreamPlan.build(cfg, info, batch_size, rank, world_size, seed, need_labels)
     missing = [s for s in plan.shards if check_url(s, cfg.allow_pipe, f"shard {s}") == "" and not os.path.isfile(s)]
     if missing:
         raise DataError(f"shard {missing[0]}: file not found ({len(missing)} of rank {rank}'s shards missing); "
@@ -260,12 +264,14 @@ class DataSource(Protocol):
 
 
 class ShardSource:
-    """The webdataset shards named by ``data.path``; ``raw``: uint8 images (see :class:`BatchStream`)."""
+    """The webdataset shards named by ``data.path``; ``raw``: uint8 images (see :class:`BatchStream`);
+    ``need_labels``: a conditional run's, whose every sample needs a class."""
 
-    def __init__(self, data_cfg: DataConfig, raw: bool = False):
-        self.cfg, self.raw = data_cfg, raw
+    def __init__(self, data_cfg: DataConfig, raw: bool = False, need_labels: bool = False):
+        self.cfg, self.raw, self.need_labels = data_cfg, raw, need_labels
         self.info = read_dataset_info(data_cfg.path, allow_pipe=data_cfg.allow_pipe)
         self.resolution, self.channels, self.classes = self.info.resolution, self.info.channels, self.info.classes
 
     def batches(self, batch_size: int, rank: int, world_size: int, seed: int, start_batch: int) -> BatchStream:
-        return make_batch_iterator(self.cfg, batch_size, rank, world_size, seed, start_batch, self.raw)
+        return make_batch_iterator(self.cfg, batch_size, rank, world_size, seed, start_batch, self.raw,
+                                   self.need_labels)
