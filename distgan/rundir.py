@@ -5,7 +5,7 @@
   process that is gone (same host, or the same Slurm job requeued), or left empty or torn more than a minute ago,
   is named in the log and taken over. An flock held on it for the run's life makes taking it atomic.
 - A fresh start refuses a run dir that already holds results; ``--resume auto`` with no intact checkpoint
-  moves earlier results aside (``previous-<time>/``) instead of overwriting them.
+  moves earlier results (its damaged checkpoints too) aside (``previous-<time>/``) instead of overwriting them.
 - Every start and resume keeps its config in ``configs/`` (config.yaml is the current one); a resume that
   changes a key that shapes the networks or gives the saved state its meaning is refused with the list of
   changed keys; other changes (steps, logging, learning rates) are logged.
@@ -238,8 +238,12 @@ def refuse_overwrite(run_dir: Path) -> None:
 
 
 def set_aside_results(run_dir: Path) -> Optional[Path]:
-    """Move a run's earlier results into ``previous-<time>/`` (for a restart that has no checkpoint to resume)."""
-    found = [name for name in existing_results(run_dir) if name != "checkpoints"]
+    """Move a run's earlier results into ``previous-<time>/`` (for a restart that has no checkpoint to resume).
+
+    ``checkpoints/`` goes too: its checkpoints are all damaged, and left in place they would mix with the new
+    branch's (keep-last-K would prune the new ones first, and the old best would stand).
+    """
+    found = existing_results(run_dir)
     if not found:
         return None
     aside = run_dir / time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime())
@@ -329,8 +333,8 @@ def _resume_decision(run_dir: Path, resume: Optional[str], config_yaml: str) -> 
     elif path is None:
         aside = set_aside_results(run_dir)
         if aside is not None:
-            log.warning("--resume auto: no intact checkpoint in %s; its earlier results are kept in %s and "
-                        "training starts from step 0", run_dir, aside)
+            log.warning("--resume auto: no intact checkpoint in %s; its earlier results (damaged checkpoints "
+                        "included) are kept in %s and training starts from step 0", run_dir, aside)
     else:
         saved = checkpoint_config(path)
         if saved is None and (path.parent.parent / "config.yaml").is_file():  # a version-1 checkpoint

@@ -65,6 +65,20 @@ def test_resume_auto_without_a_checkpoint_keeps_earlier_results_aside(tmp_path):
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_resume_auto_with_only_damaged_checkpoints_sets_them_aside(tmp_path, caplog):
+    _train(tmp_path, "train.steps=4", "checkpoint.every=1", "checkpoint.keep=10")
+    for path in list_checkpoints(tmp_path / "checkpoints"):
+        with open(path / "G.safetensors", "r+b") as fh:
+            fh.write(b"\0" * 16)  # every checkpoint damaged
+    with caplog.at_level(logging.WARNING):
+        _train(tmp_path, "train.steps=2", "checkpoint.every=1", "checkpoint.keep=2", resume="auto")
+    assert "no intact checkpoint" in caplog.text
+    (aside,) = tmp_path.glob("previous-*")
+    assert _steps_in(aside / "checkpoints") == [f"step-{s:08d}" for s in (1, 2, 3, 4)]  # kept, named
+    assert _steps(tmp_path) == ["step-00000001", "step-00000002"]  # not pruned for the old branch's steps 3 and 4
+    assert find_resume_path("auto", tmp_path).name == "step-00000002"
+
+
 def test_a_live_lock_is_refused_and_a_dead_one_is_taken_over(tmp_path, caplog):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
