@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -164,15 +164,54 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name.split("-")[1])
 
 
-def verify_checkpoint(path: Path) -> Optional[str]:
-    """None if the checkpoint is intact, else why not (unreadable state.json, a file missing, resized or changed)."""
+# counters every checkpoint format has; the others (added later) mean 0 when absent
+REQUIRED_COUNTERS = ("step", "images_seen", "batches_consumed", "world_size")
+
+
+def _read_state(path: Path) -> tuple[Optional[dict], Optional[str]]:
+    """state.json's content, or why it is not a checkpoint's: unreadable, an unknown format, a manifest that is not
+    ``{file: {"bytes": int, "sha256": str}}``, or counters missing, unknown or not counts."""
     try:
         meta = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as err:
-        return f"state.json unreadable ({err})"
+    except (OSError, ValueError, RecursionError) as err:
+        return None, f"state.json unreadable ({err})"
     if not isinstance(meta, dict) or meta.get("format_version") not in (1, FORMAT_VERSION):
-        return "state.json is not a distgan checkpoint of a known format"
-    for name, expected in (meta.get("manifest") or {}).items():
+        return None, "state.json is not a distgan checkpoint of a known format"
+    manifest = meta.get("manifest", {} if meta["format_version"] == 1 else None)
+    if not isinstance(manifest, dict):
+        return None, "state.json has no manifest of its files"
+    for name, entry in manifest.items():
+        if not (name and "/" not in name and "\\" not in name and name not in (".", "..")):
+            return None, f"state.json's manifest names {_shown(name)}, which is not a file of the checkpoint"
+        if not (isinstance(entry, dict) and _count(entry.get("bytes")) and isinstance(entry.get("sha256"), str)):
+            return None, f"state.json's manifest entry for {_shown(name)} is not {{\"bytes\": N, \"sha256\": \"...\"}}"
+    counters = {k: v for k, v in meta.items() if k not in ("format_version", "manifest")}
+    known = {f.name for f in fields(TrainState)}
+    damage = [f"unknown key {_shown(k)}" for k in sorted(counters.keys() - known)]
+    damage += [f"{k} missing" for k in REQUIRED_COUNTERS if k not in counters]
+    damage += [f"{k} is {_shown(v)}, not a count" for k, v in counters.items() if k in known and not _count(v)]
+    if not damage and counters["world_size"] < 1:
+        damage.append("world_size is 0")
+    if damage:
+        return None, f"state.json's counters are damaged ({'; '.join(damage)})"
+    return meta, None
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def verify_checkpoint(path: Path) -> Optional[str]:
+    """None if the checkpoint is intact, else why not (a damaged state.json, a file missing, resized or changed)."""
+    meta, problem = _read_state(path)
+    if meta is None:
+        return problem
+    for name, expected in meta.get("manifest", {}).items():
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
@@ -235,9 +274,11 @@ def set_aside_newer(directory: Path, step: int) -> Optional[Path]:
 
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module]) -> tuple[TrainState, dict]:
     """Load weights into ``modules`` (strict) and return the counters and the optimizer state."""
-    meta = json.loads((path / "state.json").read_text())
-    if meta.pop("format_version", None) not in (1, FORMAT_VERSION):
-        raise CheckpointError(f"{path}/state.json: unknown checkpoint format (expected version {FORMAT_VERSION})")
+    meta, problem = _read_state(path)
+    if meta is None:
+        raise CheckpointError(f"{path}: the checkpoint is damaged ({problem}); resume from an older one or use "
+                              "--resume auto, which skips damaged checkpoints")
+    meta.pop("format_version")
     meta.pop("manifest", None)
     for name, module in modules.items():
         file = path / f"{name}.safetensors"

@@ -2,9 +2,10 @@
 
 - ``claim_run_dir`` (the main process, at start): lock, refuse or set aside, pick and check the checkpoint.
 - A lock file (``.lock``: pid, host, Slurm job, start time) admits one training at a time; a lock left by a
-  process that is gone (same host, or the same Slurm job requeued) is named in the log and taken over.
+  process that is gone (same host, or the same Slurm job requeued), or left empty or torn more than a minute ago,
+  is named in the log and taken over. An flock held on it for the run's life makes taking it atomic.
 - A fresh start refuses a run dir that already holds results; ``--resume auto`` with no intact checkpoint
-  moves earlier results aside (``previous-<time>/``) instead of overwriting them.
+  moves earlier results (its damaged checkpoints too) aside (``previous-<time>/``) instead of overwriting them.
 - Every start and resume keeps its config in ``configs/`` (config.yaml is the current one); a resume that
   changes a key that shapes the networks or gives the saved state its meaning is refused with the list of
   changed keys; other changes (steps, logging, learning rates) are logged.
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -29,6 +31,7 @@ from distgan.config import Config, ConfigError, generator_keys_meant_when_absent
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
+TORN_LOCK_S = 60  # an empty or torn lock file older than this was left by a crash
 # what a run dir holds once training has written anything (a fresh start must not overwrite it)
 RESULTS = ("metrics.jsonl", "samples", "generator_ema.safetensors", "generator_ema.json", "progress.gif",
            "plots", "checkpoints", "eval.json", "configs", "config.yaml", "wandb", "tensorboard")
@@ -49,12 +52,55 @@ def _process_start(pid: int) -> Optional[str]:
         return None
 
 
+def _flock(fd: int) -> Optional[bool]:
+    """Take ``fd``'s exclusive flock: True, False when another open file holds it, None where the file system has
+    no flock (the file's content alone then decides, as before)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as err:
+        log.debug("no flock on this file system (%s): the lock file's content alone decides", err)
+        return None
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    stat = os.fstat(fd)
+    return stat.st_dev, stat.st_ino
+
+
+def _readable(holder: Any) -> bool:
+    return isinstance(holder, dict) and "pid" in holder and "host" in holder
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# the locks this process holds, by the lock file's (device, inode): a later training of the same process may take
+# over one an earlier training never released (its flock would otherwise refuse it)
+_HELD_HERE: dict[tuple[int, int], "RunDirLock"] = {}
+
+
 class RunDirLock:
-    """``run_dir/.lock``, held by the main process for the whole training."""
+    """``run_dir/.lock``, held by the main process for the whole training.
+
+    The file says who holds it (pid, host, Slurm job, start time); an exclusive ``flock`` on it, kept for the run's
+    life, makes taking it (fresh or over a stale holder) atomic: of two starters only the one holding the flock may
+    judge and rewrite it. Whether a holder is gone is judged from the file (the flock does not reach other machines
+    on every file system): a pid that has exited on this host, an earlier run of this Slurm job, or, for a file
+    left empty or torn by a crash, its age.
+    """
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK_FILE
         self.held = False
+        self.fd: Optional[int] = None
 
     def _mine(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "pid_start": _process_start(os.getpid()), "host": socket.gethostname(),
@@ -62,52 +108,119 @@ class RunDirLock:
 
     def _stale(self, holder: dict[str, Any]) -> Optional[str]:
         """Why the holder is gone, or None when it may still be running."""
+        if not _readable(holder):  # empty or torn by a crash: its age decides
+            age = float(holder.get("age", 0.0))
+            return f"a start that crashed (the file is empty or unreadable, {age:.0f} s old)" if age > TORN_LOCK_S \
+                else None
         if holder.get("slurm_job") and holder.get("slurm_job") == os.environ.get("SLURM_JOB_ID"):
             return f"an earlier run of Slurm job {holder['slurm_job']} (requeued)"
         if holder.get("host") == socket.gethostname():
             if holder.get("pid") == os.getpid():
                 return "an earlier training in this process"
-            start = _process_start(int(holder.get("pid", -1)))
+            start = _process_start(holder["pid"]) if isinstance(holder.get("pid"), int) else None
             if start is None or (holder.get("pid_start") and start != holder["pid_start"]):
                 return f"process {holder.get('pid')} on {holder.get('host')}, which has exited"
         return None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        for _ in range(5):
+            fd, created = self._open()
+            if fd is None:
+                continue  # released between our two opens: try again
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read()
-                reason = self._stale(holder)
-                if reason is None:
-                    raise ConfigError(
-                        f"run dir {self.path.parent} is in use by process {holder.get('pid')} on "
-                        f"{holder.get('host')} (since {holder.get('since')}): wait for it to finish or stop it. If it "
-                        f"is gone (a crashed node), delete {self.path}"
-                    ) from None
-                log.warning("taking over %s, left by %s", self.path, reason)
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self._mine(), fh)
-            self.held = True
-            return
+                if self._take(fd, created):
+                    return
+            except BaseException:
+                os.close(fd)
+                raise
         raise ConfigError(f"{self.path}: another training took the run dir while this one started; use one run.dir "
                           "per training")
 
-    def _read(self) -> dict[str, Any]:
+    def _open(self) -> tuple[Optional[int], bool]:
         try:
-            holder = json.loads(self.path.read_text())
-            return holder if isinstance(holder, dict) else {}
-        except (OSError, ValueError):  # written half by a crash: its age decides
-            age = time.time() - self.path.stat().st_mtime if self.path.exists() else 1e9
-            return {} if age > 60 else {"pid": "?", "host": "?", "since": "just now"}
+            return os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644), True
+        except FileExistsError:
+            try:
+                return os.open(self.path, os.O_RDWR), False
+            except FileNotFoundError:
+                return None, False
+
+    def _take(self, fd: int, created: bool) -> bool:
+        """Hold ``fd``'s lock and write ours into it; False (fd closed) when the file was replaced meanwhile."""
+        locked = _flock(fd)
+        if locked is False:  # a live process holds it
+            holder = self._read(fd)
+            earlier = _HELD_HERE.get(_identity(fd))
+            reason = self._stale(holder)
+            if earlier is None or reason is None:
+                raise self._refusal(holder, held=reason is not None)
+            earlier._drop()  # an earlier training of this process that never released it
+            os.close(fd)
+            return False
+        if not self._current(fd):  # released (unlinked) or replaced between our open and our lock
+            os.close(fd)
+            return False
+        if not created:
+            holder = self._read(fd)
+            reason = self._stale(holder)
+            if reason is None:
+                raise self._refusal(holder, held=False)
+            log.warning("taking over %s, left by %s", self.path, reason)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(self._mine()).encode(), 0)
+        os.fsync(fd)
+        if created:
+            _fsync_dir(self.path.parent)
+        self.fd, self.held = fd, True
+        _HELD_HERE[_identity(fd)] = self
+        return True
+
+    def _current(self, fd: int) -> bool:
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return _identity(fd) == (stat.st_dev, stat.st_ino)
+
+    def _read(self, fd: int) -> dict[str, Any]:
+        """The holder the file names, or ``{"age": seconds}`` when it is empty or torn (written half by a crash)."""
+        try:
+            holder = json.loads(os.pread(fd, 1 << 16, 0))
+        except ValueError:
+            holder = None
+        if _readable(holder):
+            return holder
+        return {"age": time.time() - os.fstat(fd).st_mtime}
+
+    def _refusal(self, holder: dict[str, Any], held: bool) -> ConfigError:
+        if not _readable(holder):
+            return ConfigError(
+                f"run dir {self.path.parent}: {self.path} is empty or unreadable and {holder['age']:.0f} s old "
+                f"(another training starting right now, or one that crashed while starting): start again in a minute (after "
+                f"{TORN_LOCK_S} s it counts as left by a crash), or delete it if no training uses this run dir")
+        if held:  # the file names a process that is gone, but a live one holds the flock
+            return ConfigError(
+                f"run dir {self.path.parent} is being taken by another training right now ({self.path} is locked by "
+                f"a running process although it names process {holder.get('pid')} on {holder.get('host')}, which has "
+                f"exited, or a process it started still runs): wait for it or stop it, or use another run.dir")
+        return ConfigError(
+            f"run dir {self.path.parent} is in use by process {holder.get('pid')} on {holder.get('host')} (since "
+            f"{holder.get('since')}): wait for it to finish or stop it. If it is gone (a crashed node), delete "
+            f"{self.path}")
+
+    def _drop(self) -> None:
+        """Close the file without removing it (another lock of this process takes it over)."""
+        if self.fd is not None:
+            _HELD_HERE.pop(_identity(self.fd), None)
+            os.close(self.fd)
+        self.fd, self.held = None, False
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self.held and self.fd is not None:
+            if self._current(self.fd):  # never the file of a training that took it over
+                self.path.unlink(missing_ok=True)
+            self._drop()
 
 
 def existing_results(run_dir: Path) -> list[str]:
@@ -125,8 +238,12 @@ def refuse_overwrite(run_dir: Path) -> None:
 
 
 def set_aside_results(run_dir: Path) -> Optional[Path]:
-    """Move a run's earlier results into ``previous-<time>/`` (for a restart that has no checkpoint to resume)."""
-    found = [name for name in existing_results(run_dir) if name != "checkpoints"]
+    """Move a run's earlier results into ``previous-<time>/`` (for a restart that has no checkpoint to resume).
+
+    ``checkpoints/`` goes too: its checkpoints are all damaged, and left in place they would mix with the new
+    branch's (keep-last-K would prune the new ones first, and the old best would stand).
+    """
+    found = existing_results(run_dir)
     if not found:
         return None
     aside = run_dir / time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime())
@@ -216,8 +333,8 @@ def _resume_decision(run_dir: Path, resume: Optional[str], config_yaml: str) -> 
     elif path is None:
         aside = set_aside_results(run_dir)
         if aside is not None:
-            log.warning("--resume auto: no intact checkpoint in %s; its earlier results are kept in %s and "
-                        "training starts from step 0", run_dir, aside)
+            log.warning("--resume auto: no intact checkpoint in %s; its earlier results (damaged checkpoints "
+                        "included) are kept in %s and training starts from step 0", run_dir, aside)
     else:
         saved = checkpoint_config(path)
         if saved is None and (path.parent.parent / "config.yaml").is_file():  # a version-1 checkpoint

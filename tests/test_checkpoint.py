@@ -1,5 +1,7 @@
 import json
+import logging
 import os
+import re
 import signal
 
 import pytest
@@ -62,6 +64,71 @@ def test_find_resume_path(tmp_path):
     assert find_resume_path(str(run / "checkpoints" / "step-00000005"), run).name == "step-00000005"
     with pytest.raises(ck.CheckpointError, match="no checkpoint there.*--resume auto"):
         find_resume_path(str(run / "nothing"), run)
+
+
+def _damage(meta):
+    meta["manifest"]["G.safetensors"] = ["not", "a", "dict"]
+
+
+@pytest.mark.parametrize("damage, why", [
+    (_damage, r"manifest entry for 'G.safetensors' is not"),
+    (lambda meta: meta["manifest"].update({"../../x": {"bytes": 1, "sha256": "0"}}), r"manifest names '\.\./\.\./x'"),
+    (lambda meta: meta.update(manifest=[1, 2]), "no manifest"),
+    (lambda meta: meta.update(epoch=3), "counters are damaged \\(unknown key 'epoch'\\)"),
+    (lambda meta: meta.pop("step"), "counters are damaged \\(step missing\\)"),
+    (lambda meta: meta.update(images_seen="12"), "images_seen is '12', not a count"),
+    (lambda meta: meta.update(batches_consumed=-1), "batches_consumed is -1, not a count"),
+    (lambda meta: meta.update(skipped_steps=[0] * 100), r"skipped_steps is \[0, 0, 0.*\.\.\., not a count"),
+    (lambda meta: meta.update(world_size=0), "world_size is 0"),
+    (lambda meta: meta.update(world_size=True), "world_size is True, not a count"),
+], ids=["entry-not-dict", "entry-path", "manifest-list", "unknown-key", "missing-step", "str-count", "negative",
+        "long-list", "world-0", "bool"])
+def test_a_malformed_state_json_is_a_damaged_checkpoint(tmp_path, caplog, damage, why):
+    for step in (1, 2):
+        save_checkpoint(tmp_path / "checkpoints", TrainState(step=step), {"G": _model()}, {}, keep=3)
+    newest = tmp_path / "checkpoints" / "step-00000002"
+    meta = json.loads((newest / "state.json").read_text())
+    damage(meta)
+    (newest / "state.json").write_text(json.dumps(meta))
+    assert re.search(why, ck.verify_checkpoint(newest))
+    with caplog.at_level(logging.WARNING):
+        assert find_resume_path("auto", tmp_path).name == "step-00000001"
+    assert re.search(f"skipping checkpoint {newest}: .*{why}", caplog.text)
+    with pytest.raises(ck.CheckpointError, match=f"--resume {newest}: the checkpoint is damaged .*{why}"):
+        find_resume_path(str(newest), tmp_path)
+    with pytest.raises(ck.CheckpointError, match=f"{newest}: the checkpoint is damaged .*{why}"):
+        load_checkpoint(newest, {"G": _model()})
+
+
+def test_a_version_1_checkpoint_without_later_counters_still_loads(tmp_path):
+    save_checkpoint(tmp_path, TrainState(step=4, images_seen=8), {"G": _model()}, {}, keep=1)
+    path = tmp_path / "step-00000004"
+    meta = json.loads((path / "state.json").read_text())
+    for key in ("manifest", "skipped_steps", "overflow_steps"):
+        del meta[key]
+    (path / "state.json").write_text(json.dumps({**meta, "format_version": 1}))
+    assert ck.verify_checkpoint(path) is None
+    state, _ = load_checkpoint(path, {"G": _model()})
+    assert state == TrainState(step=4, images_seen=8)
+
+
+def test_every_file_and_the_folder_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(ck.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                    real_fsync(fd))[1])
+    monkeypatch.setattr(ck.os, "rename", lambda a, b: (events.append(("rename", str(a), str(b))), real_rename(a, b))[1])
+    monkeypatch.setattr(ck.os, "replace", lambda a, b: events.append(("replace", str(a), str(b))))
+    final = save_checkpoint(tmp_path, TrainState(step=3), {"G": _model()}, {"g": {}}, keep=2, config_yaml="a: 1\n")
+    monkeypatch.undo()
+    (rename,) = [e for e in events if e[0] in ("rename", "replace")]
+    assert rename[0] == "rename" and rename[2] == str(final)
+    tmp, at = rename[1], events.index(rename)
+    synced_before = {e[1] for e in events[:at] if e[0] == "fsync"}
+    expected = {os.path.join(tmp, f.name) for f in final.iterdir()} | {tmp}
+    assert expected <= synced_before, expected - synced_before
+    assert {f.name for f in final.iterdir()} == {"G.safetensors", "optim.pt", "config.yaml", "state.json"}
+    assert ("fsync", str(tmp_path)) in events[at + 1:]  # the rename itself made durable
 
 
 def test_mismatched_model_names_the_file_and_the_fix(tmp_path):

@@ -3,6 +3,7 @@
 The commands' main() functions run in-process (the same code as the console scripts, without a second of
 torch import per case); one case goes through a real process to check the exit status end to end.
 """
+import functools
 import json
 import subprocess
 import sys
@@ -15,8 +16,11 @@ from safetensors.torch import save_file
 from distgan import eval as eval_cli
 from distgan import sample as sample_cli
 from distgan import train as train_cli
-from distgan.config import ConfigError, GeneratorConfig, section_from_dict
+from distgan.checkpoint import list_checkpoints
+from distgan.config import ConfigError, GeneratorConfig, load_config, section_from_dict
 from distgan.nn import build_generator
+from distgan.trainer import Trainer
+from tests.distributed.support import MemorySource
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,6 +80,27 @@ def test_train_resume_from_a_missing_checkpoint(capsys, tmp_path):
     line = one_line_error(capsys, train_cli.main, ["--config", "smoke", f"run.dir={tmp_path}", "data.path=x",
                                                    "--resume", str(tmp_path / "step-9")])
     assert "no such folder" in line or "no checkpoint there" in line
+
+
+def test_train_resume_with_a_changed_seed_names_the_key(capsys, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    overrides = [f"run.dir={run}", "train.steps=1", "log.sample_every=1000", "log.gif=false"]
+    Trainer(load_config("smoke", overrides), source=MemorySource()).fit()
+    monkeypatch.setattr(train_cli, "Trainer", functools.partial(Trainer, source=MemorySource()))
+    line = one_line_error(capsys, train_cli.main, ["--config", "smoke", *overrides, "train.steps=2", "run.seed=7",
+                                                   "--resume", "auto"])
+    assert line.startswith("distgan.train: error: resuming ") and "run.seed: 0 -> 7" in line
+    assert "train.steps" not in line  # a change a resume may make is not listed
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000001"]
+
+
+@pytest.mark.parametrize("path", ["PIPE:touch {marker}", " pipe:touch {marker}", "Pipe:touch {marker}"])
+def test_train_refuses_a_pipe_data_path_in_any_spelling_before_anything_runs(capsys, tmp_path, path):
+    marker = tmp_path / "ran"
+    line = one_line_error(capsys, train_cli.main, ["--config", "smoke", f"run.dir={tmp_path / 'r'}",
+                                                   f"data.path={path.format(marker=marker)}"])
+    assert "'pipe:' URLs run shell commands; set data.allow_pipe=true" in line
+    assert not marker.exists() and not (tmp_path / "r").exists()
 
 
 def _export(path: Path, meta: dict, tensors=None) -> Path:

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -21,6 +22,8 @@ from distgan.config import Config, ConfigError, load_config
 from distgan.rundir import RunDirLock, _process_start, config_changes
 from distgan.trainer import Trainer
 from tests.distributed.support import MemorySource
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -62,6 +65,20 @@ def test_resume_auto_without_a_checkpoint_keeps_earlier_results_aside(tmp_path):
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_resume_auto_with_only_damaged_checkpoints_sets_them_aside(tmp_path, caplog):
+    _train(tmp_path, "train.steps=4", "checkpoint.every=1", "checkpoint.keep=10")
+    for path in list_checkpoints(tmp_path / "checkpoints"):
+        with open(path / "G.safetensors", "r+b") as fh:
+            fh.write(b"\0" * 16)  # every checkpoint damaged
+    with caplog.at_level(logging.WARNING):
+        _train(tmp_path, "train.steps=2", "checkpoint.every=1", "checkpoint.keep=2", resume="auto")
+    assert "no intact checkpoint" in caplog.text
+    (aside,) = tmp_path.glob("previous-*")
+    assert _steps_in(aside / "checkpoints") == [f"step-{s:08d}" for s in (1, 2, 3, 4)]  # kept, named
+    assert _steps(tmp_path) == ["step-00000001", "step-00000002"]  # not pruned for the old branch's steps 3 and 4
+    assert find_resume_path("auto", tmp_path).name == "step-00000002"
+
+
 def test_a_live_lock_is_refused_and_a_dead_one_is_taken_over(tmp_path, caplog):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -87,6 +104,67 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
         RunDirLock(tmp_path).acquire()
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     RunDirLock(tmp_path).acquire()
+
+
+@pytest.mark.parametrize("content", [b"", b'{"pid": 12, "ho', b"\0" * 64, b"[]"], ids=["empty", "torn", "nul", "list"])
+def test_a_torn_lock_is_judged_by_its_age(tmp_path, caplog, content):
+    lock = tmp_path / ".lock"
+    lock.write_bytes(content)  # a start that crashed while writing it (or one writing it right now)
+    with pytest.raises(ConfigError, match=r"\.lock is empty or unreadable and 0 s old.*start again in a minute") as err:
+        RunDirLock(tmp_path).acquire()
+    assert "None" not in str(err.value) and "\n" not in str(err.value)
+    assert lock.read_bytes() == content  # a refused start leaves it as it was
+    os.utime(lock, (lock.stat().st_atime - 120, lock.stat().st_mtime - 120))
+    taker = RunDirLock(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        taker.acquire()
+    assert f"taking over {lock}, left by a start that crashed" in caplog.text
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    taker.release()
+    assert not lock.exists()
+
+
+RACE = """
+import json, os, sys, time
+from pathlib import Path
+from distgan.config import ConfigError
+from distgan.rundir import RunDirLock
+
+run_dir, me, other, delay = Path(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
+judge = RunDirLock._stale
+
+def slow_judge(self, holder):  # both starters judge the same stale lock before either takes it
+    reason = judge(self, holder)
+    (run_dir / me).touch()
+    deadline = time.time() + 5
+    while not (run_dir / other).exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(delay)
+    return reason
+
+RunDirLock._stale = slow_judge
+lock = RunDirLock(run_dir)
+try:
+    lock.acquire()
+except ConfigError as err:
+    print("refused:", err)
+    sys.exit(0)
+time.sleep(1)  # hold it while the other one decides
+print("held", json.loads((run_dir / ".lock").read_text())["pid"] == os.getpid())
+"""
+
+
+def test_two_starters_taking_over_one_stale_lock_one_wins(tmp_path):
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 999999999, "host": socket.gethostname(), "slurm_job": None,
+                                                "since": "earlier"}))  # a process that has exited
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path), me, other, delay], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for me, other, delay in (("a", "b", "0"), ("b", "a", "0.3"))]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    lines = sorted(out.strip().splitlines()[-1] for out, _ in outs)
+    assert lines[0] == "held True" and lines[1].startswith("refused: "), outs
 
 
 # ---------------------------------------------------------------- checkpoints: integrity and lineage
