@@ -13,7 +13,7 @@ search at startup with the config's own error.
 
 Budgets. ``images=N``: each run trains N / (batch_size x d_steps) generator steps, so every point shows D the same
 N real images (the project's images_seen). ``seconds=S`` and ``default-time``: each point first trains a short
-probe (PROBE_STEPS steps, in this invocation, one probe at a time, all with the same --threads), its seconds per
+probe (PROBE_STEPS steps, one probe at a time, all with the same --threads; kept for later invocations), its seconds per
 step are read from metrics.jsonl (images between log lines over images_per_s, steps PROBE_FROM to PROBE_STEPS: no
 start-up, no checkpoint), and the run trains floor(S / seconds per step) steps; ``default-time`` sets S to the
 base config's own train.steps x the base's probed seconds per step. A run keeps the plan it started with
@@ -88,6 +88,9 @@ POINTS: dict[str, tuple[str, ...]] = {
     "ema_hl_40": ("ema.half_life_kimg=40",),
     "ema_no_rampup": ("ema.rampup=0",),
     "width_32": ("generator.width=32", "discriminator.width=32"),
+    # combinations with the narrower G and D (more steps in the same time), after the first round of the search
+    "width_32_hinge": ("generator.width=32", "discriminator.width=32", "loss.kind=hinge"),
+    "width_32_r1_g1": ("generator.width=32", "discriminator.width=32", "loss.penalty=r1", "loss.penalty_weight=1.0"),
     "width_g96": ("generator.width=96",),
     "width_d32": ("discriminator.width=32",),
     # resize then convolve instead of transposed convs: Odena et al. 2016 ("Deconvolution and checkerboard artifacts")
@@ -300,6 +303,7 @@ class Search:
     max_steps: Optional[int]
     probe_plan: dict
     lock: threading.Lock
+    new_probes: bool = False
 
     def map(self, fn: Callable, items: list) -> list:
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
@@ -312,6 +316,30 @@ def rounded(values: Iterable[float]) -> list[float]:
 
 def now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def class_probes(names: set[str], ctx: "Search") -> dict[str, dict]:
+    """Each point's probe: one per compute class, kept in WORK/probes/BASE-threadsT.json so that every later
+    invocation (other seeds, new points) plans the same steps for the same work; --new-probes measures again."""
+    saved_file = ctx.work / "probes" / f"{Path(ctx.base).stem}-threads{ctx.threads}.json"
+    saved = {} if ctx.new_probes or not saved_file.is_file() else json.loads(saved_file.read_text())
+    classes: dict[str, str] = {}  # compute class (as JSON) -> the point probed for it
+    for name in sorted(names, key=lambda n: (n != "default", n)):
+        key = json.dumps(compute_class(POINTS[name]))
+        classes.setdefault(key, saved.get(key, {}).get("point", name))
+    missing = {key: name for key, name in classes.items() if key not in saved}
+    if missing:
+        measured = measure_probes(sorted(missing.values()), ctx)
+        saved.update({key: {**measured[name], "point": name} for key, name in missing.items()})
+        saved_file.parent.mkdir(parents=True, exist_ok=True)
+        saved_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    probes = {}
+    for name in names:
+        probe_ = saved[json.dumps(compute_class(POINTS[name]))]
+        probes[name] = {k: v for k, v in probe_.items() if k != "point"}
+        if probe_["point"] != name:
+            probes[name]["same_compute_as"] = probe_["point"]
+    return probes
 
 
 def plan_steps(name: str, ctx: Search, probes: dict[str, dict], default_seconds: Optional[float]) -> dict:
@@ -441,13 +469,7 @@ def search(ctx: Search) -> int:
         names = {name for name, _ in todo}
         if ctx.budget.kind == "default-time" or any(same_compute(ctx.points[n]) for n in names):
             names.add("default")
-        classes: dict[tuple[str, ...], str] = {}  # compute class -> the point probed for it
-        for name in sorted(names, key=lambda n: (n != "default", n)):
-            classes.setdefault(compute_class(POINTS[name]), name)
-        probes = measure_probes(sorted(classes.values()), ctx)
-        for name in names - set(probes):
-            probed = classes[compute_class(POINTS[name])]
-            probes[name] = {**probes[probed], "same_compute_as": probed}
+        probes = class_probes(names, ctx)
         if ctx.budget.kind == "default-time":
             base_steps = load_config(ctx.base, list(ctx.extra)).train.steps
             default_seconds = base_steps * probes["default"]["seconds_per_step"]
@@ -569,6 +591,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=Path("runs/search"), help="data, probes and run dirs")
     p.add_argument("--results", type=Path, help="the JSONL (default bench/results/search.jsonl; --dry-run: WORK/)")
     p.add_argument("--max-steps", type=int, help="cap on any run's steps (recorded in its line)")
+    p.add_argument("--new-probes", action="store_true", help="measure the probes again (default: reuse WORK/probes)")
     p.add_argument("--table", action="store_true", help="after the search, print the table")
     p.add_argument("--table-only", action="store_true", help="print the table from the JSONL; no runs")
     p.add_argument("--write", type=Path, help="with --table/--table-only: replace the search block of this file")
@@ -595,7 +618,7 @@ def context(args: argparse.Namespace, results: Path) -> Search:
     n_eval = DRY["n"] if args.dry_run else args.n
     max_steps = DRY["max_steps"] if args.dry_run and args.max_steps is None else args.max_steps
     return Search(args.config, work, work / "data" / "fashion_mnist", results, points, configs, budget, args.seeds,
-                  args.jobs, args.threads, n_eval, extra, max_steps, plan, threading.Lock())
+                  args.jobs, args.threads, n_eval, extra, max_steps, plan, threading.Lock(), args.new_probes)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
