@@ -4,17 +4,21 @@
     python bench/gpu.py --dry-run      # on CPU: the same code, a few steps, fp32, small batches (CI runs it)
 
 For each per-GPU batch x precision x compile setting, the real Trainer (one process, the config's models,
-losses, optimizers, EMA, checks; batches from memory so the data pipeline is out of the figure) alternates
-with a hand-written loop (same models, losses, fused Adam, autocast, GradScaler, EMA, real batches already on
-the device). Each reports images/s after a warm-up (which includes compilation), the peak device memory,
-and the GPU busy share: device kernel time over wall time in a short profiled window.
+losses, optimizers, EMA, checks) alternates with a hand-written loop (same models, losses, fused Adam, autocast,
+GradScaler, foreach EMA). Both take their real batches as a CUDA run's shard stream hands them over: uint8 in
+pinned host memory, copied with non_blocking=True and normalised on the device (a pool of 4 batches pinned
+once: decoding and the stream's per-batch pinning, the data pipeline, are out of the figure). Both are measured
+the same way, on steady-state steps only: a warm-up (which includes compilation), then N timed steps and a
+short profiled window of the same steps. distgan's steps are ``Trainer.train_step``, the very step ``fit``
+runs, on a Trainer built once (construction, the sync points, checkpoint, export and plots are left out).
+Each reports images/s, the peak device memory, and the GPU busy share: device kernel time over wall time in
+the profiled window.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime
-import json
 import platform
 import tempfile
 import time
@@ -32,6 +36,7 @@ from accelerate.state import AcceleratorState  # noqa: E402
 
 from distgan import losses  # noqa: E402
 from distgan.config import Config, load_config  # noqa: E402
+from distgan.data.stream import normalize_images  # noqa: E402
 from distgan.nn import build_discriminator, build_generator, sample_latent  # noqa: E402
 from distgan.trainer import Trainer, make_optimizer  # noqa: E402
 
@@ -54,14 +59,22 @@ class Figures:
     busy: Optional[float]  # GPU busy share in [0, 1]; None without CUDA
 
 
+def pinned_pool(batch_size: int, seed: int, size: int = 4) -> list[torch.Tensor]:
+    """``size`` batches of random uint8 images, in pinned host memory when CUDA is present: what the shard stream
+    hands a CUDA trainer (data.stream.BatchStream with raw=True)."""
+    gen = torch.Generator().manual_seed(seed)
+    pool = [torch.randint(0, 256, (batch_size, CHANNELS, RESOLUTION, RESOLUTION), generator=gen, dtype=torch.uint8)
+            for _ in range(size)]
+    return [b.pin_memory() for b in pool] if torch.cuda.is_available() else pool
+
+
 class MemoryBatches:
-    """A DataSource of random images in [-1, 1] made once on the host, as the shard stream hands them over."""
+    """A DataSource cycling through a pinned uint8 pool (the Trainer copies and normalises each on the device)."""
 
     resolution, channels, classes = RESOLUTION, CHANNELS, None
 
     def batches(self, batch_size: int, rank: int, world_size: int, seed: int, start_batch: int):
-        gen = torch.Generator().manual_seed(seed)
-        pool = [torch.rand(batch_size, CHANNELS, RESOLUTION, RESOLUTION, generator=gen) * 2 - 1 for _ in range(4)]
+        pool = pinned_pool(batch_size, seed)
         labels = torch.full((batch_size,), -1)
         for i in range(start_batch, 2**62):
             yield pool[i % len(pool)], labels
@@ -71,6 +84,7 @@ def configure(base: Config, s: Setting, steps: int, run_dir: str) -> Config:
     cfg = copy.deepcopy(base)
     cfg.run.dir, cfg.train.steps, cfg.train.batch_size = run_dir, steps, s.batch
     cfg.train.mixed_precision, cfg.train.compile = s.precision, s.compile
+    cfg.train.batch_per_process, cfg.train.lr_batch_scaling = 0, "none"  # s.batch is the one process's batch
     cfg.log.wandb, cfg.log.progress_bar, cfg.log.gif = False, False, False
     cfg.log.sample_every = cfg.checkpoint.every = 10**9
     cfg.eval.metrics = []
@@ -111,25 +125,31 @@ def busy_share(run: Callable[[], None]) -> Optional[float]:
 
 
 def distgan_run(base: Config, s: Setting, warmup: int, steps: int) -> Figures:
-    """The real Trainer: images/s between its log lines after the warm-up line (each log line is a sync point)."""
+    """The real Trainer's step (``Trainer.train_step``, as ``fit`` runs it) on one Trainer: warm-up steps, then
+    ``steps`` timed steps and a profiled window, with nothing else of a run in between."""
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = configure(base, s, warmup + steps, run_dir)
-        cfg.log.every = warmup
         AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per setting, in one process
         reset_peak()
-        trainer = Trainer(cfg, source=MemoryBatches())
-        trainer.fit()
-        records = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-        seen = records[-1]["images_seen"] - records[0]["images_seen"]
-        seconds = sum((b["images_seen"] - a["images_seen"]) / b["images_per_s"] for a, b in zip(records, records[1:]))
-        memory = peak_mib()
-    return Figures(seen / seconds, memory, busy_share(lambda: profiled_fit(base, s, max(2, steps // 4))))
-
-
-def profiled_fit(base: Config, s: Setting, steps: int) -> None:
-    with tempfile.TemporaryDirectory() as run_dir:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        Trainer(configure(base, s, steps, run_dir), source=MemoryBatches()).fit()
+        trainer = Trainer(configure(base, s, 10**9, run_dir), source=MemoryBatches())
+        data, window = trainer.data_stream(), {}
+        try:
+            for _ in range(warmup):
+                trainer.train_step(data, window)
+            trainer.check_health()  # a sync point, as fit's log line: warm-up steps finish before the clock starts
+            window.clear()
+            sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step(data, window)
+            sync()
+            rate = steps * trainer.global_batch * trainer.cfg.train.d_steps / (time.perf_counter() - start)
+            memory = peak_mib()
+            busy = busy_share(lambda: [trainer.train_step(data, window) for _ in range(max(2, steps // 4))])
+            trainer.check_health()  # the measured steps were finite (else NonFiniteError: no figure)
+        finally:
+            data.close()
+            trainer.lock.release()
+    return Figures(rate, memory, busy)
 
 
 # ---------------------------------------------------------------- the plain loop
@@ -155,10 +175,12 @@ def plain_run(base: Config, s: Setting, warmup: int, steps: int) -> Figures:
     dtype = AUTOCAST[s.precision]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     batch, z_dim = s.batch, cfg.generator.z_dim
-    gen = torch.Generator().manual_seed(0)
-    reals = [(torch.rand(batch, CHANNELS, RESOLUTION, RESOLUTION, generator=gen) * 2 - 1).to(device, memory_format=fmt)
-             for _ in range(4)]
+    pool = pinned_pool(batch, cfg.run.seed)  # the Trainer's real batches: pinned uint8, copied and normalised each phase
+
+    def real(j: int) -> torch.Tensor:
+        return normalize_images(pool[j % len(pool)].to(device, non_blocking=True)).contiguous(memory_format=fmt)
     ema_params, params = list(G_ema.parameters()), list(G.parameters())
+    ema_buffers, buffers = list(G_ema.buffers()), list(G.buffers())
 
     def phase(loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
         opt.zero_grad(set_to_none=True)
@@ -172,7 +194,7 @@ def plain_run(base: Config, s: Setting, warmup: int, steps: int) -> Figures:
             with torch.no_grad(), autocast():
                 fake = G(z)
             with autocast():
-                loss = losses.discriminator_loss(cfg.loss.kind, D(reals[(i + k) % 4]), D(fake.float()))
+                loss = losses.discriminator_loss(cfg.loss.kind, D(real(i * cfg.train.d_steps + k)), D(fake.float()))
             phase(loss, opt_d)
         D.requires_grad_(False)
         with autocast():
@@ -182,6 +204,8 @@ def plain_run(base: Config, s: Setting, warmup: int, steps: int) -> Figures:
         D.requires_grad_(True)
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 0.01)
+            if buffers:  # G_ema's BN statistics follow G's, as distgan's EMA.update does every step
+                torch._foreach_copy_(ema_buffers, buffers)
 
     for i in range(warmup):
         step(i)

@@ -101,7 +101,9 @@ class OptimizerConfig:
 @dataclass
 class TrainConfig:
     steps: int = 5000  # generator steps
-    batch_size: int = 64  # GLOBAL batch; each of N processes takes batch_size / N
+    batch_size: int = 64  # GLOBAL batch; each of N processes takes batch_size / N. With batch_per_process: the reference batch the lrs were tuned for
+    batch_per_process: int = 0  # 0: off (batch_size is the global batch); N > 0: the global batch is N x the number of processes
+    lr_batch_scaling: Literal["none", "sqrt", "linear"] = "none"  # both lrs x (global batch / batch_size) ** (0, 0.5, 1); needs batch_per_process
     d_steps: int = 1  # discriminator steps per generator step (each on a fresh real batch)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: what the launcher asks, else no; fp16/bf16 need a GPU
     on_nonfinite: Literal["stop", "skip"] = "stop"  # what a NaN/Inf loss does
@@ -373,6 +375,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' = {value}: must be 0 or more")
     if not 0.0 <= d.dropout < 1.0:
         raise ConfigError(f"config key 'discriminator.dropout' = {d.dropout}: must be in [0, 1)")
+    if t.batch_per_process < 0:
+        raise ConfigError(f"config key 'train.batch_per_process' = {t.batch_per_process}: must be 0 (off) or more")
+    if t.lr_batch_scaling != "none" and not t.batch_per_process:
+        raise ConfigError(
+            f"train.lr_batch_scaling={t.lr_batch_scaling} without train.batch_per_process: the global batch is "
+            "train.batch_size, so there is nothing to scale. Set train.batch_per_process=N or train.lr_batch_scaling=none"
+        )
     if t.cpu_threads < 0:
         raise ConfigError(f"config key 'train.cpu_threads' = {t.cpu_threads}: must be 0 (automatic) or more")
     for key, value in (("data.num_workers", cfg.data.num_workers), ("data.cache_mb", cfg.data.cache_mb),

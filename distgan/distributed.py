@@ -1,4 +1,5 @@
-"""Processes and precision: the Accelerator for a run, the launches it refuses, CPU threads, rank agreement.
+"""Processes and precision: the Accelerator for a run, the launches it refuses, the global batch and each rank's
+share of it (and the learning-rate factor that follows), CPU threads, rank agreement.
 
 Only this module, the trainer and the checkpoint code touch Accelerate; the GAN step's own distribution
 decisions (global-batch randomness, D frozen in the G phase) are described in distgan.trainer.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -40,6 +42,35 @@ def resolve_precision(requested: str, launcher: str) -> str:
     return requested
 
 
+# train.lr_batch_scaling -> the exponent of (global batch / train.batch_size) in both optimizers' lr factor
+LR_EXPONENTS = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The global batch of one D phase, each rank's share, and the factor on both optimizers' lr."""
+
+    global_batch: int
+    local_batch: int
+    lr_factor: float
+
+
+def batch_plan(train: TrainConfig, processes: int) -> BatchPlan:
+    """The one place the global batch is decided: ``train.batch_size``, or ``train.batch_per_process`` x the
+    process count (then ``train.batch_size`` is the reference batch of ``train.lr_batch_scaling``)."""
+    if train.batch_per_process:
+        global_batch = train.batch_per_process * processes
+    elif train.batch_size % processes:
+        raise ConfigError(
+            f"train.batch_size={train.batch_size} does not divide over {processes} processes: choose a multiple of "
+            "the process count (or set train.batch_per_process)"
+        )
+    else:
+        global_batch = train.batch_size
+    factor = (global_batch / train.batch_size) ** LR_EXPONENTS[train.lr_batch_scaling]
+    return BatchPlan(global_batch, global_batch // processes, factor)
+
+
 def make_accelerator(train: TrainConfig, log: LogConfig, run: RunConfig) -> Accelerator:
     """An Accelerator for these config sections, refusing launches that would silently do something else."""
     precision = resolve_precision(train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
@@ -61,11 +92,7 @@ def make_accelerator(train: TrainConfig, log: LogConfig, run: RunConfig) -> Acce
             "train an independent replica. Launch with `accelerate launch --multi_gpu --num_processes N -m "
             "distgan.train ...` (a MULTI_CPU config does not give DDP); see the launch/ config files."
         )
-    if train.batch_size % accelerator.num_processes:
-        raise ConfigError(
-            f"train.batch_size={train.batch_size} does not divide over {accelerator.num_processes} processes: "
-            "choose a multiple of the process count"
-        )
+    batch_plan(train, accelerator.num_processes)  # refuses a batch that does not divide, before any work
     if cuda:  # cuDNN picks the fastest kernels for the fixed shapes; TF32 matmuls and convolutions on Ampere+
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -5,7 +5,8 @@ fresh real batch, then one G phase, then the EMA update. What a phase computes i
 business; how it ends (one backward, gradient norm and clipping, the finite check, the optimizer step) is
 one shared tail. The GAN step's distribution decisions sit here (process and precision set-up is in
 distgan.distributed):
-- ``train.batch_size`` is global; each of N processes takes batch_size / N.
+- The global batch is ``train.batch_size`` (or ``train.batch_per_process`` x N, distgan.distributed.batch_plan);
+  each of N processes takes a 1/N share.
 - Latents (and WGAN-GP mixing weights) are drawn on the device for the GLOBAL batch from a generator seeded
   by (seed, step, phase) and each rank takes its slice, so N processes and one process see the same numbers.
 - No host sync per step: finiteness and fp16 overflows are counted on the device (``StepHealth``), a phase
@@ -35,7 +36,7 @@ from distgan.augment import Augmented, RealBatchMarker
 from distgan.checkpoint import TrainState, list_checkpoints, load_checkpoint, read_best, save_best, save_checkpoint
 from distgan.config import Config, ConfigError, OptimizerConfig, dump_yaml
 from distgan.data.stream import DataSource, ShardSource, normalize_images, pad_images
-from distgan.distributed import any_rank, average_buffers, make_accelerator, set_cpu_threads
+from distgan.distributed import any_rank, average_buffers, batch_plan, make_accelerator, set_cpu_threads
 from distgan.ema import EMA
 from distgan.errors import UserError
 from distgan.export import export_generator
@@ -96,24 +97,26 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def make_optimizer(cfg: OptimizerConfig, params, fused: bool = False) -> torch.optim.Optimizer:
-    """The optimizer of ``cfg``; ``fused``: one kernel for all parameters, and a step skippable on the device."""
+def make_optimizer(cfg: OptimizerConfig, params, fused: bool = False, lr_factor: float = 1.0) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg`` at lr ``cfg.lr * lr_factor`` (train.lr_batch_scaling); ``fused``: one kernel for all
+    parameters, and a step skippable on the device."""
+    lr = cfg.lr * lr_factor
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
+    return cls(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
 
 
-def warn_small_bn_batch(cfg: Config, local_batch: int, world: int) -> None:
+def warn_small_bn_batch(cfg: Config, local_batch: int, world: int, global_batch: int) -> None:
     """Plain batch norm normalises each rank's own samples: too few of them make noisy statistics."""
     plain = [name for name, norm in (("generator", cfg.generator.norm), ("discriminator", cfg.discriminator.norm))
              if norm == "batch"]
     if plain and local_batch < MIN_BN_SAMPLES and world > 1:
         log.warning(
-            "per-rank batch %d (train.batch_size=%d over %d processes) with plain batch norm in %s: statistics of "
-            "fewer than %d samples are noisy. Raise train.batch_size to at least %d (and scale the learning rate, "
-            "see the README) or use norm=sync-batch", local_batch, cfg.train.batch_size, world, " and ".join(plain),
-            MIN_BN_SAMPLES, MIN_BN_SAMPLES * world)
+            "per-rank batch %d (global batch %d over %d processes) with plain batch norm in %s: statistics of "
+            "fewer than %d samples are noisy. Raise train.batch_size to at least %d, or set train.batch_per_process="
+            "%d (and train.lr_batch_scaling, see the README), or use norm=sync-batch", local_batch, global_batch, world,
+            " and ".join(plain), MIN_BN_SAMPLES, MIN_BN_SAMPLES * world, MIN_BN_SAMPLES)
 
 
 class Trainer:
@@ -124,14 +127,18 @@ class Trainer:
         self.accelerator = acc = make_accelerator(cfg.train, cfg.log, cfg.run)
         set_cpu_threads(acc, cfg.train.cpu_threads)
         self.rank, self.world = acc.process_index, acc.num_processes
-        self.local_batch = cfg.train.batch_size // self.world
+        self.batch = batch_plan(cfg.train, self.world)  # the global batch, this rank's share, the lr factor
+        self.global_batch, self.local_batch = self.batch.global_batch, self.batch.local_batch
         log.info(
             "rank %d/%d on host %s (node %s), device %s, %d threads, per-rank batch %d",
             self.rank, self.world, socket.gethostname(), os.environ.get("SLURM_NODEID", "-"),
             acc.device, torch.get_num_threads(), self.local_batch,
         )
         if acc.is_main_process:
-            warn_small_bn_batch(cfg, self.local_batch, self.world)
+            log.info("global batch %d (%d per process x %d), lr_g %.4g, lr_d %.4g (train.lr_batch_scaling=%s)",
+                     self.global_batch, self.local_batch, self.world, cfg.g_optim.lr * self.batch.lr_factor,
+                     cfg.d_optim.lr * self.batch.lr_factor, cfg.train.lr_batch_scaling)
+            warn_small_bn_batch(cfg, self.local_batch, self.world, self.global_batch)
         if source is None and needs_preparing(cfg.data):
             self._on_main_process(lambda: prepare_data(cfg.data))
         self.source = source or ShardSource(cfg.data, raw=acc.device.type == "cuda",  # uint8, normalised on the GPU
@@ -153,8 +160,8 @@ class Trainer:
         D.to(memory_format=self.memory_format)
         self.ema = EMA(G, cfg.ema) if cfg.ema.enabled else None
         fused = acc.device.type in ("cpu", "cuda")
-        opt_g = make_optimizer(cfg.g_optim, G.parameters(), fused=fused)
-        opt_d = make_optimizer(cfg.d_optim, D.parameters(), fused=fused)
+        opt_g = make_optimizer(cfg.g_optim, G.parameters(), fused=fused, lr_factor=self.batch.lr_factor)
+        opt_d = make_optimizer(cfg.d_optim, D.parameters(), fused=fused, lr_factor=self.batch.lr_factor)
         self.G, self.D, self.opt_g, self.opt_d = acc.prepare(G, D, opt_g, opt_d)
         self.G_plain, self.D_plain = acc.unwrap_model(self.G), acc.unwrap_model(self.D)
         if cfg.train.compile:  # in place: DDP, the G phase's unwrapped D and the state_dict keys stay as they are
@@ -204,8 +211,7 @@ class Trainer:
     def fit(self) -> TrainState:
         cfg, st = self.cfg, self.state
         self._start_run_dir()
-        data = self.source.batches(self.local_batch, self.rank, self.world, cfg.run.seed, st.batches_consumed)
-        images_per_step = cfg.train.batch_size * cfg.train.d_steps
+        data = self.data_stream()
         window: dict[str, list[tuple[Tensor, Tensor]]] = {}  # (figure, phase skipped) since the last log line
         stopped = False
         started = time.perf_counter()
@@ -214,21 +220,7 @@ class Trainer:
             return st.step % n == 0 or st.step == cfg.train.steps
 
         while st.step < cfg.train.steps:
-            step = st.step
-            torch.manual_seed(derive_seed(cfg.run.seed, step, 1000 + self.rank))  # dropout etc.
-            # --- D phase(s), each on a fresh real batch
-            for sub in range(self.d_phase.repeats):
-                real, labels = self._next_real(data)
-                self._run_phase(self.d_phase, step, window, lambda: self._d_loss(real, labels, step, sub))
-            # --- G phase
-            self._run_phase(self.g_phase, step, window, lambda: self._g_loss(step))
-            st.step += 1
-            st.images_seen += images_per_step
-            # --- G_ema
-            if self.ema is not None:
-                self.ema_beta = self.ema.update(self.G_plain, st.step, images_per_step, st.images_seen)
-            if self.run_log:
-                self.run_log.advance()
+            self.train_step(data, window)
             # --- sync points: health check (and BN buffers); log, samples, evaluation, checkpoint; stop request
             log_due, sample_due = every(cfg.log.every), every(cfg.log.sample_every)
             eval_due = self.evaluator is not None and (every(cfg.eval.every) if cfg.eval.every else st.step == cfg.train.steps)
@@ -254,6 +246,31 @@ class Trainer:
         self.sync_buffers()
         self._finish(stopped, time.perf_counter() - started)
         return st
+
+    def data_stream(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's real batches from where the run stands (a resumed run continues its stream)."""
+        return self.source.batches(self.local_batch, self.rank, self.world, self.cfg.run.seed,
+                                   self.state.batches_consumed)
+
+    def train_step(self, data: Iterator[tuple[Tensor, Tensor]], window: dict[str, list[tuple[Tensor, Tensor]]]) -> None:
+        """One training step without a host sync: D phase(s), each on a fresh real batch, the G phase, G_ema.
+        ``fit`` runs it between its sync points; bench/gpu.py times it alone."""
+        cfg, st = self.cfg, self.state
+        step, images_per_step = st.step, self.global_batch * cfg.train.d_steps
+        torch.manual_seed(derive_seed(cfg.run.seed, step, 1000 + self.rank))  # dropout etc.
+        # --- D phase(s), each on a fresh real batch
+        for sub in range(self.d_phase.repeats):
+            real, labels = self._next_real(data)
+            self._run_phase(self.d_phase, step, window, lambda: self._d_loss(real, labels, step, sub))
+        # --- G phase
+        self._run_phase(self.g_phase, step, window, lambda: self._g_loss(step))
+        st.step += 1
+        st.images_seen += images_per_step
+        # --- G_ema
+        if self.ema is not None:
+            self.ema_beta = self.ema.update(self.G_plain, st.step, images_per_step, st.images_seen)
+        if self.run_log:
+            self.run_log.advance()
 
     def check_health(self) -> None:
         """Read the device counts of non-finite phases and fp16 overflows (one gather); stop the run when it must."""
@@ -319,7 +336,7 @@ class Trainer:
         alpha = None
         if regularize and self.objective.needs_alpha:
             alpha = self._global_slice(step, DRAW_GP_ALPHA, sub, lambda gen: torch.rand(
-                self.cfg.train.batch_size, generator=gen, device=gen.device))
+                self.global_batch, generator=gen, device=gen.device))
         return self.objective.discriminator(self.D, real, fake, regularize=regularize, alpha=alpha,
                                             autocast=acc.autocast, grad_scale=loss_scale(acc.scaler),
                                             real_labels=real_labels, fake_labels=fake_labels)
@@ -358,14 +375,14 @@ class Trainer:
     def _latent(self, step: int, stream: int, sub: int) -> Tensor:
         g = self.cfg.generator
         return self._global_slice(step, stream, sub,
-                                  lambda gen: sample_latent(self.cfg.train.batch_size, g.z_dim, g.z_dist, gen))
+                                  lambda gen: sample_latent(self.global_batch, g.z_dim, g.z_dist, gen))
 
     def _labels(self, step: int, stream: int, sub: int) -> Optional[Tensor]:
         """The fake batch's classes (drawn for the global batch like the latents); None when unconditional."""
         if not self.num_classes:
             return None
         return self._global_slice(step, stream, sub,
-                                  lambda gen: sample_labels(self.cfg.train.batch_size, self.num_classes, gen))
+                                  lambda gen: sample_labels(self.global_batch, self.num_classes, gen))
 
     # ------------------------------------------------------------------ what a step leaves behind
 
@@ -462,8 +479,20 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         self.state, optim = load_checkpoint(path, self._modules())
+        per_process = self.cfg.train.batch_per_process
+        if per_process and self.state.world_size != self.world:
+            self.lock.release()
+            raise ConfigError(
+                f"resuming {path} on {self.world} processes: it was trained on {self.state.world_size} with "
+                f"train.batch_per_process={per_process}, so the global batch (and lrs, train.lr_batch_scaling) would "
+                f"change from {per_process * self.state.world_size} to {self.global_batch} mid-run. Resume on "
+                f"{self.state.world_size} processes, or start a new run.dir"
+            )
         self.opt_g.load_state_dict(optim["g"])
         self.opt_d.load_state_dict(optim["d"])
+        for opt, lr in ((self.opt_g, self.cfg.g_optim.lr), (self.opt_d, self.cfg.d_optim.lr)):
+            for group in opt.param_groups:  # the config's lr (a resumable change), not the one saved
+                group["lr"] = lr * self.batch.lr_factor
         if self.accelerator.scaler is not None and optim.get("scaler"):
             self.accelerator.scaler.load_state_dict(optim["scaler"])
         if self.state.world_size != self.world:

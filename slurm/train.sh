@@ -179,7 +179,8 @@ if (( GPUS_PER_NODE > 0 )); then
     PROCS_PER_NODE=${PROCS_PER_NODE:-$GPUS_PER_NODE}
 else
     PROCS_PER_NODE=${PROCS_PER_NODE:-1}
-    export ACCELERATE_USE_CPU=1                        # with --multi_gpu: gloo DDP over CPU processes
+    export ACCELERATE_USE_CPU=1                        # not needed (distgan asks Accelerate for the CPU itself
+                                                       # when CUDA is absent); harmless, left for other scripts
 fi
 NUM_PROCESSES=$(( NNODES * PROCS_PER_NODE ))
 # CPUs: one per training process, plus one per data worker of each.
@@ -236,7 +237,7 @@ if (( NNODES > 1 )); then
     LAUNCH_ARGS+=(--rdzv_backend c10d)
 fi
 if (( NUM_PROCESSES > 1 )); then
-    LAUNCH_ARGS+=(--multi_gpu)                         # DDP; on CPU too, given ACCELERATE_USE_CPU=1
+    LAUNCH_ARGS+=(--multi_gpu)                         # DDP; on CPU nodes gloo DDP (distgan picks the CPU itself)
 elif (( GPUS_PER_NODE == 0 )); then
     LAUNCH_ARGS+=(--cpu)
 fi

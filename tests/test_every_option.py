@@ -118,6 +118,9 @@ MATRIX: list[Case] = [
     Case("mixed-precision-no", ("train.mixed_precision='no'",)),
     Case("augment-adaptive", ("augment.policy=[translation,cutout,color]", "augment.p=0", "augment.adaptive=true")),
     Case("augment-color-32-rgb", ("augment.policy=[color]",), "rgb32"),
+    # one process: global batch 16 = 2 x the reference batch 8, so the lrs are x sqrt(2) and x 2
+    Case("batch-per-process-sqrt", ("train.batch_per_process=16", "train.lr_batch_scaling=sqrt")),
+    Case("batch-per-process-linear", ("train.batch_per_process=16", "train.lr_batch_scaling=linear")),
 ]
 
 REFUSED: list[tuple[tuple[str, ...], str]] = [
@@ -125,6 +128,8 @@ REFUSED: list[tuple[tuple[str, ...], str]] = [
     (("loss.penalty=wgan-gp", "discriminator.norm=sync-batch"), "with discriminator.norm=sync-batch: the penalty"),
     (("loss.kind=wasserstein",), "wasserstein without a Lipschitz constraint diverges: set loss.penalty=wgan-gp"),
     (("loss.kind=wasserstein", "discriminator.norm=layer"), "without a Lipschitz constraint"),
+    (("train.lr_batch_scaling=sqrt",), "without train.batch_per_process: .*Set train.batch_per_process=N"),
+    (("train.batch_per_process=-1",), "'train.batch_per_process' = -1: must be 0"),
 ]
 
 # values no in-process CPU case here can train, each covered by the named test (fp16/bf16: as a refusal)
@@ -220,6 +225,9 @@ def check_run(trainer: Trainer, before: dict[str, dict[str, torch.Tensor]], firs
     """What every trained case must show, and what its options imply, from the files the run wrote."""
     cfg, run, st = trainer.cfg, trainer.run_dir, trainer.state
     t, loss = cfg.train, cfg.loss
+    # one process: the global batch is train.batch_per_process when set, and the lrs follow train.lr_batch_scaling
+    global_batch = t.batch_per_process or t.batch_size
+    lr_factor = (global_batch / t.batch_size) ** {"none": 0, "sqrt": 0.5, "linear": 1}[t.lr_batch_scaling]
     assert st.step == t.steps and st.batches_consumed == t.steps * t.d_steps and st.skipped_steps == 0
     # the options reached the models, the optimisers and the latents
     assert norms_in(trainer.G_plain) == {cfg.generator.norm} and norms_in(trainer.D_plain) == {cfg.discriminator.norm}
@@ -227,7 +235,8 @@ def check_run(trainer: Trainer, before: dict[str, dict[str, torch.Tensor]], firs
     for opt, o in ((trainer.opt_g, cfg.g_optim), (trainer.opt_d, cfg.d_optim)):
         assert type(opt.optimizer) is OPTIMIZERS[o.name]
         group = opt.param_groups[0]
-        assert (group["lr"], group["weight_decay"], group.get("momentum", 0.0)) == (o.lr, o.weight_decay, o.momentum)
+        assert group["lr"] == pytest.approx(o.lr * lr_factor, rel=1e-12)
+        assert (group["weight_decay"], group.get("momentum", 0.0)) == (o.weight_decay, o.momentum)
     assert bool(trainer.fixed_z.abs().max() <= 1) == (cfg.generator.z_dist == "uniform")
     lines = [line for line in metrics(run) if line["step"] > first_step]
     assert [line["step"] for line in lines] == list(range(first_step + 1, t.steps + 1))  # log.every=1
@@ -240,7 +249,8 @@ def check_run(trainer: Trainer, before: dict[str, dict[str, torch.Tensor]], firs
         assert ("ema_beta" in line) == cfg.ema.enabled, line
         if cfg.ema.decay is not None:
             assert line["ema_beta"] == cfg.ema.decay
-    assert lines[-1]["images_seen"] == t.steps * t.batch_size * t.d_steps
+    assert lines[-1]["images_seen"] == t.steps * global_batch * t.d_steps
+    assert all(line["lr_g"] == pytest.approx(cfg.g_optim.lr * lr_factor, rel=1e-12) for line in lines)
     if first_step == 0:  # the configured loss is the one trained
         d_loss, g_loss = AT_MEAN_LOGITS[loss.kind]
         first = lines[0]

@@ -1,7 +1,7 @@
 """Resume a run on every rank, rank 1 seeing a stale view of the shared run dir; write what each resumed from
-(RUN.rankR.json).
+(RUN.rankR.json). No ACCELERATE_USE_CPU: distgan asks Accelerate for the CPU itself when CUDA is absent.
 
-    ACCELERATE_USE_CPU=1 accelerate launch --config_file launch/cpu-2proc.yaml tests/distributed/resume_agreement_run.py RUN STEPS
+    accelerate launch --config_file launch/cpu-2proc.yaml tests/distributed/resume_agreement_run.py RUN STEPS
 
 On rank 1, checkpoint discovery answers with a path that does not exist (as on a shared filesystem right after a
 requeue, when ranks can list different "latest" checkpoints): the ranks must still agree on rank 0's answer.

@@ -122,6 +122,25 @@ def test_resume_across_process_counts(fashion_shards, tmp_path, first, second):
     assert state["step"] == 20 and state["images_seen"] == 20 * 16 and state["world_size"] == second
 
 
+@pytest.mark.timeout(200)
+def test_batch_per_process_on_two_processes_and_no_resume_on_one(fashion_shards, tmp_path):
+    """2 x train.batch_per_process=8 is a global batch of 16, twice the reference 8: linear scaling doubles the
+    lrs. The run does not resume on 1 process, where the same keys would make the global batch 8."""
+    run, smoke = tmp_path / "run", load_config("smoke")
+    keys = ("train.batch_size=8", "train.batch_per_process=8", "train.lr_batch_scaling=linear", "log.every=1",
+            "log.sample_every=1000", "log.gif=false")
+    proc = launch(train_args(fashion_shards, run, "train.steps=2", *keys), processes=2, timeout=90, module=True)
+    assert "global batch 16 (8 per process x 2)" in proc.stdout + proc.stderr
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["images_seen"] for line in lines] == [16, 32]
+    assert [line["lr_g"] for line in lines] == pytest.approx([2 * smoke.g_optim.lr] * 2, rel=1e-12)
+    with pytest.raises(AssertionError, match=r"error: resuming \S+ on 1 processes: it was trained on 2 with "
+                       r"train.batch_per_process=8, so the global batch .* from 16 to 8 mid-run. Resume on 2 "
+                       r"processes[\s\S]*exit status 2"):  # one line, exit 2 (the launcher itself exits 1)
+        launch(train_args(fashion_shards, run, "train.steps=3", *keys) + ["--resume", "auto"], processes=1,
+               timeout=60, module=True)
+
+
 LAUNCHERS = {  # the two ways to start 2 processes, neither told about the CPU
     "accelerate-multi-gpu": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                              "--main_process_port"],
