@@ -28,6 +28,8 @@ SHRINK = (
 )
 CONFIG_CASES: list[Case] = [
     Case("fashion_mnist", (*SHRINK, "generator.width=8", "discriminator.width=8"), "fashion", "fashion_mnist"),
+    Case("fashion_mnist_baseline", (*SHRINK, "generator.width=8", "discriminator.width=8"), "fashion",
+         "fashion_mnist_baseline"),
     Case("fashion_mnist_cond", (*SHRINK, "generator.width=8", "discriminator.width=8", "eval.metrics=[]"), "fashion",
          "fashion_mnist_cond"),
     Case("mnist", (*SHRINK, "generator.width=8", "discriminator.width=8"), "mnist", "mnist"),
