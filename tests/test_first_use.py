@@ -54,3 +54,36 @@ def test_a_wrong_checksum_stops_before_anything_is_written(cifar_server, tmp_pat
 def test_an_unknown_source_is_named():
     with pytest.raises(ConfigError, match=r"data.prepare = 'cifar100': not a distgan.prepare source"):
         Trainer(load_config("smoke", ["data.prepare=cifar100", "data.path=/nonexistent-data"]))
+
+
+def idx_gz(path, magic: int, dims: tuple[int, ...], data: bytes) -> None:
+    """An IDX file (big-endian magic, dimensions, uint8 data), gzipped, as MNIST's mirror serves it."""
+    import gzip
+    import struct
+
+    path.write_bytes(gzip.compress(struct.pack(f">{1 + len(dims)}I", magic, *dims) + data))
+
+
+@pytest.mark.timeout(180)
+def test_mnist_config_prepares_its_data_on_first_use(http_folder, tmp_path, monkeypatch):
+    """mnist.yaml (data.prepare: mnist) on a machine without the data: the four IDX files come from the mirror,
+    checksummed, then shards, then training."""
+    import numpy as np
+
+    www, url = http_folder
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("t10k", 8)):
+        idx_gz(www / f"{split}-images-idx3-ubyte.gz", 0x803, (n, 28, 28),
+               rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8).tobytes())
+        idx_gz(www / f"{split}-labels-idx1-ubyte.gz", 0x801, (n,), (np.arange(n) % 10).astype(np.uint8).tobytes())
+    md5 = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in www.iterdir()}
+    monkeypatch.setitem(dl.REMOTES, "mnist", dl.Remote("https://unused.invalid/", md5))
+    monkeypatch.setenv(dl.MIRROR_ENV, url)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = tmp_path / "data" / "mnist"
+    cfg = load_config("mnist", [*TINY, f"data.path={data}", f"run.dir={tmp_path / 'run'}"])
+    assert cfg.data.prepare == "mnist"
+    Trainer(cfg).fit()
+    info = json.loads((data / "dataset.json").read_text())
+    assert info["count"] == 24 and info["resolution"] == 28 and info["channels"] == 1
+    assert (tmp_path / "run" / "generator_ema.safetensors").is_file()
