@@ -1,6 +1,7 @@
 """Adaptive augmentation on 2 ranks: r_t counts both ranks' real images, so p and D stay identical."""
 import json
 import math
+import re
 
 import pytest
 
@@ -13,7 +14,8 @@ def test_two_processes_share_r_t_and_p(tmp_path):
     """Each rank augments with its own draws, but r_t is summed over ranks (one all-reduce per ADA interval)."""
     proc = launch([str(REPO / "tests" / "distributed" / "augment_run.py"), str(tmp_path / "run")], processes=2,
                   timeout=240)
-    ranks = [json.loads(line.split("AUGMENT ", 1)[1]) for line in proc.stdout.splitlines() if "AUGMENT " in line]
+    # the two ranks print to one pipe, so their lines can run together: find each flat JSON object after its tag
+    ranks = [json.loads(found) for found in re.findall(r"AUGMENT (\{[^{}]*\})", proc.stdout)]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
     assert ranks[0]["p"] == ranks[1]["p"] > 0 and ranks[0]["rt"] == ranks[1]["rt"]
     assert ranks[0]["d"] == ranks[1]["d"]
