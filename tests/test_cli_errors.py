@@ -86,7 +86,8 @@ def test_train_resume_with_a_changed_seed_names_the_key(capsys, tmp_path, monkey
     run = tmp_path / "run"
     overrides = [f"run.dir={run}", "train.steps=1", "log.sample_every=1000", "log.gif=false"]
     Trainer(load_config("smoke", overrides), source=MemorySource()).fit()
-    monkeypatch.setattr(train_cli, "Trainer", functools.partial(Trainer, source=MemorySource()))
+    # distgan.train imports its Trainer when it runs (torch loads only after the config is valid): patch it there
+    monkeypatch.setattr("distgan.trainer.Trainer", functools.partial(Trainer, source=MemorySource()))
     line = one_line_error(capsys, train_cli.main, ["--config", "smoke", *overrides, "train.steps=2", "run.seed=7",
                                                    "--resume", "auto"])
     assert line.startswith("distgan.train: error: resuming ") and "run.seed: 0 -> 7" in line
