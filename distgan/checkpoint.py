@@ -50,7 +50,8 @@ class TrainState:
     overflow_steps: int = 0  # optimizer steps the fp16 loss scaler skipped after an overflow
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a new or renamed file) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -106,7 +107,7 @@ def save_checkpoint(
         if replaced is not None:
             os.rename(replaced, final)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     _prune(directory, keep)
@@ -125,7 +126,7 @@ def _write_files(folder: Path, state: TrainState, modules: dict[str, torch.nn.Mo
         {"format_version": FORMAT_VERSION, **asdict(state), "manifest": manifest}, indent=2))
     for child in folder.iterdir():
         _fsync_file(child)
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -268,7 +269,7 @@ def set_aside_newer(directory: Path, step: int) -> Optional[Path]:
     aside.mkdir()
     for path in newer:
         os.rename(path, aside / path.name)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return aside
 
 

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import yaml
 
-from distgan.checkpoint import checkpoint_config, checkpoint_step, find_resume_path, set_aside_newer
+from distgan.checkpoint import checkpoint_config, checkpoint_step, find_resume_path, fsync_dir, set_aside_newer
 from distgan.config import Config, ConfigError, generator_keys_meant_when_absent
 
 log = logging.getLogger(__name__)
@@ -72,14 +72,6 @@ def _identity(fd: int) -> tuple[int, int]:
 
 def _readable(holder: Any) -> bool:
     return isinstance(holder, dict) and "pid" in holder and "host" in holder
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # the locks this process holds, by the lock file's (device, inode): a later training of the same process may take
@@ -171,7 +163,7 @@ class RunDirLock:
         os.pwrite(fd, json.dumps(self._mine()).encode(), 0)
         os.fsync(fd)
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         self.fd, self.held = fd, True
         _HELD_HERE[_identity(fd)] = self
         return True
