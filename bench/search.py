@@ -2,6 +2,7 @@
 
     python bench/search.py --budget images=192000 [--points NAME ...] [--seeds 0 1 2] [--jobs 1] [--threads 1]
     python bench/search.py --budget default-time ...     # wall clock: the default's own training time
+    python bench/search.py --budget default-time --probe-threads 2 ...   # ... at the demo's 2 threads
     python bench/search.py --budget seconds=240 ...      # wall clock: S seconds of training per run
     python bench/search.py --table                       # the Markdown table from bench/results/search.jsonl
     python bench/search.py --table-only --write BENCHMARKS.md   # that table into the search block
@@ -16,8 +17,11 @@ N real images (the project's images_seen). ``seconds=S`` and ``default-time``: e
 probe (PROBE_STEPS steps, one probe at a time, all with the same --threads; kept for later invocations), its seconds per
 step are read from metrics.jsonl (images between log lines over images_per_s, steps PROBE_FROM to PROBE_STEPS: no
 start-up, no checkpoint), and the run trains floor(S / seconds per step) steps; ``default-time`` sets S to the
-base config's own train.steps x the base's probed seconds per step. A run keeps the plan it started with
-(plan.json in its run dir), so a resumed run trains to the same step.
+base config's own train.steps x the base's probed seconds per step. ``--probe-threads T`` probes at T threads
+while the runs train at --threads: the budget of a command run alone with T threads (the README demo uses all the
+cores), with --jobs runs side by side at one thread each to finish the search sooner (a run's steps, not its wall
+time, decide its result). A run keeps the plan it started with (plan.json in its run dir), so a resumed run trains
+to the same step.
 
 The data (Fashion-MNIST train and test shards, and the feature classifier) is made once under WORK/data. Each run
 is ``python -m distgan.train`` (``--resume auto``, ``train.cpu_threads=--threads``) then ``python -m
@@ -92,6 +96,11 @@ POINTS: dict[str, tuple[str, ...]] = {
     # combinations with the narrower G and D (more steps in the same time), after the first round of the search
     "width_32_hinge": ("generator.width=32", "discriminator.width=32", "loss.kind=hinge"),
     "width_32_r1_g1": ("generator.width=32", "discriminator.width=32", "loss.penalty=r1", "loss.penalty_weight=1.0"),
+    # second round, at the demo's wall time (probed at its 2 threads): the width-32 recipe's lr, TTUR, batch, EMA
+    "width_32_lr_4e-4": ("generator.width=32", "discriminator.width=32", "g_optim.lr=4e-4", "d_optim.lr=4e-4"),
+    "width_32_ttur": ("generator.width=32", "discriminator.width=32", "g_optim.lr=1e-4", "d_optim.lr=4e-4"),
+    "width_32_batch_32": ("generator.width=32", "discriminator.width=32", "train.batch_size=32"),
+    "width_32_ema_hl_2.5": ("generator.width=32", "discriminator.width=32", "ema.half_life_kimg=2.5"),
     "width_g96": ("generator.width=96",),
     "width_d32": ("discriminator.width=32",),
     # resize then convolve instead of transposed convs: Odena et al. 2016 ("Deconvolution and checkerboard artifacts")
@@ -127,26 +136,30 @@ class SearchError(UserError):
 class Budget:
     kind: str  # images | seconds | default-time
     value: Optional[float]  # images or seconds; None for default-time (measured)
+    probe_threads: Optional[int] = None  # wall clock probed at other threads than the runs train with; else None
 
     @property
     def label(self) -> str:
-        if self.value is None:
-            return self.kind
-        return f"{self.kind}={int(self.value) if self.value.is_integer() else self.value}"
+        label = self.kind if self.value is None else f"{self.kind}={int(self.value) if self.value.is_integer() else self.value}"
+        return label if self.probe_threads is None else f"{label}@{self.probe_threads}threads"
 
     @property
     def wall_clock(self) -> bool:
         return self.kind != "images"
 
 
-def parse_budget(text: str) -> Budget:
-    """``images=N``, ``seconds=S`` or ``default-time``."""
+def parse_budget(text: str, probe_threads: Optional[int] = None) -> Budget:
+    """``images=N``, ``seconds=S`` or ``default-time``; PROBE_THREADS only for a wall-clock budget whose probes
+    use other threads than its runs (None otherwise)."""
     if text == "default-time":
-        return Budget("default-time", None)
+        return Budget("default-time", None, probe_threads)
     match = re.fullmatch(r"(images|seconds)=([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)", text)
     if not match or float(match.group(2)) <= 0:
         raise SearchError(f"--budget {text!r}: expected images=N, seconds=S (positive numbers) or default-time")
-    return Budget(match.group(1), float(match.group(2)))
+    if match.group(1) == "images" and probe_threads is not None:
+        raise SearchError(f"--probe-threads {probe_threads} with --budget {text}: an image budget has no probes; "
+                          "drop --probe-threads or use seconds=S or default-time")
+    return Budget(match.group(1), float(match.group(2)), probe_threads)
 
 
 def select_points(names: Optional[list[str]]) -> dict[str, tuple[str, ...]]:
@@ -265,10 +278,11 @@ def probe(name: str, overrides: tuple[str, ...], ctx: "Search") -> dict:
     extra = (*ctx.extra, f"log.every={plan['log_every']}", f"log.sample_every={plan['steps'] * 10}",
              f"checkpoint.every={plan['steps'] * 10}", *overrides)
     load = os.getloadavg()
-    call(train_command(ctx.base, run_dir, ctx.data, 0, plan["steps"], ctx.threads, extra), run_dir.with_suffix(".log"),
-         ctx.threads)
+    threads = ctx.probe_threads
+    call(train_command(ctx.base, run_dir, ctx.data, 0, plan["steps"], threads, extra), run_dir.with_suffix(".log"),
+         threads)
     sps = seconds_per_step(run_dir / "metrics.jsonl", plan["from"], plan["steps"])
-    return {"seconds_per_step": sps, "steps": plan["steps"], "timed_from": plan["from"], "threads": ctx.threads,
+    return {"seconds_per_step": sps, "steps": plan["steps"], "timed_from": plan["from"], "threads": threads,
             "parallel_probes": 1, "loadavg_before": rounded(load), "loadavg_after": rounded(os.getloadavg()),
             "date": now()}
 
@@ -306,6 +320,10 @@ class Search:
     lock: threading.Lock
     new_probes: bool = False
 
+    @property
+    def probe_threads(self) -> int:
+        return self.budget.probe_threads or self.threads
+
     def map(self, fn: Callable, items: list) -> list:
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
             return list(pool.map(fn, items))
@@ -322,7 +340,7 @@ def now() -> str:
 def class_probes(names: set[str], ctx: "Search") -> dict[str, dict]:
     """Each point's probe: one per compute class, kept in WORK/probes/BASE-threadsT.json so that every later
     invocation (other seeds, new points) plans the same steps for the same work; --new-probes measures again."""
-    saved_file = ctx.work / "probes" / f"{Path(ctx.base).stem}-threads{ctx.threads}.json"
+    saved_file = ctx.work / "probes" / f"{Path(ctx.base).stem}-threads{ctx.probe_threads}.json"
     saved = {} if ctx.new_probes or not saved_file.is_file() else json.loads(saved_file.read_text())
     classes: dict[str, str] = {}  # compute class (as JSON) -> the point probed for it
     for name in sorted(names, key=lambda n: (n != "default", n)):
@@ -383,7 +401,7 @@ def run_one(name: str, seed: int, plan: dict, ctx: Search) -> dict:
     return {
         "point": name, "overrides": list(ctx.points[name]), "base": ctx.base, "seed": seed,
         "budget": {"kind": ctx.budget.kind, "value": ctx.budget.value, "seconds": plan["budget_seconds"],
-                   "default_probe": plan.get("default_probe")},
+                   "default_probe": plan.get("default_probe"), "probe_threads": ctx.budget.probe_threads},
         "steps": last["step"], "images": last["images_seen"], "capped_by_max_steps": plan.get("capped_by_max_steps", False),
         "train_wall_seconds": round(math.fsum(segments), 2), "train_segments": len(segments), "probe": plan["probe"],
         "loadavg_before": rounded(load_before), "loadavg_after": rounded(load_after),
@@ -448,12 +466,13 @@ def read_lines(path: Path) -> list[dict]:
 
 def run_key(record: dict) -> tuple:
     budget = record["budget"]
-    return (record["base"], record["point"], tuple(record["overrides"]), record["seed"], budget["kind"], budget["value"])
+    return (record["base"], record["point"], tuple(record["overrides"]), record["seed"], budget["kind"], budget["value"],
+            budget.get("probe_threads"))
 
 
 def pending_runs(ctx: Search) -> list[tuple[str, int]]:
     done = {run_key(r) for r in read_lines(ctx.results)}
-    budget = {"kind": ctx.budget.kind, "value": ctx.budget.value}
+    budget = {"kind": ctx.budget.kind, "value": ctx.budget.value, "probe_threads": ctx.budget.probe_threads}
     return [(name, seed) for name in ctx.points for seed in ctx.seeds
             if run_key({"base": ctx.base, "point": name, "overrides": ctx.points[name], "seed": seed,
                         "budget": budget}) not in done]
@@ -502,7 +521,7 @@ def mean_std(values: list[float]) -> tuple[float, Optional[float]]:
 
 def budget_label(record: dict) -> str:
     budget = record["budget"]
-    return Budget(budget["kind"], budget["value"]).label
+    return Budget(budget["kind"], budget["value"], budget.get("probe_threads")).label
 
 
 def group(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -587,7 +606,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--points", nargs="+", help=f"only these points (default: all): {', '.join(POINTS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (jobs x threads <= the cores available)")
-    p.add_argument("--threads", type=int, default=1, help="train.cpu_threads of every run and probe")
+    p.add_argument("--threads", type=int, default=1, help="train.cpu_threads of every run (and probe)")
+    p.add_argument("--probe-threads", type=int,
+                   help="wall-clock budgets: probe at this many threads (default --threads), e.g. a demo's cores")
     p.add_argument("--n", type=int, default=5000, help="generated images per evaluation")
     p.add_argument("--work", type=Path, default=Path("runs/search"), help="data, probes and run dirs")
     p.add_argument("--results", type=Path, help="the JSONL (default bench/results/search.jsonl; --dry-run: WORK/)")
@@ -605,9 +626,12 @@ def context(args: argparse.Namespace, results: Path) -> Search:
     if args.jobs < 1 or args.threads < 1 or args.jobs * args.threads > cores:
         raise SearchError(f"--jobs {args.jobs} x --threads {args.threads}: need both >= 1 and a product of at most "
                           f"the {cores} core(s) available")
+    if args.probe_threads is not None and not 1 <= args.probe_threads <= cores:
+        raise SearchError(f"--probe-threads {args.probe_threads}: need 1 to the {cores} core(s) available")
     if not args.budget:
         raise SearchError("--budget is required (images=N, seconds=S or default-time) unless --table-only")
-    budget = parse_budget(args.budget)
+    probe_threads = None if args.probe_threads in (None, args.threads) else args.probe_threads
+    budget = parse_budget(args.budget, probe_threads)
     if args.n < 2 or (args.max_steps is not None and args.max_steps < 1):
         raise SearchError("--n must be at least 2 and --max-steps at least 1")
     points = select_points(args.points)

@@ -25,7 +25,9 @@ def test_dry_run_both_budgets_writes_lines_and_resumes(tmp_path, capsys):
     bench = load_bench()
     # one point per budget: each run is a few subprocesses that import torch (probe, train, eval)
     images = ["--dry-run", "--work", str(tmp_path), "--points", "hinge", "--seeds", "0", "--budget", "images=24"]
-    seconds = ["--dry-run", "--work", str(tmp_path), "--points", "default", "--seeds", "0", "--budget", "seconds=30"]
+    # the wall clock probed at 2 threads (a demo's cores) while the run trains at 1
+    seconds = ["--dry-run", "--work", str(tmp_path), "--points", "default", "--seeds", "0", "--budget", "seconds=30",
+               "--probe-threads", "2"]
     assert bench.main(images) == 0
     assert bench.main([*seconds, "--table"]) == 0
     results = tmp_path / "search.jsonl"
@@ -38,10 +40,11 @@ def test_dry_run_both_budgets_writes_lines_and_resumes(tmp_path, capsys):
         if r["budget"]["kind"] == "images":
             assert (r["steps"], r["images"], r["probe"]) == (3, 24, None)  # 24 images / batch 8
         else:  # 30 s at the probed seconds per step is far more than the dry run's cap of 4 steps
-            assert r["probe"]["seconds_per_step"] > 0 and r["probe"]["threads"] == 1
+            assert r["probe"]["seconds_per_step"] > 0 and r["probe"]["threads"] == 2 and r["threads"] == 1
+            assert r["budget"]["probe_threads"] == 2 and (tmp_path / "probes" / "fashion_mnist_baseline-threads2.json").is_file()
             assert r["steps"] == 4 and r["capped_by_max_steps"]
     table = capsys.readouterr().out
-    assert "| default | - | seconds=30 | 4 | 32 | 1 |" in table
+    assert "| default | - | seconds=30@2threads | 4 | 32 | 1 |" in table
     # a second invocation finds every run done: no probe, no training, no new line
     assert bench.main(images) == 0
     assert bench.main(seconds) == 0
@@ -54,6 +57,8 @@ def test_dry_run_both_budgets_writes_lines_and_resumes(tmp_path, capsys):
     (["--budget", "minutes=3"], "--budget 'minutes=3'"),
     (["--budget", "images=-5"], "--budget 'images=-5'"),
     (["--budget", "images=10", "--jobs", "99"], "--jobs 99 x --threads 1"),
+    (["--budget", "images=10", "--probe-threads", "2"], "an image budget has no probes"),
+    (["--budget", "default-time", "--probe-threads", "0"], "--probe-threads 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     bench = load_bench()
@@ -135,3 +140,16 @@ def test_same_compute_points_and_the_probe_median(tmp_path):
                                for s, r in rows))
     assert bench.seconds_per_step(metrics, 10, 50) == pytest.approx(0.1)  # the mean would say 0.2
     assert bench.seconds_per_step(metrics, 20, 50) == pytest.approx(0.1)
+
+
+def test_probe_threads_budget_is_its_own_budget():
+    """Runs planned at 2-thread probes are not the runs planned at 1-thread probes: other label, other key, other
+    run dir; lines written before the option existed (no probe_threads) keep their key and label."""
+    bench = load_bench()
+    assert bench.parse_budget("default-time", 2).label == "default-time@2threads"
+    assert bench.parse_budget("default-time").label == "default-time"
+    old = {"base": "b", "point": "p", "overrides": [], "seed": 0, "budget": {"kind": "default-time", "value": None}}
+    new = {**old, "budget": {"kind": "default-time", "value": None, "probe_threads": None}}
+    two = {**old, "budget": {"kind": "default-time", "value": None, "probe_threads": 2}}
+    assert bench.run_key(old) == bench.run_key(new) != bench.run_key(two)
+    assert bench.budget_label(old) == "default-time" and bench.budget_label(two) == "default-time@2threads"
