@@ -24,6 +24,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this working tree's distgan, not an installed one
 
 from distgan import eval as distgan_eval, prepare, train  # noqa: E402
+from distgan.tracking import read_metrics  # noqa: E402
 
 VARIANTS: dict[str, tuple[str, ...]] = {
     "none": (),
@@ -70,7 +71,7 @@ def train_and_score(run_dir: Path, config: str, data: Path, full: Path, seed: in
     result = json.loads(quiet_call(distgan_eval.main, [
         "--export", str(run_dir / "generator_ema.safetensors"), "--data", str(full), "--metrics", "fd",
         "--n", str(n), "--seed", "0"]).strip().splitlines()[-1])
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    last = read_metrics(run_dir / "metrics.jsonl")[-1]  # a torn tail skipped, not a crash
     return {"fd": result["fd"], "augment_p": last.get("augment_p"), "images": last["images_seen"]}
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from distgan.metrics import registry
+from distgan.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -225,9 +226,9 @@ def collect(run: Run, run_dir: Path, train_cmd: str, eval_cmd: str, quick: bool,
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    lines = [l for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    (out / "metrics_tail.jsonl").write_text("".join(l + "\n" for l in lines[-METRICS_TAIL:]))
-    last = json.loads(lines[-1])
+    records = read_metrics(run_dir / "metrics.jsonl")  # a torn tail skipped, not a crash
+    (out / "metrics_tail.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[-METRICS_TAIL:]))
+    last = records[-1]
     # the resolved config, with paths relative to the repository (the results speak of no machine's folders)
     (out / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace(f"{REPO}/", ""))
     evaluation = json.loads((run_dir / "eval.json").read_text())

@@ -244,10 +244,11 @@ def train_command(base: str, run_dir: Path, data: Path, seed: int, steps: int, t
 def seconds_per_step(metrics_file: Path, first: int, last: int) -> float:
     """Training seconds per step over steps (first, last]: the median over log intervals of each interval's images
     over its images_per_s (a median: a moment of contention on a shared machine moves one interval, not the figure)."""
+    from distgan.tracking import read_metrics  # loads torch: only once a probe has run
+
     rates = []
     previous = None
-    for line in metrics_file.read_text().splitlines():
-        record = json.loads(line)
+    for record in read_metrics(metrics_file):  # distgan's reader: a torn tail is skipped, not a crash
         if "images_per_s" not in record:
             continue
         if previous is not None and first < record["step"] <= last and record["images_per_s"] > 0:
@@ -397,7 +398,9 @@ def run_one(name: str, seed: int, plan: dict, ctx: Search) -> dict:
     out = call(["distgan.eval", "--run", str(run_dir), "--n", str(ctx.n_eval), "--metrics", *METRICS],
                run_dir / "eval.log", ctx.threads)
     figures = json.loads(out.strip().splitlines()[-1])
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    from distgan.tracking import read_metrics  # a torn tail skipped, not a crash
+
+    last = read_metrics(run_dir / "metrics.jsonl")[-1]
     return {
         "point": name, "overrides": list(ctx.points[name]), "base": ctx.base, "seed": seed,
         "budget": {"kind": ctx.budget.kind, "value": ctx.budget.value, "seconds": plan["budget_seconds"],

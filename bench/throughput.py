@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this working tree's distgan, not an installed one
 
@@ -27,6 +29,7 @@ from distgan.config import load_config  # noqa: E402
 from distgan.nn import build_discriminator, build_generator, sample_latent  # noqa: E402
 from distgan.data.stream import ShardSource  # noqa: E402
 from distgan.distributed import batch_plan  # noqa: E402
+from distgan.tracking import read_metrics  # noqa: E402
 from distgan.trainer import Trainer, make_optimizer  # noqa: E402
 
 
@@ -80,29 +83,28 @@ def plain_loop(cfg, source, steps: int) -> float:
 def distgan_loop(cfg, steps: int) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = copy.deepcopy(cfg)
-        cfg.run.dir, cfg.train.steps = run_dir, steps + 3
+        # the config's own log cadence (capped at STEPS), so distgan pays for its logging as a real run does: the
+        # first log line closes the warm-up window, the others measure at least STEPS steps
+        every = min(cfg.log.every, steps)
+        cfg.run.dir, cfg.train.steps, cfg.log.every = run_dir, every * (1 + math.ceil(steps / every)), every
         cfg.log.wandb, cfg.log.progress_bar, cfg.log.gif = False, False, False
         cfg.log.sample_every = cfg.checkpoint.every = 10**9
-        cfg.log.every = 3  # the first log line closes the warm-up window; the last one measures the rest
         trainer = Trainer(cfg)
         trainer.fit()
-        lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
-        import json
-
-        records = [json.loads(l) for l in lines]
+        records = read_metrics(trainer.run_dir / "metrics.jsonl")
         seen = records[-1]["images_seen"] - records[0]["images_seen"]
         rates = [r["images_per_s"] for r in records[1:]]
         seconds = sum((b["images_seen"] - a["images_seen"]) / r for a, b, r in zip(records, records[1:], rates))
         return seen / seconds
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="fashion_mnist")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     source = ShardSource(cfg.data)
     print(f"config {args.config} {' '.join(args.overrides)}: batch {cfg.train.batch_size}, "

@@ -324,7 +324,12 @@ def read_best(run_dir: Path) -> Optional[dict]:
     except (OSError, ValueError):
         log.warning("%s is unreadable; the best checkpoint will be chosen anew", path)
         return None
-    return best if isinstance(best, dict) and {"metric", "value", "step"} <= best.keys() else None
+    if not (isinstance(best, dict) and isinstance(best.get("metric"), str) and type(best.get("step")) is int
+            and isinstance(best.get("value"), (int, float)) and not isinstance(best.get("value"), bool)):
+        if best is not None:
+            log.warning("%s is not a best-checkpoint record; the best checkpoint will be chosen anew", path)
+        return None
+    return best
 
 
 def read_best_step(best_dir: Path) -> Optional[int]:

@@ -159,3 +159,26 @@ def test_stop_request_by_signal_and_by_file(tmp_path):
         assert not stop.local()
     finally:
         stop.restore()
+
+
+@pytest.mark.parametrize("text", [
+    '{"metric": "fd", "value": 3.5, "step": "ten"}',   # a step that is not a number
+    '{"metric": "fd", "value": "low", "step": 10}',    # a value that is not a number
+    '{"metric": 1, "value": 3.5, "step": 10}',         # a metric that is not a name
+    '{"metric": "fd", "value": 3.5, "step": 10.5}',
+    '{"metric": "fd", "value": 3.5}', '[1, 2]', '{"metric": "fd", "val', ''])
+def test_a_malformed_best_json_is_no_best_not_a_crash(tmp_path, caplog, text):
+    best = tmp_path / "checkpoints" / "best"
+    best.mkdir(parents=True)
+    (best / "best.json").write_text(text)
+    with caplog.at_level(logging.WARNING):
+        assert ck.read_best(tmp_path) is None and ck.read_best_step(best) is None
+        assert ck.set_aside_newer(tmp_path / "checkpoints", 5) is None  # a resume to step 5 goes on
+    assert "best.json" in caplog.text
+
+
+def test_a_good_best_json_is_read(tmp_path):
+    best = tmp_path / "checkpoints" / "best"
+    best.mkdir(parents=True)
+    (best / "best.json").write_text('{"metric": "fd", "value": 3.5, "step": 10, "checkpoint": "step-00000010"}')
+    assert ck.read_best(tmp_path)["value"] == 3.5 and ck.read_best_step(best) == 10
