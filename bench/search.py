@@ -101,6 +101,12 @@ POINTS: dict[str, tuple[str, ...]] = {
     "width_32_ttur": ("generator.width=32", "discriminator.width=32", "g_optim.lr=1e-4", "d_optim.lr=4e-4"),
     "width_32_batch_32": ("generator.width=32", "discriminator.width=32", "train.batch_size=32"),
     "width_32_ema_hl_2.5": ("generator.width=32", "discriminator.width=32", "ema.half_life_kimg=2.5"),
+    # third round: lr 4e-4 won the second on its first seed; with hinge, with batch 32, and a step further
+    "width_32_hinge_lr_4e-4": ("generator.width=32", "discriminator.width=32", "loss.kind=hinge", "g_optim.lr=4e-4",
+                               "d_optim.lr=4e-4"),
+    "width_32_batch_32_lr_4e-4": ("generator.width=32", "discriminator.width=32", "train.batch_size=32",
+                                  "g_optim.lr=4e-4", "d_optim.lr=4e-4"),
+    "width_32_lr_8e-4": ("generator.width=32", "discriminator.width=32", "g_optim.lr=8e-4", "d_optim.lr=8e-4"),
     "width_g96": ("generator.width=96",),
     "width_d32": ("discriminator.width=32",),
     # resize then convolve instead of transposed convs: Odena et al. 2016 ("Deconvolution and checkerboard artifacts")
