@@ -213,6 +213,39 @@ def test_npz_source(tmp_path):
         open_source("npz", tmp_path / "bad.npz")
 
 
+def test_npz_limit_reads_only_the_images_it_keeps(tmp_path, monkeypatch):
+    """--limit on a large .npz: the kept images (the same ones and order a whole read gives) are all that is
+    held, read in chunks whose edges fall inside the array; compressed or not, C or Fortran order."""
+    import tracemalloc
+
+    from distgan.data import raw
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (2000, 32, 32, 3), dtype=np.uint8)  # 6 MB
+    labels = rng.integers(0, 10, 2000)
+    np.savez(tmp_path / "big.npz", images=images, labels=labels)
+    np.savez_compressed(tmp_path / "zipped.npz", images=images, labels=labels)
+    np.savez(tmp_path / "fortran.npz", images=np.asfortranarray(images[:50]), labels=labels[:50])
+    keep = mixed_order(2000)[:20]
+    monkeypatch.setattr(raw, "_CHUNK", 7 * 3072 + 5)  # chunks of 7 images: the kept rows straddle many edges
+    for name in ("big.npz", "zipped.npz"):
+        tracemalloc.start()
+        got, got_labels = raw.load_npz(tmp_path / name, limit=20)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        np.testing.assert_array_equal(got, images[keep])
+        np.testing.assert_array_equal(got_labels, labels[keep])
+        assert peak < 1_000_000, f"{name}: {peak} bytes held for 20 images of a 6 MB array"
+    whole, _ = raw.load_npz(tmp_path / "big.npz")
+    np.testing.assert_array_equal(whole, images[mixed_order(2000)])
+    got, got_labels = raw.load_npz(tmp_path / "fortran.npz", limit=5)
+    np.testing.assert_array_equal(got, images[:50][mixed_order(50)[:5]])
+    np.testing.assert_array_equal(got_labels, labels[:50][mixed_order(50)[:5]])
+    np.savez(tmp_path / "short_labels.npz", images=images[:10], labels=labels[:9])
+    with pytest.raises(DataError, match="9 labels for 10 images"):
+        raw.load_npz(tmp_path / "short_labels.npz", limit=3)
+
+
 # ---------------------------------------------------------------- writer
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from distgan.data.errors import DataError
-from distgan.data.untrusted import load_cifar_pickle, parse_npy
+from distgan.data.untrusted import load_cifar_pickle, read_npy_header
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +267,10 @@ def load_cifar10(src: str | Path, split: str, limit: Optional[int] = None) -> tu
 # ---------------------------------------------------------------- npz
 
 
-def load_npz(path: str | Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """(images N,H,W,C uint8, labels or None) from arrays 'images'/'x' (+ 'labels'/'y').
+def load_npz(path: str | Path, limit: Optional[int] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(images N,H,W,C uint8, labels or None) from arrays 'images'/'x' (+ 'labels'/'y'), in the fixed mixed
+    order of ``mixed_order`` (arrays are often sorted by class); with ``limit``, only its first ``limit`` images,
+    and only those are held in memory.
 
     Accepts N,H,W / N,H,W,C / N,C,H,W, uint8 (or integers in 0..255) or floats in [0, 1] or, when any
     value is negative, [-1, 1].
@@ -279,9 +281,18 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
             key = next((k for k in ("images", "x") if k in members), None)
             if key is None:
                 raise DataError(f"{path}: no 'images' or 'x' array (it has {sorted(members)})")
-            images = _npz_member(archive, members[key], path)
+            rows: list[np.ndarray] = []  # the images kept: set once the images' header gives their count
+
+            def keep(n: int) -> np.ndarray:
+                if rows and n != rows[1]:
+                    raise DataError(f"{path}: {n} labels for {rows[1]} images; expected one label per image")
+                if not rows:
+                    rows.extend((mixed_order(n)[:limit], n))
+                return rows[0]
+
+            images = _npz_member(archive, members[key], path, keep)
             label_key = next((k for k in ("labels", "y") if k in members), None)
-            labels = _npz_member(archive, members[label_key], path) if label_key else None
+            labels = _npz_member(archive, members[label_key], path, keep) if label_key else None
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
@@ -318,12 +329,43 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
     return np.ascontiguousarray(images), labels
 
 
-def _npz_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str | Path) -> np.ndarray:
-    """One array of an .npz, its size checked against the member's before anything is allocated."""
+def _npz_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str | Path,
+                keep: Callable[[int], np.ndarray]) -> np.ndarray:
+    """Rows ``keep(rows in the array)`` of one array of an .npz, in that order: its header checked against the
+    member's size before anything is allocated, then read in chunks, holding only the rows kept."""
     most = info.compress_size * (_GZIP_MAX_RATIO if info.compress_type != zipfile.ZIP_STORED else 1)
+    name = f"{path}:{info.filename}"
     if info.file_size > most:
         raise DataError(f"{path}: member {info.filename} claims {info.file_size} bytes from {info.compress_size}; corrupt npz")
-    return parse_npy(archive.read(info), f"{path}:{info.filename}")
+    with archive.open(info) as stream:
+        shape, fortran, dtype = read_npy_header(stream, info.file_size, name)
+        if not shape:
+            raise DataError(f"{name}: a single number; expected an array with one row per image")
+        wanted = keep(shape[0])
+        if fortran:  # column-major: rows are not contiguous; read it whole (np.save writes C order)
+            data = _read_exactly(stream, math.prod(shape) * dtype.itemsize)
+            return parse_npy_body(data, shape, dtype, name, fortran)[wanted]
+        row_shape = shape[1:]
+        row_bytes = math.prod(row_shape) * dtype.itemsize
+        out = np.empty((len(wanted), *row_shape), dtype)
+        order = np.argsort(wanted, kind="stable")
+        sorted_rows, done = wanted[order], 0
+        step = max(1, _CHUNK // max(row_bytes, 1))
+        for start in range(0, shape[0], step):
+            if done == len(wanted):
+                break
+            count = min(step, shape[0] - start)
+            block = parse_npy_body(_read_exactly(stream, count * row_bytes), (count, *row_shape), dtype, name)
+            end = int(np.searchsorted(sorted_rows, start + count))
+            out[order[done:end]] = block[sorted_rows[done:end] - start]
+            done = end
+    return out
+
+
+def parse_npy_body(data: bytes, shape: tuple[int, ...], dtype: np.dtype, name: str, fortran: bool = False) -> np.ndarray:
+    if len(data) != math.prod(shape) * dtype.itemsize:
+        raise DataError(f"{name}: truncated ({len(data)} bytes where its header promises more)")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
 # ---------------------------------------------------------------- image folders
@@ -425,9 +467,8 @@ def read_npz(src: Path, split: str, resolution: Optional[int], channels: Optiona
     ``split`` is ignored: a file is one split. Written in a fixed shuffled order, as a folder is: arrays are
     often sorted by class.
     """
-    images, labels = load_npz(src)
-    order = mixed_order(len(images))[:limit]
-    return from_array(images[order], labels[order] if labels is not None else None, None, resolution, channels, None)
+    images, labels = load_npz(src, limit)  # mixed order; only the kept images are read into memory
+    return from_array(images, labels, None, resolution, channels, None)
 
 
 # ---------------------------------------------------------------- the table

@@ -11,16 +11,17 @@ import io
 import math
 import pickle
 import pickletools
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 # ---------------------------------------------------------------- .npy
 
 
-def parse_npy(data: bytes, name: str) -> np.ndarray:
-    """The array of an in-memory .npy file (read-only view); ValueError unless its header matches its size."""
-    stream = io.BytesIO(data)
+def read_npy_header(stream: BinaryIO, size: int, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, Fortran order, dtype) of a .npy of SIZE bytes, the stream left at its data; ValueError unless it
+    holds plain numbers and exactly the bytes its header describes follow."""
+    start = stream.tell() if stream.seekable() else 0
     try:
         version = np.lib.format.read_magic(stream)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -29,9 +30,16 @@ def parse_npy(data: bytes, name: str) -> np.ndarray:
         raise ValueError(f"{name}: not a .npy array: {err}") from None
     if dtype.hasobject:
         raise ValueError(f"{name}: .npy holds Python objects; only plain numbers are read")
-    needed, have = math.prod(shape) * dtype.itemsize, len(data) - stream.tell()
+    needed, have = math.prod(shape) * dtype.itemsize, size - (stream.tell() - start)
     if needed != have:
         raise ValueError(f"{name}: .npy header says {shape} {dtype} ({needed} bytes) but it holds {have} bytes")
+    return shape, fortran, dtype
+
+
+def parse_npy(data: bytes, name: str) -> np.ndarray:
+    """The array of an in-memory .npy file (read-only view); ValueError unless its header matches its size."""
+    stream = io.BytesIO(data)
+    shape, fortran, dtype = read_npy_header(stream, len(data), name)
     array = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=stream.tell())
     return array.reshape(shape, order="F" if fortran else "C")
 
