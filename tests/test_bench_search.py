@@ -79,7 +79,7 @@ def test_a_bad_override_fails_at_startup_with_the_config_error(tmp_path, capsys,
 
 def test_every_point_is_a_valid_config_and_budgets_parse():
     bench = load_bench()
-    configs = bench.point_configs("fashion_mnist", bench.POINTS, ())
+    configs = bench.point_configs("fashion_mnist_baseline", bench.POINTS, ())  # the search's base config
     assert configs["r1_g1_lazy4"].loss.penalty_interval == 4 and configs["upsample_nearest"].generator.upsample == "nearest"
     assert bench.images_per_step(configs["d_steps_2"]) == 128
     assert [bench.parse_budget(b).label for b in ("images=192000", "seconds=240", "seconds=2.5", "default-time")] == [
