@@ -363,6 +363,7 @@ def _npz_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str | Pat
 
 
 def parse_npy_body(data: bytes, shape: tuple[int, ...], dtype: np.dtype, name: str, fortran: bool = False) -> np.ndarray:
+    """Bytes read from a .npy's data as an array of SHAPE (a view), or the error that the member is truncated."""
     if len(data) != math.prod(shape) * dtype.itemsize:
         raise DataError(f"{name}: truncated ({len(data)} bytes where its header promises more)")
     return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
