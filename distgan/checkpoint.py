@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -261,7 +261,8 @@ def set_aside_newer(directory: Path, step: int) -> Optional[Path]:
     and never again found by discovery."""
     newer = [p for p in list_checkpoints(directory) if checkpoint_step(p) > step]
     best = directory / "best"
-    if read_best_step(best) is not None and read_best_step(best) > step:
+    best_step = read_best_step(best)
+    if best_step is not None and best_step > step:
         newer.append(best)
     if not newer:
         return None
@@ -324,12 +325,19 @@ def read_best(run_dir: Path) -> Optional[dict]:
     except (OSError, ValueError):
         log.warning("%s is unreadable; the best checkpoint will be chosen anew", path)
         return None
-    if not (isinstance(best, dict) and isinstance(best.get("metric"), str) and type(best.get("step")) is int
-            and isinstance(best.get("value"), (int, float)) and not isinstance(best.get("value"), bool)):
-        if best is not None:
-            log.warning("%s is not a best-checkpoint record; the best checkpoint will be chosen anew", path)
+    if best is not None and not _is_best_record(best):
+        log.warning("%s is not a best-checkpoint record; the best checkpoint will be chosen anew", path)
         return None
     return best
+
+
+def _is_best_record(best: Any) -> bool:
+    """A dict with a metric name, an integer step and a numeric value (bool is not a number here)."""
+    if not isinstance(best, dict):
+        return False
+    value = best.get("value")
+    return (isinstance(best.get("metric"), str) and type(best.get("step")) is int
+            and isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def read_best_step(best_dir: Path) -> Optional[int]:

@@ -22,11 +22,17 @@ def cifar_server(http_folder, tmp_path, monkeypatch):
     www, url = http_folder
     archive, _ = make_cifar(tmp_path / "raw", per_batch=4)
     (www / archive.name).write_bytes(archive.read_bytes())
-    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    monkeypatch.setitem(dl.REMOTES, "cifar10", dl.Remote("https://unused.invalid/", {archive.name: md5}))
+    serve_from_mirror(monkeypatch, tmp_path, "cifar10", www, url)
+    return www / archive.name
+
+
+def serve_from_mirror(monkeypatch, tmp_path, source: str, www, url: str) -> None:
+    """SOURCE's official files become the files in WWW (their MD5s the official ones), served at URL; the
+    download cache goes under tmp_path."""
+    md5 = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in www.iterdir()}
+    monkeypatch.setitem(dl.REMOTES, source, dl.Remote("https://unused.invalid/", md5))
     monkeypatch.setenv(dl.MIRROR_ENV, url)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    return www / archive.name
 
 
 @pytest.mark.timeout(180)
@@ -76,10 +82,7 @@ def test_mnist_config_prepares_its_data_on_first_use(http_folder, tmp_path, monk
         idx_gz(www / f"{split}-images-idx3-ubyte.gz", 0x803, (n, 28, 28),
                rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8).tobytes())
         idx_gz(www / f"{split}-labels-idx1-ubyte.gz", 0x801, (n,), (np.arange(n) % 10).astype(np.uint8).tobytes())
-    md5 = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in www.iterdir()}
-    monkeypatch.setitem(dl.REMOTES, "mnist", dl.Remote("https://unused.invalid/", md5))
-    monkeypatch.setenv(dl.MIRROR_ENV, url)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    serve_from_mirror(monkeypatch, tmp_path, "mnist", www, url)
     data = tmp_path / "data" / "mnist"
     cfg = load_config("mnist", [*TINY, f"data.path={data}", f"run.dir={tmp_path / 'run'}"])
     assert cfg.data.prepare == "mnist"
