@@ -66,7 +66,9 @@ TABLE_COMMAND = "python bench/search.py --table-only --write BENCHMARKS.md"
 
 # name -> overrides on top of the base config (fashion_mnist_baseline, the default the search started from: DCGAN
 # width 64, spectral-norm D, non-saturating loss, Adam 2e-4 (0.5, 0.999), batch 64, EMA half-life 10 kimg with
-# ramp-up 0.05, 3,000 steps). The new default, fashion_mnist, is the point width_32 at the demo's wall time.
+# ramp-up 0.05, 3,000 steps). The new default, fashion_mnist, is RECIPE (the point width_32_batch_32_lr_4e-4) at
+# the demo's wall time; the fourth round puts each first-round change on top of it.
+RECIPE = ("generator.width=32", "discriminator.width=32", "train.batch_size=32", "g_optim.lr=4e-4", "d_optim.lr=4e-4")
 POINTS: dict[str, tuple[str, ...]] = {
     "default": (),
     # hinge loss: Lim & Ye 2017 (Geometric GAN); Miyato et al. 2018 (spectral normalization)
@@ -107,6 +109,23 @@ POINTS: dict[str, tuple[str, ...]] = {
     "width_32_batch_32_lr_4e-4": ("generator.width=32", "discriminator.width=32", "train.batch_size=32",
                                   "g_optim.lr=4e-4", "d_optim.lr=4e-4"),
     "width_32_lr_8e-4": ("generator.width=32", "discriminator.width=32", "g_optim.lr=8e-4", "d_optim.lr=8e-4"),
+    # fourth round: the new default's recipe (width 32, batch 32, Adam lr 4e-4) with each first-round change on top
+    **{f"recipe_{name}": (*RECIPE, *extra) for name, extra in {
+        "hinge": ("loss.kind=hinge",),
+        "r1_g0.1": ("loss.penalty=r1", "loss.penalty_weight=0.1"),
+        "r1_g1": ("loss.penalty=r1", "loss.penalty_weight=1.0"),
+        "r1_g10": ("loss.penalty=r1", "loss.penalty_weight=10.0"),
+        "r1_g1_lazy4": ("loss.penalty=r1", "loss.penalty_weight=1.0", "loss.penalty_interval=4"),
+        "d_norm_none": ("discriminator.norm=none",),
+        "betas_0_0.9": ("g_optim.betas=[0.0,0.9]", "d_optim.betas=[0.0,0.9]"),
+        "ema_no_rampup": ("ema.rampup=0",),
+        "upsample_nearest": ("generator.upsample=nearest",),
+        "upsample_bilinear": ("generator.upsample=bilinear",),
+        "d_steps_2": ("train.d_steps=2",),
+        "pad_32": ("data.pad=2",),
+    }.items()},
+    # G wider than D (G's step is the cheaper half here)
+    "recipe_width_g64": ("generator.width=64", *RECIPE[1:]),
     "width_g96": ("generator.width=96",),
     "width_d32": ("discriminator.width=32",),
     # resize then convolve instead of transposed convs: Odena et al. 2016 ("Deconvolution and checkerboard artifacts")
@@ -286,7 +305,7 @@ def probe(name: str, overrides: tuple[str, ...], ctx: "Search") -> dict:
              f"checkpoint.every={plan['steps'] * 10}", *overrides)
     load = os.getloadavg()
     threads = ctx.probe_threads
-    call(train_command(ctx.base, run_dir, ctx.data, 0, plan["steps"], threads, extra), run_dir.with_suffix(".log"),
+    call(train_command(ctx.base, run_dir, ctx.data, 0, plan["steps"], threads, extra), run_dir.parent / f"{name}.log",
          threads)
     sps = seconds_per_step(run_dir / "metrics.jsonl", plan["from"], plan["steps"])
     return {"seconds_per_step": sps, "steps": plan["steps"], "timed_from": plan["from"], "threads": threads,
