@@ -34,13 +34,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from distgan.metrics import registry
-from distgan.tracking import read_metrics
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this working tree's distgan and bench/, not an installed one
+
+from bench import blocks  # noqa: E402
+from distgan.cli import one_line  # noqa: E402
+from distgan.errors import UserError  # noqa: E402
+from distgan.metrics import registry  # noqa: E402
+from distgan.tracking import read_metrics  # noqa: E402
+
 RESULTS = REPO / "bench" / "results"
 MARKDOWN = REPO / "BENCHMARKS.md"
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+BLOCK = "results"  # <!-- results:begin --> ... <!-- results:end --> in BENCHMARKS.md
 COMMAND = "python bench/results.py --work runs/bench"
 CHECK_COMMAND = "python bench/results.py --table-only"
 COMMON_OVERRIDES = ("log.wandb=false",)  # no wandb files in a benchmark run; changes nothing it computes
@@ -138,15 +143,8 @@ def call(cmd: list[str], log_file: Optional[Path] = None) -> subprocess.Complete
 
 
 def machine() -> dict:
-    """CPU model and core count (lscpu), torch version, date: where the figures were measured."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """CPU model and core count, torch version, date: where the figures were measured."""
+    model = blocks.cpu_model()
     try:
         from importlib.metadata import version
 
@@ -368,24 +366,25 @@ def render_table(results: Path = RESULTS) -> str:
 
 
 def read_block(markdown: Path = MARKDOWN) -> str:
-    text = markdown.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{markdown}: no {BEGIN} ... {END} block")
-    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n") + "\n"
+    return blocks.read_block(markdown, BLOCK)
 
 
 def write_block(block: str, markdown: Path = MARKDOWN) -> None:
-    text = markdown.read_text()
-    read_block(markdown)
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    markdown.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
+    blocks.write_block(block, markdown, BLOCK)
 
 
 # ---------------------------------------------------------------- main
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        return run(argv)
+    except UserError as err:
+        print(f"bench/results.py: error: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def run(argv: Optional[list[str]]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--work", type=Path, help="run dirs and data (default runs/bench; --quick: runs/bench-quick)")

@@ -55,13 +55,14 @@ from typing import Callable, Iterable, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this working tree's distgan, not an installed one
 
+from bench import blocks  # noqa: E402
 from distgan.cli import one_line  # noqa: E402
 from distgan.config import Config, load_config  # noqa: E402
 from distgan.errors import UserError  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "search.jsonl"
 MARKDOWN = REPO / "BENCHMARKS.md"
-BEGIN, END = "<!-- search:begin -->", "<!-- search:end -->"
+BLOCK = "search"  # <!-- search:begin --> ... <!-- search:end --> in BENCHMARKS.md
 TABLE_COMMAND = "python bench/search.py --table-only --write BENCHMARKS.md"
 
 # name -> overrides on top of the base config (fashion_mnist_baseline, the default the search started from: DCGAN
@@ -468,12 +469,8 @@ def commit() -> str:
 
 
 def machine() -> dict:
-    """CPU model (/proc/cpuinfo), cores, torch version: where the figures were measured."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
-        model = found.group(1).strip() if found else model
+    """CPU model, cores, torch version: where the figures were measured."""
+    model = blocks.cpu_model()
     try:
         from importlib.metadata import version
 
@@ -611,16 +608,11 @@ def render_table(records: list[dict]) -> str:
 
 
 def read_block(markdown: Path) -> str:
-    text = markdown.read_text()
-    if BEGIN not in text or END not in text:
-        raise SearchError(f"{markdown}: no {BEGIN} ... {END} block")
-    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n") + "\n"
+    return blocks.read_block(markdown, BLOCK)
 
 
 def write_block(block: str, markdown: Path) -> None:
-    read_block(markdown)
-    head, rest = markdown.read_text().split(BEGIN, 1)
-    markdown.write_text(f"{head}{BEGIN}\n{block}{END}{rest.split(END, 1)[1]}")
+    blocks.write_block(block, markdown, BLOCK)
 
 
 # ---------------------------------------------------------------- main
