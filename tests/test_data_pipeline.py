@@ -132,6 +132,21 @@ def test_one_shard_two_ranks_two_workers(tmp_path):
     assert counts == [3, 3]  # 15 samples per rank / 4
 
 
+@pytest.mark.timeout(120)
+def test_data_workers_run_at_the_lowest_priority(dataset):
+    """A worker decoding shards must not take cores from training's threads (stream.WORKER_NICENESS)."""
+    psutil = pytest.importorskip("psutil")
+    ours, before = os.nice(0), {p.pid for p in psutil.Process().children()}  # e.g. a test cluster's daemons
+    batches = make_batch_iterator(DataConfig(path=str(dataset), num_workers=2), 10, 0, 1, seed=0)
+    try:
+        next(batches)
+        workers = [p for p in psutil.Process().children() if p.pid not in before]
+        assert len(workers) == 2 and {w.nice() for w in workers} == {min(19, ours + stream.WORKER_NICENESS)}
+    finally:
+        batches.close()
+    assert os.nice(0) == ours  # the training process keeps its priority
+
+
 def test_foreign_shards_without_dataset_json(tmp_path):
     folder = tmp_path / "foreign"
     folder.mkdir()
