@@ -100,19 +100,36 @@ def test_table_means_spreads_order_and_marks():
     records = [record("default", 0, 20.0), record("default", 1, 21.0), record("hinge", 0, 10.0),
                record("hinge", 1, 12.0), record("hinge", 2, 14.0), record("minimax", 0, 30.0),
                record("least-squares", 0, 20.2), record("least-squares", 1, 20.4),
-               record("default", 0, 50.0, ("seconds", 240.0))]
+               record("default", 0, 50.0, ("seconds", 240.0)), record("wasserstein", 0, 40.0, ("seconds", 240.0))]
     table = bench.render_table(records)
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| point")]
-    assert [r.split(" | ")[0].strip("| *") for r in rows] == ["hinge", "least-squares", "default", "minimax", "default"]
-    hinge, least_squares, default, minimax, seconds = (r.split(" | ") for r in rows)
+    assert [r.split(" | ")[0].strip("| *") for r in rows] == ["hinge", "least-squares", "default", "minimax",
+                                                               "wasserstein", "default"]
+    hinge, least_squares, default, minimax, lone, seconds = (r.split(" | ") for r in rows)
     assert hinge[0] == "| **hinge**" and hinge[6:11] == ["12.00 ± 2.00", "10.00, 12.00, 14.00", "0.200", "8", "101"]
-    assert hinge[-1] == "yes |" and hinge[2] == "images=192000" and hinge[5] == "3"
+    assert hinge[-1] == "yes (default) |" and hinge[2] == "images=192000" and hinge[5] == "3"
+    assert lone[-1] == " |"  # a reference of one seed has no spread to beat
     assert default[6] == "20.50 ± 0.71" and default[-1] == " |"  # sample std of 20 and 21: 0.7071
     assert least_squares[0] == "| least-squares" and least_squares[-1] == " |"  # 20.3: lower, within the spread
     assert minimax[6] == "30.00" and seconds[2] == "seconds=240"
     assert "2026-11-20 to 2026-11-22" in table
     assert bench.mean_std([1e16, 1.0, -1e16]) == (pytest.approx(1 / 3), pytest.approx(1e16))
     assert "Not run yet" in bench.render_table([])
+
+
+def test_one_seed_is_not_a_win_and_recipe_points_face_the_recipe():
+    bench = load_bench()
+    recipe = bench.RECIPE_POINT
+    records = [record("default", 0, 50.0), record("default", 1, 52.0), record(recipe, 0, 20.0), record(recipe, 1, 22.0),
+               record("recipe_hinge", 0, 18.0), record("recipe_hinge", 1, 18.4), record("recipe_minimax", 0, 16.0),
+               record("recipe_wasserstein", 0, 20.5), record("hinge", 0, 40.0)]
+    rows = {r.split(" | ")[0].strip("| *"): r for r in bench.render_table(records).splitlines()
+            if r.startswith("| ") and not r.startswith("| point")}
+    assert rows[recipe].endswith("| yes (default) |") and rows[recipe].startswith(f"| **{recipe}**")
+    assert rows["recipe_hinge"].endswith(f"| yes ({recipe}) |") and rows["recipe_hinge"].startswith("| **")
+    # one seed below the reference's spread: marked, not bold; 20.5 is within the recipe's 21 +- 1.4
+    assert rows["recipe_minimax"].endswith(f"| 1 seed ({recipe}) |") and rows["recipe_minimax"].startswith("| recipe_")
+    assert rows["recipe_wasserstein"].endswith("|  |") and rows["hinge"].endswith("| 1 seed (default) |")
 
 
 def test_benchmarks_md_block_is_the_generated_one():
