@@ -7,6 +7,8 @@ import math
 import pytest
 
 from conftest import load_bench_script, require_fashion_mnist
+from distgan.config import load_config
+from test_configs import flatten
 
 FIELDS = {"point", "overrides", "seed", "budget", "steps", "images", "train_wall_seconds", "probe", "loadavg_before",
           "loadavg_after", "figures", "commit", "machine", "date"}
@@ -130,6 +132,20 @@ def test_one_seed_is_not_a_win_and_recipe_points_face_the_recipe():
     # one seed below the reference's spread: marked, not bold; 20.5 is within the recipe's 21 +- 1.4
     assert rows["recipe_minimax"].endswith(f"| 1 seed ({recipe}) |") and rows["recipe_minimax"].startswith("| recipe_")
     assert rows["recipe_wasserstein"].endswith("|  |") and rows["hinge"].endswith("| 1 seed (default) |")
+
+
+def test_the_shipped_default_is_the_search_winner():
+    """fashion_mnist.yaml (and mnist.yaml) train what the search measured: its base plus DEFAULT_POINT's overrides,
+    every key that shapes G, D, their losses and optimizers, the batch and the EMA."""
+    bench = load_bench()
+    searched = flatten(bench.point_configs("fashion_mnist_baseline", {"p": bench.POINTS[bench.DEFAULT_POINT]}, ())["p"])
+    trained = ("generator.", "discriminator.", "loss.", "g_optim.", "d_optim.", "ema.", "augment.", "train.batch_size",
+               "train.d_steps", "data.pad")
+    for name in ("fashion_mnist", "mnist"):
+        shipped = flatten(load_config(name))
+        differ = {k: (shipped[k], searched[k]) for k in searched if k.startswith(trained) and shipped[k] != searched[k]}
+        assert not differ, f"{name}.yaml is not the search's {bench.DEFAULT_POINT}: {differ}"
+    assert bench.DEFAULT_POINT in bench.POINTS
 
 
 def test_benchmarks_md_block_is_the_generated_one():
