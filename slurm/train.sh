@@ -335,9 +335,11 @@ elif (( STATUS == 0 )) && [[ $STOP_SIGNAL == USR1 ]]; then
         exit 1
     fi
 elif [[ -n $NODE_DOWN ]] || { { (( STATUS != 0 )) || [[ $STOP_SIGNAL == TERM ]]; } && DOWN=$(down_nodes) &&
-        [[ -n $DOWN ]]; }; then
+        [[ -n $DOWN ]]; } || [[ -n $NODE_DOWN ]]; then
     # A node failure: slurmctld ends the job (TERM to this shell, often before srun returns, hence the check in
     # the trap too) and requeues it itself (--requeue). srun's status, 0 or not, says nothing more then.
+    # NODE_DOWN again last: a TERM to the job's processes during $(down_nodes) kills that subshell, and the trap
+    # that runs right after it is what finds the dead node.
     say_node_failed "${NODE_DOWN:-$DOWN}" "srun exit status $STATUS"
 elif (( STATUS == 0 )) && [[ -n $STOP_SIGNAL ]]; then
     log "training stopped on request (SIG$STOP_SIGNAL) at checkpoint $CHECKPOINT; not requeued; $RESUBMIT"

@@ -26,7 +26,7 @@ if [[ " $* " == *" accelerate launch "* ]]; then
     last=${@: -1}
     mkdir -p "${last#run.dir=}"
     [[ -n ${STUB_NO_EXPORT:-} ]] || echo exported > "${last#run.dir=}/generator_ema.safetensors"
-    exit 0
+    exit "${STUB_EXIT:-0}"
 fi
 printf '%b\\n' "$PROBE"
 """
@@ -57,7 +57,7 @@ def run_train_sh(tmp_path: Path):
                     SLURM_JOB_NODELIST="n[1-2]")
         base.update(env)
         return subprocess.run(["bash", str(TRAIN_SH), *overrides], cwd=submit, env=base, capture_output=True,
-                              text=True, timeout=60)
+                              text=True, timeout=60, start_new_session=True)  # its own group: "kill 0" below
 
     run.stubs, run.submit = stubs, submit  # type: ignore[attr-defined]
     return run
@@ -147,6 +147,30 @@ def test_an_exit_without_export_or_signal_is_not_called_a_stop_on_request(run_tr
     last = done.stdout.strip().splitlines()[-1]
     assert "training exited without exporting" in last and "without a signal" in last, last
     assert "stopped on request" not in done.stdout
+
+
+# Stand-in sinfo: the first call is hit by the TERM slurmctld sends every process of the job when a node dies
+# (the subshell of $(down_nodes) dies of it); later calls, from train.sh's trap, report n2 down.
+FAKE_SINFO = """\
+#!/bin/bash
+if [[ ! -e $STUB_DIR/sinfo.called ]]; then
+    touch "$STUB_DIR/sinfo.called"
+    kill -TERM 0
+    sleep 5
+fi
+printf 'n1 idle\\nn2 down*\\n'
+"""
+
+
+def test_a_node_failure_seen_during_the_last_check_is_not_called_not_requeued(run_train_sh):
+    """srun fails as a node dies, and slurmctld's TERM lands while train.sh asks sinfo which nodes are down:
+    the line is the node failure's (Slurm requeues), never 'stopped by SIGTERM ... not requeued'."""
+    (run_train_sh.stubs / "sinfo").write_text(FAKE_SINFO)
+    (run_train_sh.stubs / "sinfo").chmod(0o755)
+    done = run_train_sh(STUB_NO_EXPORT="1", STUB_EXIT="1")
+    assert (run_train_sh.stubs / "sinfo.called").exists(), done.stdout
+    assert "got SIGTERM" in done.stdout and "a node of this job failed (n2: down*)" in done.stdout, done.stdout
+    assert "not requeued" not in done.stdout.lower(), done.stdout
 
 
 def test_launch_is_explicit_c10d_rendezvous_on_a_port_below_the_ephemeral_range(run_train_sh, tmp_path):
