@@ -109,8 +109,7 @@ POINTS: dict[str, tuple[str, ...]] = {
     # third round: lr 4e-4 won the second on its first seed; with hinge, with batch 32, and a step further
     "width_32_hinge_lr_4e-4": ("generator.width=32", "discriminator.width=32", "loss.kind=hinge", "g_optim.lr=4e-4",
                                "d_optim.lr=4e-4"),
-    "width_32_batch_32_lr_4e-4": ("generator.width=32", "discriminator.width=32", "train.batch_size=32",
-                                  "g_optim.lr=4e-4", "d_optim.lr=4e-4"),
+    RECIPE_POINT: RECIPE,
     "width_32_lr_8e-4": ("generator.width=32", "discriminator.width=32", "g_optim.lr=8e-4", "d_optim.lr=8e-4"),
     # fourth round: the recipe of rounds 1 to 3 (width 32, batch 32, Adam lr 4e-4) with each first-round change on top
     **{f"recipe_{name}": (*RECIPE, *extra) for name, extra in {
