@@ -233,12 +233,29 @@ def test_class_agreement_during_training_and_skipped_when_unconditional(fashion_
 
 
 @pytest.mark.timeout(300)
+def give_every_class_its_own_look(export: Path) -> None:
+    """Three steps leave the class-conditional norms' gain and shift near zero: the classes then differ by less than
+    a grey level, no more than two processes' rounding. Seeded unit-scale embeddings make a wrong class show."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(export), "pt") as fh:
+        metadata = fh.metadata()
+    tensors = load_file(str(export))
+    torch.manual_seed(0)
+    for name, tensor in tensors.items():
+        if name.endswith((".gain.weight", ".shift.weight")):
+            tensors[name] = torch.randn(tensor.shape, dtype=tensor.dtype)
+    save_file(tensors, str(export), metadata=metadata)
+
+
 def test_train_and_sample_a_class_and_a_row_per_class_through_the_cli(fashion_shards, tmp_path, capsys):
     run, out = tmp_path / "run", tmp_path / "out"
     run_cli("distgan.train", "--config", "smoke", *COND, "train.steps=3", f"data.path={fashion_shards}",
             f"run.dir={run}", "log.gif=false")
     meta = json.loads((run / "generator_ema.json").read_text())
     assert meta["generator"]["conditional"] is True and meta["classes"][8] == "Bag"
+    give_every_class_its_own_look(run / "generator_ema.safetensors")
     run_cli("distgan.sample", "--run", str(run), "--grid", "--per-class", "--n", "3", "--out", str(out / "rows"))
     run_cli("distgan.sample", "--run", str(run), "--class", "Bag", "--n", "3", "--out", str(out / "bag"))
     run_cli("distgan.sample", "--run", str(run), "--class", "8", "--n", "3", "--out", str(out / "eight"))
@@ -249,10 +266,15 @@ def test_train_and_sample_a_class_and_a_row_per_class_through_the_cli(fashion_sh
     def cell(row: int, col: int) -> np.ndarray:
         return grid[2 + row * step:2 + row * step + 28, 2 + col * step:2 + col * step + 28]
 
+    def levels_apart(a: np.ndarray, b: np.ndarray) -> int:
+        return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+    # Two processes agree to float rounding only (CPU GEMM results vary with memory alignment): one grey level.
     for col in range(3):  # --class Bag (or 8) is the per-class grid's row 8: the same seed, the same latents
         bag, eight = (np.asarray(Image.open(out / name / f"{col:06d}.png")) for name in ("bag", "eight"))
-        assert np.array_equal(bag, cell(8, col)) and np.array_equal(bag, eight)
-    assert len({cell(row, 0).tobytes() for row in range(10)}) == 10, "the rows do not depend on the class"
+        assert levels_apart(bag, cell(8, col)) <= 1 and levels_apart(bag, eight) <= 1
+    for row in range(10):
+        assert row == 8 or levels_apart(cell(row, 0), cell(8, 0)) > 8, f"row {row} looks like class 8"
     run_cli("distgan.sample", "--run", str(run), "--shards", "--n", "20", "--out", str(out / "shards"))
     info = json.loads((out / "shards" / "dataset.json").read_text())
     assert info["classes"] == meta["classes"]  # every class in turn, labeled: data for another conditional run
