@@ -504,6 +504,24 @@ def pending_runs(ctx: Search) -> list[tuple[str, int]]:
                         "budget": budget}) not in done]
 
 
+def same_training(records: list[dict], name: str, seed: int, plan: dict, ctx: Search) -> Optional[dict]:
+    """A run of another budget that trained exactly this: same base, overrides, seed and steps, evaluated alike
+    (e.g. images=242464 at batch 32 is the 7,577 steps some wall-clock budget already gave the point)."""
+    for r in records:
+        if (r["base"], r["overrides"], r["seed"], r["steps"], r["n_eval"], r["dry_run"]) == (
+                ctx.base, list(ctx.points[name]), seed, plan["steps"], ctx.n_eval, bool(ctx.extra)):
+            return r
+    return None
+
+
+def reused(record: dict, plan: dict, ctx: Search) -> dict:
+    """RECORD's figures under this budget: the same training is not run twice; 'same_run_as' says where it ran."""
+    budget = {"kind": ctx.budget.kind, "value": ctx.budget.value, "seconds": plan["budget_seconds"],
+              "default_probe": plan.get("default_probe"), "probe_threads": ctx.budget.probe_threads}
+    return {**record, "budget": budget, "probe": plan["probe"], "same_run_as": budget_label(record),
+            "capped_by_max_steps": plan.get("capped_by_max_steps", False)}
+
+
 def search(ctx: Search) -> int:
     todo = pending_runs(ctx)
     say(f"{len(todo)} run(s) to do, {len(ctx.points) * len(ctx.seeds) - len(todo)} already in {ctx.results}")
@@ -522,10 +540,12 @@ def search(ctx: Search) -> int:
             say(f"default-time: {base_steps} steps x {probes['default']['seconds_per_step']:.4f} s = "
                 f"{default_seconds:.1f} s per run")
     plans = {name: plan_steps(name, ctx, probes, default_seconds) for name in {n for n, _ in todo}}
+    earlier = read_lines(ctx.results)
 
     def one(item: tuple[str, int]) -> None:
         name, seed = item
-        record = run_one(name, seed, plans[name], ctx)
+        same = same_training(earlier, name, seed, plans[name], ctx)
+        record = reused(same, plans[name], ctx) if same else run_one(name, seed, plans[name], ctx)
         append_line(ctx.results, record, ctx.lock)
         say(json.dumps({"point": name, "seed": seed, "steps": record["steps"], **record["figures"]}))
 
@@ -589,6 +609,8 @@ def row(point: str, budget: str, runs: list[dict], ref: Optional[list[dict]]) ->
     per_seed = ", ".join(f"{r['figures']['fd']:.2f}" for r in runs)
     if runs[0]["budget"]["kind"] == "default-time":  # the measured S of each run
         budget += f" ({distinct(round(r['budget']['seconds']) for r in runs)} s)"
+    if any("same_run_as" in r for r in runs):
+        budget += f" (the runs of {distinct(r.get('same_run_as', 'this budget') for r in runs)})"
     name = f"**{point}**" if beats == "yes" else point
     versus = f"{beats} ({reference(point)})" if beats else ""
     return (f"| {name} | {overrides} | {budget} | {distinct(r['steps'] for r in runs)} | "

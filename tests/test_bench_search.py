@@ -52,6 +52,14 @@ def test_dry_run_both_budgets_writes_lines_and_resumes(tmp_path, capsys):
     assert bench.main(seconds) == 0
     assert lines(results) == records
     assert capsys.readouterr().out.count("0 run(s) to do, 1 already") == 2
+    # 32 images at batch 8 are the 4 steps the wall-clock run trained: its figures, not a second training
+    same = ["--dry-run", "--work", str(tmp_path), "--points", "default", "--seeds", "0", "--budget", "images=32"]
+    assert bench.main([*same, "--table"]) == 0
+    again = lines(results)[-1]
+    assert again["budget"]["kind"] == "images" and again["same_run_as"] == "seconds=30@2threads"
+    assert (again["figures"], again["steps"], again["probe"]) == (records[1]["figures"], 4, None)
+    assert not (tmp_path / "runs" / "fashion_mnist_baseline" / "images=32").exists()
+    assert "| images=32 (the runs of seconds=30@2threads) | 4 | 32 | 1 |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
