@@ -140,6 +140,12 @@ def test_one_seed_is_not_a_win_and_recipe_points_face_the_recipe():
     # one seed below the reference's spread: marked, not bold; 20.5 is within the recipe's 21 +- 1.4
     assert rows["recipe_minimax"].endswith(f"| 1 seed ({recipe}) |") and rows["recipe_minimax"].startswith("| recipe_")
     assert rows["recipe_wasserstein"].endswith("|  |") and rows["hinge"].endswith("| 1 seed (default) |")
+    shipped = bench.DEFAULT_POINT  # the fifth round's points face the shipped default, itself a fourth-round point
+    records += [record(shipped, 0, 15.0), record(shipped, 1, 15.2), record("shipped_hinge", 0, 14.0),
+                record("shipped_hinge", 1, 14.2)]
+    rows = {r.split(" | ")[0].strip("| *"): r for r in bench.render_table(records).splitlines()
+            if r.startswith("| ") and not r.startswith("| point")}
+    assert rows[shipped].endswith(f"| yes ({recipe}) |") and rows["shipped_hinge"].endswith(f"| yes ({shipped}) |")
 
 
 def test_the_shipped_default_is_the_search_winner():
