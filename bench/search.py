@@ -8,8 +8,9 @@
     python bench/search.py --table-only --write BENCHMARKS.md   # that table into the search block
     python bench/search.py --dry-run --work DIR --budget images=32   # tiny data and runs: the path, not a figure
 
-The points of the search are data (POINTS): a name and the config overrides it puts on top of the base config
-(--config, default fashion_mnist_baseline, the default before the search). Every point's overrides are validated before anything runs: a bad one ends the
+The points of the search are data (POINTS, in search_points.py): a name and the config overrides it puts on top of
+the base config (--config, default fashion_mnist_baseline, the default before the search); search_table.py renders
+the table from the JSON lines. Every point's overrides are validated before anything runs: a bad one ends the
 search at startup with the config's own error.
 
 Budgets. ``images=N``: each run trains N / (batch_size x d_steps) generator steps, so every point shows D the same
@@ -27,7 +28,8 @@ The data (Fashion-MNIST train and test shards, and the feature classifier) is ma
 is ``python -m distgan.train`` (``--resume auto``, ``train.cpu_threads=--threads``) then ``python -m
 distgan.eval --run DIR`` with distgan's feature classifier (fd, precision/recall, modes covered), each a
 subprocess with this tree on PYTHONPATH. Finished (point, overrides, seed, budget) results are skipped, so a killed
-search continues where it stopped. Each finished run appends one JSON line to the results file.
+search continues where it stopped, and a run another budget already trained (same base, overrides, seed and steps)
+is reused, not trained again (its line says same_run_as). Each finished run appends one JSON line to the results file.
 """
 from __future__ import annotations
 
@@ -56,99 +58,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this working tree's distgan, not an installed one
 
 from bench import blocks  # noqa: E402
+from bench.search_points import DEFAULT_POINT, POINTS, RECIPE_POINT  # noqa: E402,F401 - the points, for callers
+from bench.search_table import (TABLE_COMMAND, budget_label, budget_text, mean_std, read_block,  # noqa: E402,F401
+                                render_table, write_block)
 from distgan.cli import one_line  # noqa: E402
 from distgan.config import Config, load_config  # noqa: E402
 from distgan.errors import UserError  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "search.jsonl"
 MARKDOWN = REPO / "BENCHMARKS.md"
-BLOCK = "search"  # <!-- search:begin --> ... <!-- search:end --> in BENCHMARKS.md
-TABLE_COMMAND = "python bench/search.py --table-only --write BENCHMARKS.md"
-
-# name -> overrides on top of the base config (fashion_mnist_baseline, the default the search started from: DCGAN
-# width 64, spectral-norm D, non-saturating loss, Adam 2e-4 (0.5, 0.999), batch 64, EMA half-life 10 kimg with
-# ramp-up 0.05, 3,000 steps). RECIPE (the point width_32_batch_32_lr_4e-4) won the first three rounds; the fourth puts
-# each first-round change on top of it, and its winner, DEFAULT_POINT, is fashion_mnist.yaml (at the demo's steps);
-# the fifth (shipped_*) tries the fourth's runners-up on top of DEFAULT_POINT.
-RECIPE_POINT = "width_32_batch_32_lr_4e-4"
-RECIPE = ("generator.width=32", "discriminator.width=32", "train.batch_size=32", "g_optim.lr=4e-4", "d_optim.lr=4e-4")
-DEFAULT_POINT = "recipe_betas_0_0.9"
-BETAS_0_09 = ("g_optim.betas=[0.0,0.9]", "d_optim.betas=[0.0,0.9]")
-POINTS: dict[str, tuple[str, ...]] = {
-    "default": (),
-    # hinge loss: Lim & Ye 2017 (Geometric GAN); Miyato et al. 2018 (spectral normalization)
-    "hinge": ("loss.kind=hinge",),
-    # R1 on real data: Mescheder et al. 2018 ("Which training methods for GANs do actually converge?")
-    "r1_g0.1": ("loss.penalty=r1", "loss.penalty_weight=0.1"),
-    "r1_g1": ("loss.penalty=r1", "loss.penalty_weight=1.0"),
-    "r1_g10": ("loss.penalty=r1", "loss.penalty_weight=10.0"),
-    # lazy regularisation, R1 every 4th D step with 4x weight: Karras et al. 2020 (StyleGAN2)
-    "r1_g1_lazy4": ("loss.penalty=r1", "loss.penalty_weight=1.0", "loss.penalty_interval=4"),
-    "hinge_r1_g1": ("loss.kind=hinge", "loss.penalty=r1", "loss.penalty_weight=1.0"),
-    # spectral norm in D (the default) against none and batch norm: Miyato et al. 2018
-    "d_norm_none": ("discriminator.norm=none",),
-    "d_norm_batch": ("discriminator.norm=batch",),
-    # two time-scale update rule, D faster than G: Heusel et al. 2017 (TTUR)
-    "ttur_g1e-4_d4e-4": ("g_optim.lr=1e-4", "d_optim.lr=4e-4"),
-    # Adam betas (0, 0.9) with TTUR: Miyato et al. 2018; Zhang et al. 2019 (SAGAN)
-    "ttur_betas_0_0.9": ("g_optim.lr=1e-4", "d_optim.lr=4e-4", "g_optim.betas=[0.0,0.9]", "d_optim.betas=[0.0,0.9]"),
-    "lr_4e-4": ("g_optim.lr=4e-4", "d_optim.lr=4e-4"),
-    "batch_32": ("train.batch_size=32",),
-    "batch_128": ("train.batch_size=128",),
-    # EMA of G's weights: Yazici et al. 2019 ("The unusual effectiveness of averaging in GAN training")
-    "ema_hl_2.5": ("ema.half_life_kimg=2.5",),
-    "ema_hl_40": ("ema.half_life_kimg=40",),
-    "ema_no_rampup": ("ema.rampup=0",),
-    "width_32": ("generator.width=32", "discriminator.width=32"),
-    # combinations with the narrower G and D (more steps in the same time), after the first round of the search
-    "width_32_hinge": ("generator.width=32", "discriminator.width=32", "loss.kind=hinge"),
-    "width_32_r1_g1": ("generator.width=32", "discriminator.width=32", "loss.penalty=r1", "loss.penalty_weight=1.0"),
-    # second round, at the demo's wall time (probed at its 2 threads): the width-32 recipe's lr, TTUR, batch, EMA
-    "width_32_lr_4e-4": ("generator.width=32", "discriminator.width=32", "g_optim.lr=4e-4", "d_optim.lr=4e-4"),
-    "width_32_ttur": ("generator.width=32", "discriminator.width=32", "g_optim.lr=1e-4", "d_optim.lr=4e-4"),
-    "width_32_batch_32": ("generator.width=32", "discriminator.width=32", "train.batch_size=32"),
-    "width_32_ema_hl_2.5": ("generator.width=32", "discriminator.width=32", "ema.half_life_kimg=2.5"),
-    # third round: lr 4e-4 won the second on its first seed; with hinge, with batch 32, and a step further
-    "width_32_hinge_lr_4e-4": ("generator.width=32", "discriminator.width=32", "loss.kind=hinge", "g_optim.lr=4e-4",
-                               "d_optim.lr=4e-4"),
-    RECIPE_POINT: RECIPE,
-    "width_32_lr_8e-4": ("generator.width=32", "discriminator.width=32", "g_optim.lr=8e-4", "d_optim.lr=8e-4"),
-    # fourth round: the recipe of rounds 1 to 3 (width 32, batch 32, Adam lr 4e-4) with each first-round change on top
-    **{f"recipe_{name}": (*RECIPE, *extra) for name, extra in {
-        "hinge": ("loss.kind=hinge",),
-        "r1_g0.1": ("loss.penalty=r1", "loss.penalty_weight=0.1"),
-        "r1_g1": ("loss.penalty=r1", "loss.penalty_weight=1.0"),
-        "r1_g10": ("loss.penalty=r1", "loss.penalty_weight=10.0"),
-        "r1_g1_lazy4": ("loss.penalty=r1", "loss.penalty_weight=1.0", "loss.penalty_interval=4"),
-        "d_norm_none": ("discriminator.norm=none",),
-        "betas_0_0.9": BETAS_0_09,
-        "ema_no_rampup": ("ema.rampup=0",),
-        "upsample_nearest": ("generator.upsample=nearest",),
-        "upsample_bilinear": ("generator.upsample=bilinear",),
-        "d_steps_2": ("train.d_steps=2",),
-        "pad_32": ("data.pad=2",),
-    }.items()},
-    # G wider than D (G's step is the cheaper half here)
-    "recipe_width_g64": ("generator.width=64", *RECIPE[1:]),
-    # fifth round: the fourth round's one-seed runners-up on top of its winner, the shipped default (DEFAULT_POINT)
-    **{f"shipped_{name}": (*RECIPE, *BETAS_0_09, *extra) for name, extra in {
-        "hinge": ("loss.kind=hinge",),
-        "r1_g1": ("loss.penalty=r1", "loss.penalty_weight=1.0"),
-        "r1_g10": ("loss.penalty=r1", "loss.penalty_weight=10.0"),
-        "d_norm_none": ("discriminator.norm=none",),
-    }.items()},
-    "width_g96": ("generator.width=96",),
-    "width_d32": ("discriminator.width=32",),
-    # resize then convolve instead of transposed convs: Odena et al. 2016 ("Deconvolution and checkerboard artifacts")
-    "upsample_nearest": ("generator.upsample=nearest",),
-    "upsample_bilinear": ("generator.upsample=bilinear",),
-    "d_steps_2": ("train.d_steps=2",),
-    # 28x28 padded to 32x32 and the 32x32 DCGAN (4-8-16-32): LeNet-5 read MNIST padded to 32x32 (LeCun et al. 1998,
-    # "Gradient-based learning applied to document recognition"), and DCGAN code on MNIST commonly resizes it to
-    # 32 or 64 (pytorch/examples dcgan/main.py: --dataset mnist at --imageSize, 64 by default); scored cropped to 28
-    "pad_32": ("data.pad=2",),
-}
-
 COMMON_OVERRIDES = ("log.wandb=false", "log.gif=false", "log.progress_bar=false")
 PROBE_STEPS, PROBE_FROM, PROBE_LOG_EVERY = 120, 20, 10  # probe: train 120 steps, time steps 20-120 from metrics.jsonl
 # keys whose values change no step's work (see same_compute)
@@ -176,8 +94,7 @@ class Budget:
 
     @property
     def label(self) -> str:
-        label = self.kind if self.value is None else f"{self.kind}={int(self.value) if self.value.is_integer() else self.value}"
-        return label if self.probe_threads is None else f"{label}@{self.probe_threads}threads"
+        return budget_text(self.kind, self.value, self.probe_threads)
 
     @property
     def wall_clock(self) -> bool:
@@ -560,115 +477,6 @@ def search(ctx: Search) -> int:
 
     ctx.map(one, todo)
     return 0
-
-
-# ---------------------------------------------------------------- the table (the JSONL only)
-
-
-def mean_std(values: list[float]) -> tuple[float, Optional[float]]:
-    """Mean and sample standard deviation in float64 (None for one value)."""
-    xs = [float(v) for v in values]
-    mean = math.fsum(xs) / len(xs)
-    if len(xs) < 2:
-        return mean, None
-    return mean, math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
-
-
-def budget_label(record: dict) -> str:
-    budget = record["budget"]
-    return Budget(budget["kind"], budget["value"], budget.get("probe_threads")).label
-
-
-def group(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    """(point, budget) -> its runs, the last line of each seed."""
-    groups: dict[tuple[str, str], dict[int, dict]] = {}
-    for r in records:
-        groups.setdefault((r["point"], budget_label(r)), {})[r["seed"]] = r
-    return {key: [by_seed[s] for s in sorted(by_seed)] for key, by_seed in groups.items()}
-
-
-def distinct(values: Iterable) -> str:
-    seen = list(dict.fromkeys(values))
-    return ", ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in seen)
-
-
-def reference(point: str) -> str:
-    """The point a row is measured against: the recipe for the fourth round's points, the shipped default for the
-    fifth's, else the base's default."""
-    if point.startswith("shipped_"):
-        return DEFAULT_POINT
-    return RECIPE_POINT if point.startswith("recipe_") else "default"
-
-
-def verdict(runs: list[dict], ref: Optional[list[dict]]) -> str:
-    """'yes': the mean fd of 2+ seeds is below the reference's mean minus its seed spread; '1 seed': one seed is
-    (not yet a result: a point that wins on one seed may be noise); '' otherwise or without a spread to beat."""
-    if not ref or len(ref) < 2:
-        return ""
-    ref_mean, ref_std = mean_std([r["figures"]["fd"] for r in ref])
-    if mean_std([r["figures"]["fd"] for r in runs])[0] >= ref_mean - ref_std:
-        return ""
-    return "yes" if len(runs) >= 2 else "1 seed"
-
-
-def row(point: str, budget: str, runs: list[dict], ref: Optional[list[dict]]) -> str:
-    mean, std = mean_std([r["figures"]["fd"] for r in runs])
-    recall, _ = mean_std([r["figures"]["recall"] for r in runs])
-    wall, _ = mean_std([r["train_wall_seconds"] for r in runs])
-    beats = verdict(runs, ref) if point != reference(point) else ""
-    overrides = f"`{' '.join(runs[0]['overrides'])}`" if runs[0]["overrides"] else "-"
-    spread = f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
-    per_seed = ", ".join(f"{r['figures']['fd']:.2f}" for r in runs)
-    if runs[0]["budget"]["kind"] == "default-time":  # the measured S of each run
-        budget += f" ({distinct(round(r['budget']['seconds']) for r in runs)} s)"
-    if any("same_run_as" in r for r in runs):
-        budget += f" (the runs of {distinct(r.get('same_run_as', 'this budget') for r in runs)})"
-    name = f"**{point}**" if beats == "yes" else point
-    versus = f"{beats} ({reference(point)})" if beats else ""
-    return (f"| {name} | {overrides} | {budget} | {distinct(r['steps'] for r in runs)} | "
-            f"{distinct(r['images'] for r in runs)} | {len(runs)} | {spread} | "
-            f"{per_seed} | {recall:.3f} | "
-            f"{min(r['figures']['modes_covered'] for r in runs):.0f} | {wall:.0f} | {versus} |")
-
-
-def render_table(records: list[dict]) -> str:
-    """The Markdown table: one row per (point, budget), by budget, then by mean fd."""
-    if not records:
-        return ("Not run yet: bench/results/search.jsonl has no results. `python bench/search.py --budget "
-                "images=192000 --seeds 0 1 2` (or `--budget default-time`) runs the search, then "
-                f"`{TABLE_COMMAND}` writes the table here.\n")
-    groups = group(records)
-    lines = [f"Generated by `{TABLE_COMMAND}` from bench/results/search.jsonl (one line per run). fd: Frechet "
-             "distance in distgan's classifier features (lower is better), mean ± sample std over seeds. Each point "
-             f"is measured against its reference at the same budget: {RECIPE_POINT} (the recipe of rounds 1 to 3) for "
-             f"the recipe_* points, {DEFAULT_POINT} (the shipped default) for the shipped_* points, the base's default "
-             "for the others. A point in bold beats it on the mean of 2 or "
-             "more seeds by more than the reference's seed spread; '1 seed' marks a point that does so on its one "
-             "seed (not yet a result).", "",
-             "| point | overrides | budget | steps | images | seeds | fd mean ± std | fd per seed | recall mean "
-             "| modes covered min | train wall s mean | beats its reference |", "|---" * 12 + "|"]
-    for budget in sorted({b for _, b in groups}):
-        rows = {p: runs for (p, b), runs in groups.items() if b == budget}
-        order = sorted(rows, key=lambda p: mean_std([r["figures"]["fd"] for r in rows[p]])[0])
-        lines += [row(p, budget, rows[p], rows.get(reference(p))) for p in order]
-    machines = sorted({f"{r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}"
-                       for r in records})
-    dates = sorted(r["date"][:10] for r in records)
-    lines += ["", f"Measured on {'; '.join(machines)}, {dates[0]} to {dates[-1]}, commit(s) "
-              f"{distinct(r['commit'][:10] for r in records)}, {distinct(r['threads'] for r in records)} thread(s) "
-              f"per run, {distinct(r['jobs'] for r in records)} run(s) at a time, fd on "
-              f"{distinct(r['n_eval'] for r in records)} generated images."]
-    if any(r.get("dry_run") for r in records):
-        lines.append("**Dry-run lines: a check of the path, not results.**")
-    return "\n".join(lines) + "\n"
-
-
-def read_block(markdown: Path) -> str:
-    return blocks.read_block(markdown, BLOCK)
-
-
-def write_block(block: str, markdown: Path) -> None:
-    blocks.write_block(block, markdown, BLOCK)
 
 
 # ---------------------------------------------------------------- main
