@@ -44,6 +44,7 @@ class DataConfig:
     allow_pipe: bool = False  # allow 'pipe:' shard URLs (they run shell commands)
     pad: int = 0  # background pixels (pixel value 0) added on each side of the real images, e.g. 2 makes 28x28 Fashion-MNIST 32x32 for the 32x32 DCGAN; G and D are built at the padded size, and evaluation, sample grids and the export crop G's images back to the data's size (0 = off)
     prepare: Optional[str] = None  # a distgan.prepare source (fashion-mnist, mnist, cifar10) that makes data.path on first use (downloaded, checksums verified, when not installed locally)
+    prepare_timeout_s: float = 7200.0  # on first use, how long the other processes wait for the main one to make data.path (a download may take far longer than train.collective_timeout_s)
 
 
 @dataclass
@@ -388,8 +389,10 @@ def validate(cfg: Config) -> None:
                        ("data.pad", cfg.data.pad)):
         if value < 0:
             raise ConfigError(f"config key '{key}' = {value}: must be 0 or more")
-    if t.collective_timeout_s <= 0:
-        raise ConfigError(f"config key 'train.collective_timeout_s' = {t.collective_timeout_s}: must be positive")
+    for key, value in (("train.collective_timeout_s", t.collective_timeout_s),
+                       ("data.prepare_timeout_s", cfg.data.prepare_timeout_s)):
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' = {value}: must be positive (seconds)")
     if cfg.ema.decay is not None and not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"config key 'ema.decay' = {cfg.ema.decay}: must be in [0, 1)")
     if loss.penalty == "wgan-gp" and d.norm in ("batch", "sync-batch"):

@@ -34,6 +34,12 @@ def prepare_command(data: DataConfig) -> list[str]:
                       f"{source} --src PATH --out {data.path} once, or unset data.prepare")
 
 
+def prepare_if_missing(data: DataConfig) -> None:
+    """Make ``data.path`` from ``data.prepare`` unless its shards are there (call on one process; the others wait)."""
+    if needs_preparing(data):
+        prepare_data(data)
+
+
 def prepare_data(data: DataConfig) -> None:
     """Write the shards of ``data.path`` (call on one process; the others wait for it)."""
     from distgan.prepare import build_parser, prepare

@@ -36,11 +36,12 @@ from distgan.augment import Augmented, RealBatchMarker
 from distgan.checkpoint import TrainState, list_checkpoints, load_checkpoint, read_best, save_best, save_checkpoint
 from distgan.config import Config, ConfigError, OptimizerConfig, dump_yaml
 from distgan.data.stream import DataSource, ShardSource, normalize_images, pad_images
-from distgan.distributed import any_rank, average_buffers, batch_plan, make_accelerator, set_cpu_threads
+from distgan.distributed import (any_rank, average_buffers, batch_plan, broadcast_from_main, make_accelerator,
+                                 set_cpu_threads)
 from distgan.ema import EMA
 from distgan.errors import UserError
 from distgan.export import export_generator
-from distgan.first_use import needs_preparing, prepare_data
+from distgan.first_use import prepare_if_missing
 from distgan.metrics.registry import is_better
 from distgan.nn import build_discriminator, build_generator, cropped, padded_resolution, sample_labels, sample_latent
 from distgan.objective import Figures, GANObjective, call
@@ -139,8 +140,8 @@ class Trainer:
                      self.global_batch, self.local_batch, self.world, cfg.g_optim.lr * self.batch.lr_factor,
                      cfg.d_optim.lr * self.batch.lr_factor, cfg.train.lr_batch_scaling)
             warn_small_bn_batch(cfg, self.local_batch, self.world, self.global_batch)
-        if source is None and needs_preparing(cfg.data):
-            self._on_main_process(lambda: prepare_data(cfg.data))
+        if source is None and cfg.data.prepare:  # rank 0 decides and prepares; the others wait for its answer
+            self._on_main_process(lambda: prepare_if_missing(cfg.data), timeout_s=cfg.data.prepare_timeout_s)
         self.source = source or ShardSource(cfg.data, raw=acc.device.type == "cuda",  # uint8, normalised on the GPU
                                             need_labels=cfg.generator.conditional)
         ch, self.pad = self.source.channels, cfg.data.pad
@@ -462,9 +463,10 @@ class Trainer:
             modules["G_ema"] = self.ema.model
         return modules
 
-    def _on_main_process(self, decide: Callable[[], Any]) -> Any:
+    def _on_main_process(self, decide: Callable[[], Any], timeout_s: Optional[float] = None) -> Any:
         """Run ``decide`` on the main process only and give every rank its answer (or its user error): one answer
-        for all ranks, even when they see a shared filesystem at different moments."""
+        for all ranks, even when they see a shared filesystem at different moments. TIMEOUT_S: how long the other
+        ranks wait, when longer than train.collective_timeout_s."""
         decision: list = [None, None]  # [result, error message]
         if self.accelerator.is_main_process:
             try:
@@ -472,7 +474,8 @@ class Trainer:
             except UserError as err:
                 decision[1] = str(err)
         if self.world > 1:
-            decision = broadcast_object_list(decision, from_process=0)
+            decision = (broadcast_object_list(decision, from_process=0) if timeout_s is None
+                        else broadcast_from_main(self.accelerator, decision, timeout_s))
         if decision[1] is not None:
             raise ConfigError(decision[1])
         return decision[0]

@@ -45,6 +45,8 @@ DEEP = "[" * 5000 + "]" * 5000
     (["data.shards_per_block=0"], "'data.shards_per_block' = 0: must be at least 1"),
     (["g_optim.lr=.nan"], "'g_optim.lr' = nan: must be a finite number"),
     (["train.collective_timeout_s=.inf"], "'train.collective_timeout_s' = inf: must be a finite number"),
+    (["data.prepare_timeout_s=0"], "'data.prepare_timeout_s' = 0.0: must be positive (seconds)"),
+    (["train.collective_timeout_s=-1"], "'train.collective_timeout_s' = -1.0: must be positive (seconds)"),
     (["discriminator.hidden=[64, -3]"], "'discriminator.hidden[1]' = -3: must be at least 1"),
     (["generator.width=100000000"], "'generator.width' = 100000000: must be between 1 and 65536"),
     (["train.steps=[1"], "override 'train.steps=[1': the value is not valid YAML"),

@@ -253,3 +253,38 @@ def test_a_hung_rank_ends_the_job_within_the_collective_timeout(fashion_shards, 
         pytest.fail(f"the job did not end within {bound + 30} s of a rank hanging\n{launcher.communicate()[0][-3000:]}")
     finally:
         kill_launched(launcher)
+
+
+PREPARE_S, PREPARE_COLLECTIVE_TIMEOUT_S = 12, 5  # rank 0's first-use prepare below takes longer than the timeout
+SLOW_PREPARE = '''"""Test shim: data.prepare takes {seconds} s (a download), then data.path is a copy of {shards!r}."""
+import shutil
+import time
+
+import distgan.first_use
+
+
+def slow_prepare(data):
+    time.sleep({seconds})
+    shutil.copytree({shards!r}, data.path)
+
+
+distgan.first_use.prepare_data = slow_prepare
+'''
+
+
+@pytest.mark.timeout(240)
+def test_first_use_on_two_ranks_waits_for_rank_0_beyond_the_collective_timeout(fashion_shards, tmp_path):
+    """Rank 0 makes data.path on first use (a download can take minutes) while rank 1 waits for it: under
+    data.prepare_timeout_s, not under train.collective_timeout_s, which would end the job here (5 s against 12)."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SLOW_PREPARE.format(seconds=PREPARE_S, shards=str(fashion_shards)))
+    env = cpu_env()
+    env["PYTHONPATH"] = f"{shim}:{env['PYTHONPATH']}"  # every process of the launch imports the shim at start-up
+    data, run = tmp_path / "data", tmp_path / "run"
+    started = time.time()
+    launch(train_args(data, run, "data.prepare=fashion-mnist", "train.steps=5", "log.every=1",
+                      f"train.collective_timeout_s={PREPARE_COLLECTIVE_TIMEOUT_S}"), processes=2, timeout=180,
+           env=env, module=True)
+    assert time.time() - started > PREPARE_S  # the shim ran: rank 1 did wait that long
+    assert (data / "dataset.json").is_file() and steps_logged(run) == [1, 2, 3, 4, 5]
