@@ -134,11 +134,11 @@ def set_cpu_threads(accelerator: Accelerator, requested: int = 0) -> int:
 
 
 def broadcast_from_main(accelerator: Accelerator, values: list, timeout_s: float) -> list:
-    """Rank 0's VALUES on every rank, waiting up to TIMEOUT_S: a CPU (gloo) group of its own, for a wait longer than
-    the training collectives' timeout (the default group's) should allow, e.g. rank 0 downloading the data."""
+    """Rank 0's VALUES on every rank, waiting up to TIMEOUT_S: a group of its own (the world's backend) for a wait
+    longer than the training collectives' timeout (the default group's) should allow, e.g. rank 0 downloading data."""
     if accelerator.num_processes == 1:
         return values
-    group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    group = torch.distributed.new_group(timeout=timedelta(seconds=timeout_s))
     try:
         torch.distributed.broadcast_object_list(values, src=0, group=group)
     finally:

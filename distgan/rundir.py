@@ -38,8 +38,9 @@ RESULTS = ("metrics.jsonl", "samples", "generator_ema.safetensors", "generator_e
 # keys that may change when a run is resumed: they do not change shapes or what the saved state means
 RESUMABLE_CHANGES = (
     "run.dir", "run.name", "data.path", "data.num_workers", "data.cache_mb", "data.skip_bad_samples",
-    "data.allow_pipe", "data.prepare_timeout_s", "g_optim.lr", "d_optim.lr", "train.steps", "train.mixed_precision", "train.on_nonfinite",
-    "train.max_grad_norm", "train.collective_timeout_s", "train.stop_check_every", "train.cpu_threads",
+    "data.allow_pipe", "data.prepare_timeout_s", "g_optim.lr", "d_optim.lr", "train.steps", "train.mixed_precision",
+    "train.on_nonfinite", "train.max_grad_norm", "train.collective_timeout_s", "train.stop_check_every",
+    "train.cpu_threads",
     "log.", "checkpoint.", "eval.",
 )
 
