@@ -440,11 +440,11 @@ def same_training(records: list[dict], name: str, seed: int, plan: dict, ctx: Se
     return None
 
 
-def reused(record: dict, plan: dict, ctx: Search) -> dict:
+def reused(record: dict, name: str, plan: dict, ctx: Search) -> dict:
     """RECORD's figures under this budget: the same training is not run twice; 'same_run_as' says where it ran."""
     budget = {"kind": ctx.budget.kind, "value": ctx.budget.value, "seconds": plan["budget_seconds"],
               "default_probe": plan.get("default_probe"), "probe_threads": ctx.budget.probe_threads}
-    return {**record, "budget": budget, "probe": plan["probe"], "same_run_as": budget_label(record),
+    return {**record, "point": name, "budget": budget, "probe": plan["probe"], "same_run_as": budget_label(record),
             "capped_by_max_steps": plan.get("capped_by_max_steps", False)}
 
 
@@ -471,7 +471,7 @@ def search(ctx: Search) -> int:
     def one(item: tuple[str, int]) -> None:
         name, seed = item
         same = same_training(earlier, name, seed, plans[name], ctx)
-        record = reused(same, plans[name], ctx) if same else run_one(name, seed, plans[name], ctx)
+        record = reused(same, name, plans[name], ctx) if same else run_one(name, seed, plans[name], ctx)
         append_line(ctx.results, record, ctx.lock)
         say(json.dumps({"point": name, "seed": seed, "steps": record["steps"], **record["figures"]}))
 
