@@ -12,6 +12,7 @@ from bench.search_points import DEFAULT_POINT, RECIPE_POINT, reference
 BLOCK = "search"  # <!-- search:begin --> ... <!-- search:end --> in BENCHMARKS.md
 TABLE_COMMAND = "python bench/search.py --table-only --write BENCHMARKS.md"
 
+
 def mean_std(values: list[float]) -> tuple[float, Optional[float]]:
     """Mean and sample standard deviation in float64 (None for one value)."""
     xs = [float(v) for v in values]
