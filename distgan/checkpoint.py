@@ -84,8 +84,11 @@ def save_checkpoint(
     optim_state: dict,
     keep: int,
     config_yaml: str = "",
+    metadata: Optional[dict[str, dict]] = None,
 ) -> Path:
-    """Write ``directory/step-XXXXXXXX`` atomically (temp folder, fsync, rename); keep the last ``keep``."""
+    """Write ``directory/step-XXXXXXXX`` atomically (temp folder, fsync, rename); keep the last ``keep``.
+    ``metadata``: per module name, a JSON-able dict stored as the weights file's ``distgan`` metadata (a
+    generator's export metadata, so the checkpoint's G_ema samples like an export)."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{state.step:08d}"
     tmp = directory / f".tmp-step-{state.step:08d}-{os.getpid()}"  # this process's own: another's is left alone
@@ -93,7 +96,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _write_files(tmp, state, modules, optim_state, config_yaml)
+        _write_files(tmp, state, modules, optim_state, config_yaml, metadata or {})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -115,9 +118,10 @@ def save_checkpoint(
 
 
 def _write_files(folder: Path, state: TrainState, modules: dict[str, torch.nn.Module], optim_state: dict,
-                 config_yaml: str) -> None:
+                 config_yaml: str, metadata: dict[str, dict]) -> None:
     for name, module in modules.items():
-        save_file(module_tensors(module), str(folder / f"{name}.safetensors"))
+        meta = {"distgan": json.dumps(metadata[name])} if name in metadata else None
+        save_file(module_tensors(module), str(folder / f"{name}.safetensors"), metadata=meta)
     torch.save(optim_state, folder / "optim.pt")
     if config_yaml:
         (folder / "config.yaml").write_text(config_yaml)
@@ -308,9 +312,10 @@ def checkpoint_config(path: Path) -> Optional[str]:
     return file.read_text() if file.is_file() else None
 
 
-def save_best(run_dir: Path, state: TrainState, modules: dict[str, torch.nn.Module], best: dict) -> Path:
+def save_best(run_dir: Path, state: TrainState, modules: dict[str, torch.nn.Module], best: dict,
+              metadata: Optional[dict[str, dict]] = None) -> Path:
     """``checkpoints/best/step-N`` (weights only) and ``best.json``: the best evaluation so far."""
-    path = save_checkpoint(run_dir / "checkpoints" / "best", state, modules, {}, keep=1)
+    path = save_checkpoint(run_dir / "checkpoints" / "best", state, modules, {}, keep=1, metadata=metadata)
     tmp = run_dir / "checkpoints" / "best" / "best.json.tmp"
     tmp.write_text(json.dumps({**best, "checkpoint": path.name}, indent=2))
     os.replace(tmp, tmp.with_suffix(""))

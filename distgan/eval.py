@@ -1,6 +1,6 @@
 """``python -m distgan.eval``: judge a trained generator, train the feature network, plot a run.
 
-    python -m distgan.eval --run DIR | --export FILE --data DIR [--n N] [--metrics fd kid pr coverage parzen]
+    python -m distgan.eval --run DIR [--step N] | --export FILE --data DIR [--n N] [--metrics fd kid pr coverage parzen]
                            [--features auto|classifier|inception] [--inception-weights FILE] [--seed S]
     python -m distgan.eval train-features --data DIR [--steps N] [--seed S]
     python -m distgan.eval stats --data DIR --out ref.npz [--n N] [--features ...]   (pytorch-fid's mu/sigma layout)
@@ -66,8 +66,11 @@ def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distgan.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", type=Path, help="a run dir: its generator_ema.safetensors and config.yaml")
-    src.add_argument("--export", type=Path, help="an exported generator .safetensors (needs --data)")
+    src.add_argument("--run", type=Path, help="a run dir: its newest generator (the export, or the newest intact "
+                                              "checkpoint's G_ema when the run stopped early) and config.yaml")
+    src.add_argument("--export", type=Path, help="an exported generator .safetensors, a checkpoint's G_ema file or a "
+                                                 "checkpoint folder (needs --data)")
+    p.add_argument("--step", type=int, help="with --run: score the checkpoint of this step")
     p.add_argument("--data", help="real shards (default with --run: the run's data.path)")
     p.add_argument("--test-data", help="test-split shards (default: eval.test_path, else DATA_test when it exists)")
     p.add_argument("--n", type=int, help="generated images (default: the run's eval.n, else 10000)")
@@ -87,7 +90,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def evaluate_command(args: argparse.Namespace) -> dict:
     """The run's (or the default) eval and data sections with the flags on top, evaluated by evaluate_export."""
-    from distgan.export import load_generator_export
+    from distgan.loading import load_generator
     from distgan.metrics.evaluator import evaluate_export
 
     _check_numbers(args, {"n": 2, "batch": 1, "classifier_steps": 1, "seed": 0})
@@ -99,19 +102,19 @@ def evaluate_command(args: argparse.Namespace) -> dict:
             raise ConfigError(f"{config_file} not found: --run takes a run dir written by python -m distgan.train")
         cfg = load_config(str(config_file))
         data_cfg, eval_cfg, seed = cfg.data, cfg.eval, cfg.run.seed
-        export = args.run / "generator_ema.safetensors"
     else:
         if not args.data:
             raise ConfigError("--export needs --data DIR (the real shards to compare with)")
-        export = args.export
     overrides = {"n": args.n, "features": args.features, "inception_weights": args.inception_weights,
                  "test_path": args.test_data, "batch": args.batch, "metrics": args.metrics,
                  "classifier_steps": args.classifier_steps, "reference_stats": args.reference_stats}
     eval_cfg = dataclasses.replace(eval_cfg, **{k: v for k, v in overrides.items() if v is not None})
     data_cfg = dataclasses.replace(data_cfg, path=args.data or data_cfg.path, num_workers=0)
     seed = args.seed if args.seed is not None else seed
-    model, meta = load_generator_export(Path(export), device)
-    record = evaluate_export(model, meta, export, data_cfg, eval_cfg, seed, device)
+    if args.step is not None and args.run is None:
+        raise UserError("--step goes with --run DIR (a run's checkpoint of that step)")
+    generator = load_generator(args.run or args.export, step=args.step, device=device)
+    record = evaluate_export(generator, generator.meta, generator.source, data_cfg, eval_cfg, seed, device)
     if args.run is not None:
         _write_json_atomic(args.run / "eval.json", record)
     return record

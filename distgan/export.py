@@ -27,14 +27,21 @@ from distgan.errors import UserError
 from distgan.nn import build_generator, cropped
 
 EXPORT_VERSION = 1
+EXPORT_FILE = "generator_ema.safetensors"  # what a finished run exports into its run dir
+
+
+def generator_metadata(generator_cfg: GeneratorConfig, resolution: int, channels: int, classes: Optional[list[str]],
+                       step: int, ema: bool, pad: int = 0) -> dict:
+    """What rebuilds a generator without its run: written into every export and every checkpoint's G/G_ema file."""
+    return {"format_version": EXPORT_VERSION, "generator": asdict(generator_cfg), "resolution": resolution,
+            "channels": channels, "classes": classes, "step": step, "ema": ema, "pad": pad}
 
 
 def export_generator(path: Path, model: torch.nn.Module, generator_cfg: GeneratorConfig, resolution: int,
                      channels: int, classes: Optional[list[str]], step: int, ema: bool, pad: int = 0) -> Path:
     """Write the weights (metadata inside) atomically, then the readable ``.json`` beside them; ``resolution``: the
     generator's, ``pad``: pixels cropped from each side of its images (the run's data.pad)."""
-    meta = {"format_version": EXPORT_VERSION, "generator": asdict(generator_cfg), "resolution": resolution,
-            "channels": channels, "classes": classes, "step": step, "ema": ema, "pad": pad}
+    meta = generator_metadata(generator_cfg, resolution, channels, classes, step, ema, pad)
     tmp = path.with_name(path.name + ".tmp")
     save_file(module_tensors(model), str(tmp), metadata={"distgan": json.dumps(meta)})
     os.replace(tmp, path)
@@ -51,6 +58,7 @@ MAX_RESOLUTION = 4096  # metadata sizes the network: refuse numbers no real expo
 
 def read_export_metadata(path: Path) -> dict:
     """The export's metadata, checked before anything is allocated from it."""
+    path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path}: no exported generator there (a finished run writes generator_ema.safetensors; "
                           "pass --run DIR or --export FILE)")
@@ -60,7 +68,10 @@ def read_export_metadata(path: Path) -> dict:
     except (SafetensorError, OSError) as err:
         raise ExportError(f"{path}: not a readable safetensors file ({err}); re-export it or point at another") from None
     if raw is None:
-        raise ExportError(f"{path}: not a distgan export (no 'distgan' metadata)")
+        written_by = ("a checkpoint written before distgan recorded the generator in checkpoints: sample the run's "
+                      "final export or a newer checkpoint" if path.parent.joinpath("state.json").is_file() else
+                      "export it with distgan, or point at a run dir or a checkpoint folder")
+        raise ExportError(f"{path}: not a distgan export (no 'distgan' metadata): {written_by}")
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError:
@@ -109,9 +120,11 @@ def _check_weights_fit(path: Path, expected: dict[str, torch.Tensor]) -> None:
                           "export is damaged; re-export it")
 
 
-def load_generator_export(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+def load_generator_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild an exported generator (eval mode) and return it with its metadata; a padded run's generator comes
-    cropped (its images at the data's resolution, resolution - 2 * meta["pad"])."""
+    cropped (its images at the data's resolution, resolution - 2 * meta["pad"]). ``path``: an export, or a
+    checkpoint's G_ema/G file (they carry the same metadata)."""
+    path = Path(path)
     meta = read_export_metadata(path)
     g = meta.get("generator")
     if isinstance(g, dict):  # an older export: what it meant by a key it predates

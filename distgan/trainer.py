@@ -40,7 +40,7 @@ from distgan.distributed import (any_rank, average_buffers, batch_plan, broadcas
                                  set_cpu_threads)
 from distgan.ema import EMA
 from distgan.errors import UserError
-from distgan.export import export_generator
+from distgan.export import EXPORT_FILE, export_generator, generator_metadata
 from distgan.first_use import prepare_if_missing
 from distgan.metrics.registry import is_better
 from distgan.nn import build_discriminator, build_generator, cropped, padded_resolution, sample_labels, sample_latent
@@ -452,7 +452,7 @@ class Trainer:
             return
         if self.best is None or self.best["metric"] != name or is_better(name, figures[name], self.best["value"]):
             self.best = {"metric": name, "value": figures[name], "step": self.state.step}
-            save_best(self.run_dir, self.state, self._modules(), self.best)
+            save_best(self.run_dir, self.state, self._modules(), self.best, self._generator_metadata())
             log.info("best %s so far: %.4g at step %d", name, figures[name], self.state.step)
 
     # ------------------------------------------------------------------ checkpoints
@@ -512,7 +512,8 @@ class Trainer:
             optim = {"g": self.opt_g.state_dict(), "d": self.opt_d.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else {}}
             path = save_checkpoint(self.run_dir / "checkpoints", self.state, self._modules(), optim,
-                                   self.cfg.checkpoint.keep, config_yaml=dump_yaml(self.cfg))
+                                   self.cfg.checkpoint.keep, config_yaml=dump_yaml(self.cfg),
+                                   metadata=self._generator_metadata())
             log.info("checkpoint %s", path)
         self.accelerator.wait_for_everyone()
         return path
@@ -573,7 +574,14 @@ class Trainer:
         """End the process group; call once, after the last fit() of this process."""
         self.accelerator.end_training()
 
+    def _generator_metadata(self) -> dict[str, dict]:
+        """Per checkpoint file, what rebuilds its generator (an export's metadata): every checkpoint samples."""
+        def meta(ema: bool) -> dict:
+            return generator_metadata(self.cfg.generator, self.resolution, self.source.channels, self.source.classes,
+                                      self.state.step, ema=ema, pad=self.pad)
+        return {"G": meta(False), **({"G_ema": meta(True)} if self.ema is not None else {})}
+
     def _export(self) -> None:
-        export_generator(self.run_dir / "generator_ema.safetensors", self.sample_model(), self.cfg.generator,
+        export_generator(self.run_dir / EXPORT_FILE, self.sample_model(), self.cfg.generator,
                          self.resolution, self.source.channels, self.source.classes, self.state.step,
                          ema=self.ema is not None, pad=self.pad)

@@ -9,7 +9,8 @@ from PIL import Image
 from distgan.config import GeneratorConfig
 from distgan.export import export_generator
 from distgan.nn import build_generator
-from distgan.sample import main as sample_main, truncate
+from distgan.generation import truncate
+from distgan.sample import main as sample_main
 
 
 def test_resample_keeps_every_entry_inside_and_the_rest_untouched():
