@@ -49,12 +49,13 @@ class DataConfig:
 
 @dataclass
 class GeneratorConfig:
-    arch: Literal["dcgan", "mlp", "tf_dcgan"] = "dcgan"  # dcgan: strided transposed convs; mlp; tf_dcgan: the TF tutorial's G
+    arch: str = "dcgan"  # dcgan: strided transposed convs; mlp; tf_dcgan: the TF tutorial's G; or your own: package.module:Class
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments for your own arch (package.module:Class)
     z_dim: int = 100  # latent size
     z_dist: Literal["normal", "uniform"] = "normal"  # latent distribution (uniform is on [-1, 1])
     width: int = 64  # channels of the last conv block; doubles per block towards the input (dcgan)
     max_width: int = 512  # cap on conv channels (dcgan)
-    norm: Literal["batch", "sync-batch", "none"] = "batch"  # normalisation in hidden layers
+    norm: str = "batch"  # normalisation in hidden layers
     hidden: list[int] = field(default_factory=lambda: [128, 256, 512])  # hidden sizes (mlp)
     leaky_slope: float = 0.0  # 0 = ReLU (DCGAN paper); > 0 = LeakyReLU with that slope
     upsample: Literal["transposed", "nearest", "bilinear"] = "transposed"  # dcgan: how each block doubles the resolution: a stride-2 transposed conv, or nearest/bilinear resizing then a 3x3 conv (Odena et al. 2016: no checkerboard)
@@ -70,10 +71,11 @@ def generator_keys_meant_when_absent(section: dict) -> dict[str, Any]:
 
 @dataclass
 class DiscriminatorConfig:
-    arch: Literal["dcgan", "mlp", "maxout", "tf_dcgan"] = "dcgan"  # maxout: the 2014 paper's maxout MLP
+    arch: str = "dcgan"  # maxout: the 2014 paper's maxout MLP; or your own: package.module:Class
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments for your own arch (package.module:Class)
     width: int = 64  # channels of the first conv block; doubles per block (dcgan)
     max_width: int = 512  # cap on conv channels (dcgan)
-    norm: Literal["none", "batch", "sync-batch", "layer", "spectral"] = "batch"  # normalisation in hidden layers
+    norm: str = "batch"  # normalisation in hidden layers (layer and spectral: D only)
     hidden: list[int] = field(default_factory=lambda: [512, 256])  # hidden sizes (mlp, maxout)
     maxout_pieces: int = 5  # linear pieces per maxout unit
     leaky_slope: float = 0.2  # LeakyReLU slope
@@ -83,8 +85,8 @@ class DiscriminatorConfig:
 
 @dataclass
 class LossConfig:
-    kind: Literal["minimax", "non-saturating", "hinge", "wasserstein", "least-squares"] = "non-saturating"
-    penalty: Literal["none", "wgan-gp", "r1", "r2"] = "none"  # gradient penalty on D
+    kind: str = "non-saturating"  # the adversarial loss (distgan.losses.LOSSES)
+    penalty: str = "none"  # gradient penalty on D (distgan.losses.PENALTIES)
     penalty_weight: float = 10.0  # gamma (R1/R2 use gamma/2 * |grad|^2; WGAN-GP lambda * (|grad|-1)^2)
     penalty_interval: int = 1  # lazy regularisation: apply every k D steps, weight scaled by k
 
@@ -188,8 +190,56 @@ class Config:
 
 
 def choices(section: type, key: str) -> tuple[str, ...]:
-    """The values a ``Literal`` key accepts (e.g. ``choices(LossConfig, "kind")``): the one list of choices."""
+    """The values a ``Literal`` key accepts (e.g. ``choices(OptimizerConfig, "name")``)."""
     return typing.get_args(typing.get_type_hints(section)[key])
+
+
+def _registries() -> dict[str, Any]:
+    """``section.key`` -> the registry its values are checked against (imported here: they live with their code,
+    which imports this module)."""
+    from distgan import losses
+    from distgan.nn import DISCRIMINATORS, GENERATORS, NORMS
+
+    return {"generator.arch": GENERATORS, "discriminator.arch": DISCRIMINATORS, "generator.norm": NORMS,
+            "discriminator.norm": NORMS, "loss.kind": losses.LOSSES, "loss.penalty": losses.PENALTIES}
+
+
+def key_choices(section: str, key: str) -> Optional[tuple[str, ...]]:
+    """The values ``section.key`` accepts (a registry's names or a ``Literal``'s values), None for a free value.
+    A key with a registry that allows it also takes an import path ``package.module:Class``."""
+    registry = _registries().get(f"{section}.{key}")
+    if registry is not None:
+        names = registry.names()
+        return tuple(n for n in names if registry[n].in_generator) if f"{section}.{key}" == "generator.norm" else names
+    section_type = typing.get_type_hints(Config).get(section)
+    tp = typing.get_type_hints(section_type).get(key) if section_type is not None else None
+    if tp is None:
+        return None
+    values = [v for arg in (tp, *typing.get_args(tp)) if typing.get_origin(arg) is Literal for v in typing.get_args(arg)]
+    return tuple(values) or None
+
+
+def check_choice(dotted: str, value: str) -> None:
+    """``value`` is a registered choice of ``dotted`` (``section.key``), or for an architecture an importable import
+    path; else a ConfigError naming the key, the value and the choices."""
+    from distgan.registry import RegistryError
+
+    registry = _registries()[dotted]
+    allowed = key_choices(*dotted.split("."))
+    try:
+        if value in registry and value not in allowed:
+            raise RegistryError(f"config key '{dotted}' = {value!r}: choose one of {', '.join(allowed)} ({value} is "
+                                "for the discriminator only)")
+        registry.resolve(value)
+    except RegistryError as err:
+        raise ConfigError(str(err).replace(f"config key '{registry.key}'", f"config key '{dotted}'")) from None
+
+
+def validate_choices(cfg: "Config") -> None:
+    """Every registry-backed key names a registered choice, or (architectures) an importable import path."""
+    for dotted in _registries():
+        section, key = dotted.split(".")
+        check_choice(dotted, getattr(getattr(cfg, section), key))
 
 
 def _closest(key: str, options: list[str]) -> str:
@@ -205,6 +255,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping of names to values"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -229,6 +281,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (list, tuple)):
             (item_tp,) = typing.get_args(tp)
             return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+    elif tp is Any:
+        return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -364,6 +421,11 @@ def validate(cfg: Config) -> None:
         if value < 1:
             raise ConfigError(f"config key '{key}' = {value}: must be at least 1")
     _check_finite(cfg, "")
+    validate_choices(cfg)
+    for who, section in (("generator", cfg.generator), ("discriminator", d)):
+        if section.kwargs and ":" not in section.arch:
+            raise ConfigError(f"config key '{who}.kwargs' = {section.kwargs!r}: only your own network ({who}.arch="
+                              f"package.module:Class) takes extra arguments; {who}.arch={section.arch} does not")
     validate_generator(cfg.generator)
     at_least_zero = {
         "run.seed": cfg.run.seed, "train.max_grad_norm": t.max_grad_norm, "loss.penalty_weight": loss.penalty_weight,
@@ -395,7 +457,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' = {value}: must be positive (seconds)")
     if cfg.ema.decay is not None and not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"config key 'ema.decay' = {cfg.ema.decay}: must be in [0, 1)")
-    if loss.penalty == "wgan-gp" and d.norm in ("batch", "sync-batch"):
+    if loss.penalty == "wgan-gp" and _norm_mixes_samples(d.norm):
         raise ConfigError(
             f"loss.penalty=wgan-gp with discriminator.norm={d.norm}: the penalty is defined per sample, "
             "but batch norm mixes samples, so the gradient of one output w.r.t. one input is not the critic's "
@@ -427,6 +489,12 @@ def validate(cfg: Config) -> None:
     validate_augment(cfg.augment)
 
 
+def _norm_mixes_samples(norm: str) -> bool:
+    from distgan.nn import NORMS
+
+    return NORMS[norm].mixes_samples
+
+
 def validate_augment(cfg: AugmentConfig) -> None:
     """The augment section: known, distinct ops; p and target in [0, 1]; a positive interval and speed."""
     if len(set(cfg.policy)) != len(cfg.policy):
@@ -446,6 +514,8 @@ def validate_augment(cfg: AugmentConfig) -> None:
 
 def validate_generator(cfg: GeneratorConfig) -> None:
     """The generator section on its own (an export's metadata sizes a network from it)."""
+    check_choice("generator.arch", cfg.arch)
+    check_choice("generator.norm", cfg.norm)
     sizes = {"generator.z_dim": cfg.z_dim, "generator.width": cfg.width, "generator.max_width": cfg.max_width,
              **{f"generator.hidden[{i}]": h for i, h in enumerate(cfg.hidden)}}
     for key, value in sizes.items():

@@ -18,6 +18,7 @@ after 12,000 clean steps): the cap keeps 16x headroom below fp16's largest numbe
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
@@ -25,8 +26,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from distgan.config import LossConfig, choices
 from distgan.precision import at_least_fp32
+from distgan.registry import Registry
 
 MAX_SAMPLE_SEED = 2.0**12  # the inner backward's largest per-sample seed under fp16 loss scaling
 
@@ -35,33 +36,48 @@ def _d_bce(real: Tensor, fake: Tensor) -> Tensor:  # -log sigmoid(r) - log(1 - s
     return F.softplus(-real).mean() + F.softplus(fake).mean()
 
 
-_D_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "minimax": _d_bce,
-    "non-saturating": _d_bce,
-    "hinge": lambda real, fake: F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean(),
-    "wasserstein": lambda real, fake: fake.mean() - real.mean(),
-    "least-squares": lambda real, fake: 0.5 * (real - 1.0).square().mean() + 0.5 * fake.square().mean(),
-}
-_G_LOSSES: dict[str, Callable[[Tensor], Tensor]] = {
-    "minimax": lambda fake: -F.softplus(fake).mean(),  # log(1 - sigmoid(l)) = -softplus(l)
-    "non-saturating": lambda fake: F.softplus(-fake).mean(),  # -log sigmoid(l) = softplus(-l)
-    "hinge": lambda fake: -fake.mean(),
-    "wasserstein": lambda fake: -fake.mean(),
-    "least-squares": lambda fake: 0.5 * (fake - 1.0).square().mean(),
-}
-_PENALTY_FACTORS = {"none": 0.0, "r1": 0.5, "r2": 0.5, "wgan-gp": 1.0}  # R1/R2 are gamma/2 |grad|^2
-LOSS_KINDS = choices(LossConfig, "kind")
-PENALTY_KINDS = choices(LossConfig, "penalty")
+@dataclass(frozen=True)
+class Loss:
+    """One ``loss.kind``: D's loss on (real, fake) logits and G's on fake logits, each a batch mean."""
+
+    d: Callable[[Tensor, Tensor], Tensor]
+    g: Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Penalty:
+    """One ``loss.penalty``: where D's input gradient is taken, and the factor on ``loss.penalty_weight``."""
+
+    on: str  # "real" (R1), "fake" (R2), "interpolates" (WGAN-GP), "" (none)
+    factor: float  # R1/R2 are gamma/2 |grad|^2; WGAN-GP lambda (|grad| - 1)^2
+
+
+LOSSES: Registry[Loss] = Registry("loss.kind")
+LOSSES.register("minimax")(Loss(_d_bce, lambda fake: -F.softplus(fake).mean()))  # log(1 - sigmoid(l)) = -softplus(l)
+LOSSES.register("non-saturating")(Loss(_d_bce, lambda fake: F.softplus(-fake).mean()))  # -log sigmoid(l)
+LOSSES.register("hinge")(Loss(lambda real, fake: F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean(),
+                              lambda fake: -fake.mean()))
+LOSSES.register("wasserstein")(Loss(lambda real, fake: fake.mean() - real.mean(), lambda fake: -fake.mean()))
+LOSSES.register("least-squares")(Loss(lambda real, fake: 0.5 * (real - 1.0).square().mean() + 0.5 * fake.square().mean(),
+                                      lambda fake: 0.5 * (fake - 1.0).square().mean()))
+
+PENALTIES: Registry[Penalty] = Registry("loss.penalty")
+PENALTIES.register("none")(Penalty("", 0.0))
+PENALTIES.register("wgan-gp")(Penalty("interpolates", 1.0))
+PENALTIES.register("r1")(Penalty("real", 0.5))
+PENALTIES.register("r2")(Penalty("fake", 0.5))
+LOSS_KINDS = LOSSES.names()
+PENALTY_KINDS = PENALTIES.names()
 
 
 def discriminator_loss(kind: str, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """D's loss on a batch of real and a batch of fake logits (each averaged over its batch)."""
-    return _D_LOSSES[kind](at_least_fp32(real_logits), at_least_fp32(fake_logits))
+    return LOSSES[kind].d(at_least_fp32(real_logits), at_least_fp32(fake_logits))
 
 
 def generator_loss(kind: str, fake_logits: Tensor) -> Tensor:
     """G's loss on the logits D gives its samples."""
-    return _G_LOSSES[kind](at_least_fp32(fake_logits))
+    return LOSSES[kind].g(at_least_fp32(fake_logits))
 
 
 def _input_grads(outputs: Tensor, inputs: Tensor, grad_scale: Union[float, Tensor]) -> Tensor:
@@ -115,4 +131,4 @@ def interpolate(real: Tensor, fake: Tensor, generator: Optional[torch.Generator]
 
 def penalty_weight(kind: str, weight: float, interval: int) -> float:
     """The factor for the unweighted penalty: gamma/2 for R1/R2, lambda for WGAN-GP, times the lazy interval."""
-    return weight * _PENALTY_FACTORS[kind] * interval
+    return weight * PENALTIES[kind].factor * interval

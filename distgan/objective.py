@@ -30,13 +30,14 @@ class GANObjective:
 
     def __init__(self, cfg: LossConfig) -> None:
         self.kind, self.penalty = cfg.kind, cfg.penalty
+        self.penalty_on = losses.PENALTIES[cfg.penalty].on  # "real", "fake", "interpolates", or "" (none)
         self.penalty_weight = losses.penalty_weight(cfg.penalty, cfg.penalty_weight, cfg.penalty_interval)
-        self.reg_interval = cfg.penalty_interval if cfg.penalty != "none" else 0  # 0: never
+        self.reg_interval = cfg.penalty_interval if self.penalty_on else 0  # 0: never
 
     @property
     def needs_alpha(self) -> bool:
         """Whether a regularization step mixes real and fake images (WGAN-GP's interpolates)."""
-        return self.penalty == "wgan-gp"
+        return self.penalty_on == "interpolates"
 
     def discriminator(self, D: nn.Module, real: Tensor, fake: Tensor, *, regularize: bool, alpha: Optional[Tensor],
                       autocast: Autocast, grad_scale: Union[float, Tensor], real_labels: Optional[Tensor] = None,
@@ -49,9 +50,9 @@ class GANObjective:
         penalty's inner gradient is taken on scaled outputs and unscaled after, as in PyTorch's AMP recipe.
         """
         fake = at_least_fp32(fake)
-        if regularize and self.penalty == "r1":
+        if regularize and self.penalty_on == "real":
             real = real.detach().requires_grad_(True)
-        if regularize and self.penalty == "r2":
+        if regularize and self.penalty_on == "fake":
             fake = fake.detach().requires_grad_(True)
         with autocast():
             real_logits, fake_logits = call(D, real, real_labels), call(D, fake, fake_labels)
@@ -60,9 +61,9 @@ class GANObjective:
                    "d_fake": fake_logits.detach().float().mean()}
         if not regularize:
             return loss, figures
-        if self.penalty == "r1":
+        if self.penalty_on == "real":
             value = losses.r1_penalty(real_logits, real, grad_scale=grad_scale)
-        elif self.penalty == "r2":
+        elif self.penalty_on == "fake":
             value = losses.r1_penalty(fake_logits, fake, grad_scale=grad_scale)
         else:
             x_hat = losses.interpolate(real, fake, alpha=alpha)

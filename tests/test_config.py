@@ -38,7 +38,7 @@ def test_unknown_key_names_the_closest_valid_one():
 
 
 def test_wrong_type_names_key_and_expected_type():
-    with pytest.raises(ConfigError, match=r"'loss.kind' = 'bce': expected one of 'minimax'"):
+    with pytest.raises(ConfigError, match=r"'loss.kind' = 'bce': choose one of minimax, non-saturating"):
         load_config(None, ["loss.kind=bce"])
     with pytest.raises(ConfigError, match=r"'log.wandb' = 'maybe': expected bool"):
         load_config(None, ["log.wandb=maybe"])
@@ -99,10 +99,13 @@ def test_yaml_no_is_the_string_no_for_choice_keys():
         load_config(None, ["train.mixed_precision=true"])
 
 
-def test_component_tables_match_the_config_choices():
-    """Every choice the schema offers has an implementation, and nothing is implemented that cannot be chosen."""
+def test_registry_backed_keys_offer_their_registries_names():
+    """The choices of arch, norm, loss kind and penalty are the names registered beside their code (nothing else)."""
     from distgan import losses
-    from distgan.config import LossConfig, choices
+    from distgan.config import key_choices
+    from distgan.nn import DISCRIMINATORS, GENERATORS, NORMS
 
-    assert set(losses._D_LOSSES) == set(losses._G_LOSSES) == set(choices(LossConfig, "kind"))
-    assert set(losses._PENALTY_FACTORS) == set(choices(LossConfig, "penalty"))
+    assert key_choices("loss", "kind") == tuple(losses.LOSSES) and key_choices("loss", "penalty") == tuple(losses.PENALTIES)
+    assert key_choices("generator", "arch") == tuple(GENERATORS) and key_choices("discriminator", "arch") == tuple(DISCRIMINATORS)
+    assert key_choices("discriminator", "norm") == tuple(NORMS)
+    assert set(key_choices("generator", "norm")) == {"batch", "sync-batch", "none"}

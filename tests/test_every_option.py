@@ -5,7 +5,7 @@ exported generator, G and D weights that moved (a trainer whose optimizers never
 and what its options imply: the norm layers, optimisers and latents built, first losses at the configured
 kind's level, penalty lines, EMA beta, images seen, clipped updates. These prove plumbing, not learning
 (tests/test_learning.py does that). Refused combinations are asserted to raise
-their ConfigError. A meta-test walks every ``Literal`` key of distgan/config.py and fails when a value is
+their ConfigError. A meta-test walks every key with choices (registries and ``Literal`` types, ``config.key_choices``) and fails when a value is
 trained by no case here (nor by a named test elsewhere); tests/test_configs.py does the same for configs/.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from conftest import REPO
-from distgan.config import Config, ConfigError, LossConfig, load_config
+from distgan.config import Config, ConfigError, key_choices, load_config
 from distgan.data.shards import write_shards
 from distgan.nn import SyncBatchNorm
 from distgan.nn.dcgan import BASE_SIZE
@@ -55,19 +55,13 @@ class Case:
         return load_config(self.config, [*base, *self.overrides, f"data.path={data_path}", f"run.dir={run_dir}"])
 
 
-def literal_values(tp: typing.Any) -> tuple:
-    """The values of a ``Literal`` annotation (also inside Optional/Union); () for any other type."""
-    if typing.get_origin(tp) is typing.Literal:
-        return typing.get_args(tp)
-    return tuple(v for arg in typing.get_args(tp) for v in literal_values(arg)) if typing.get_origin(tp) else ()
-
-
 def choice_keys() -> dict[str, tuple]:
-    """``section.key`` -> its allowed values, for every Literal-typed field of every config section."""
+    """``section.key`` -> its allowed values, for every key with choices (a registry's names or a ``Literal``'s
+    values: distgan.config.key_choices), in every config section."""
     out = {}
     for section, section_type in typing.get_type_hints(Config).items():
-        for name, tp in typing.get_type_hints(section_type).items():
-            if values := literal_values(tp):
+        for name in typing.get_type_hints(section_type):
+            if values := key_choices(section, name):
                 out[f"{section}.{name}"] = values
     return out
 
@@ -82,9 +76,8 @@ def _loss_case(kind: str, penalty: str) -> Case:
     return Case(f"{kind}-{penalty}", (f"loss.kind={kind}", f"loss.penalty={penalty}", *fix))
 
 
-_LOSS = typing.get_type_hints(LossConfig)
 MATRIX: list[Case] = [
-    *(_loss_case(k, p) for k in literal_values(_LOSS["kind"]) for p in literal_values(_LOSS["penalty"])),
+    *(_loss_case(k, p) for k in key_choices("loss", "kind") for p in key_choices("loss", "penalty")),
     Case("lazy-r1", ("loss.penalty=r1", "loss.penalty_interval=2")),
     Case("dcgan-32-rgb", (), "rgb32"),
     Case("dcgan-64-rgb", ("train.batch_size=4",), "rgb64"),

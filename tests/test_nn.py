@@ -227,7 +227,7 @@ def test_unsupported_resolution_lists_supported_ones() -> None:
 
 def test_unknown_arch_and_norm_are_refused() -> None:
     """Choices are checked once, by the config; the builders' tables hold exactly the config's choices."""
-    from distgan.config import ConfigError, choices, load_config
+    from distgan.config import ConfigError, key_choices, load_config
 
     with pytest.raises(ConfigError, match="generator.arch"):
         load_config(None, ["generator.arch=resnet"])
@@ -235,8 +235,8 @@ def test_unknown_arch_and_norm_are_refused() -> None:
         load_config(None, ["generator.norm=layer"])
     with pytest.raises(ConfigError, match="discriminator.norm"):
         load_config(None, ["discriminator.norm=instance"])
-    assert set(GENERATORS) == set(choices(GeneratorConfig, "arch"))
-    assert set(DISCRIMINATORS) == set(choices(DiscriminatorConfig, "arch"))
+    assert set(GENERATORS) == set(key_choices("generator", "arch"))
+    assert set(DISCRIMINATORS) == set(key_choices("discriminator", "arch"))
 
 
 def test_generator_activation_follows_leaky_slope() -> None:

@@ -12,31 +12,17 @@ import torch
 from torch import Tensor, nn
 
 from distgan.config import ConfigError, DiscriminatorConfig, GeneratorConfig
+from distgan.nn import dcgan, mlp, tf_dcgan  # noqa: F401  (each registers its architectures)
 from distgan.nn.conditional import ConditionalGenerator, ProjectionDiscriminator
 from distgan.nn.crop import CenterCrop, cropped
-from distgan.nn.dcgan import BASE_SIZE, DCGANDiscriminator, DCGANGenerator
-from distgan.nn.mlp import MaxoutDiscriminator, MLPDiscriminator, MLPGenerator
+from distgan.nn.layers import NORMS
+from distgan.nn.registry import DISCRIMINATORS, GENERATORS, RESOLUTIONS
 from distgan.nn.syncbn import SyncBatchNorm, convert_sync_batchnorm
-from distgan.nn.tf_dcgan import TFDCGANDiscriminator, TFDCGANGenerator
-
-GENERATORS: dict[str, Callable[..., nn.Module]] = {
-    "dcgan": DCGANGenerator, "mlp": MLPGenerator, "tf_dcgan": TFDCGANGenerator,
-}
-DISCRIMINATORS: dict[str, Callable[..., nn.Module]] = {
-    "dcgan": DCGANDiscriminator, "mlp": MLPDiscriminator, "maxout": MaxoutDiscriminator,
-    "tf_dcgan": TFDCGANDiscriminator,
-}
-# arch -> (whether it builds at a resolution, the resolutions it builds at in words): data.pad's check names them
-RESOLUTIONS: dict[str, tuple[Callable[[int], bool], str]] = {
-    "dcgan": (lambda r: r in BASE_SIZE, ", ".join(map(str, BASE_SIZE))),
-    "tf_dcgan": (lambda r: r >= 4 and r % 4 == 0, "multiples of 4"),
-    "mlp": (lambda r: r >= 1, "any"),
-    "maxout": (lambda r: r >= 1, "any"),
-}
+from distgan.registry import RegistryError, is_import_path
 
 __all__ = [
     "build_generator", "build_discriminator", "sample_latent", "sample_labels", "SyncBatchNorm", "convert_sync_batchnorm",
-    "GENERATORS", "DISCRIMINATORS", "RESOLUTIONS", "padded_resolution", "CenterCrop", "cropped",
+    "GENERATORS", "DISCRIMINATORS", "RESOLUTIONS", "NORMS", "padded_resolution", "CenterCrop", "cropped",
 ]
 
 
@@ -52,6 +38,8 @@ def padded_resolution(resolution: int, pad: int, generator: GeneratorConfig, dis
     if pad == 0:
         return padded  # unpadded: the architectures' own errors, as before
     for who, arch in (("generator", generator.arch), ("discriminator", discriminator.arch)):
+        if arch not in RESOLUTIONS:  # a user's own network says what it builds at by building (or refusing)
+            continue
         builds, supported = RESOLUTIONS[arch]
         if not builds(padded):
             raise ConfigError(f"config key 'data.pad' = {pad}: pads the {resolution}x{resolution} images to "
@@ -66,13 +54,45 @@ def _check_classes(num_classes: Optional[int], who: str) -> None:
                           f"'classes'), got {num_classes}: prepare labeled shards or set {who}.conditional=false")
 
 
+def _user_network(registry, cfg, who: str, resolution: int, channels: int, num_classes: Optional[int]) -> nn.Module:
+    """A user's own network, ``cfg.arch`` = ``package.module:Class``: ``Class(cfg, resolution, channels,
+    **cfg.kwargs)``, plus ``num_classes=K`` when ``cfg.conditional`` (it is then called with class indices too)."""
+    try:
+        cls = registry.resolve(cfg.arch)
+    except RegistryError as err:
+        raise ConfigError(str(err)) from None
+    extra = dict(cfg.kwargs, **({"num_classes": num_classes} if cfg.conditional else {}))
+    try:
+        net = cls(cfg, resolution, channels, **extra)
+    except TypeError as err:  # the constructor contract, named with what was passed
+        raise ConfigError(f"{who}.arch = '{cfg.arch}': {cls.__name__}(cfg, resolution={resolution}, channels={channels}"
+                          f"{''.join(f', {k}=...' for k in extra)}) failed ({err}); see the README's 'Your own "
+                          f"networks' for the constructor contract, and {who}.kwargs for extra arguments") from None
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"{who}.arch = '{cfg.arch}' made a {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+def _builtin_kwargs(cfg, who: str) -> None:
+    if cfg.kwargs:
+        raise ConfigError(f"config key '{who}.kwargs' = {cfg.kwargs!r}: only a user's own network "
+                          f"({who}.arch=package.module:Class) takes extra arguments; {who}.arch={cfg.arch} does not")
+
+
 def build_generator(cfg: GeneratorConfig, resolution: int, channels: int,
                     num_classes: Optional[int] = None) -> nn.Module:
     """The generator ``cfg.arch`` for ``channels`` x ``resolution`` x ``resolution`` images (of ``num_classes``
-    classes when ``cfg.conditional``)."""
+    classes when ``cfg.conditional``). A user's own (an import path) maps z [B, cfg.z_dim] (and y [B] when
+    conditional) to images [B, channels, resolution, resolution] in [-1, 1]."""
     _check_image(resolution, channels, "generator")
     if cfg.conditional:
         _check_classes(num_classes, "generator")
+    if is_import_path(cfg.arch):
+        net = _user_network(GENERATORS, cfg, "generator", resolution, channels, num_classes)
+        net.z_dim = cfg.z_dim  # what sampling and cropping read
+        return net
+    _builtin_kwargs(cfg, "generator")
+    if cfg.conditional:
         return ConditionalGenerator(GENERATORS[cfg.arch], cfg, resolution, channels, num_classes)
     return GENERATORS[cfg.arch](cfg, resolution, channels)
 
@@ -80,10 +100,15 @@ def build_generator(cfg: GeneratorConfig, resolution: int, channels: int,
 def build_discriminator(cfg: DiscriminatorConfig, resolution: int, channels: int,
                         num_classes: Optional[int] = None) -> nn.Module:
     """The discriminator ``cfg.arch`` for ``channels`` x ``resolution`` x ``resolution`` images (with a projection
-    head over ``num_classes`` classes when ``cfg.conditional``)."""
+    head over ``num_classes`` classes when ``cfg.conditional``). A user's own (an import path) maps images (and
+    y [B] when conditional) to raw logits [B]."""
     _check_image(resolution, channels, "discriminator")
     if cfg.conditional:
         _check_classes(num_classes, "discriminator")
+    if is_import_path(cfg.arch):
+        return _user_network(DISCRIMINATORS, cfg, "discriminator", resolution, channels, num_classes)
+    _builtin_kwargs(cfg, "discriminator")
+    if cfg.conditional:
         return ProjectionDiscriminator(DISCRIMINATORS[cfg.arch], cfg, resolution, channels, num_classes)
     return DISCRIMINATORS[cfg.arch](cfg, resolution, channels)
 

@@ -19,6 +19,7 @@ from distgan.nn.layers import (
     Flatten, Squeeze, Unflatten, activation, apply_spectral_norm, block,
     dcgan_init_, has_norm_layer, norm_layer,
 )
+from distgan.nn.registry import DISCRIMINATORS, GENERATORS, architecture
 
 BASE_SIZE = {28: 7, 32: 4, 64: 4, 128: 4}  # resolution -> size of the smallest feature map
 RESOLUTIONS = tuple(BASE_SIZE)
@@ -46,6 +47,7 @@ def _channels(width: int, max_width: int, blocks: int) -> list[int]:
     return [min(width * 2**k, max_width) for k in reversed(range(blocks))]
 
 
+@architecture(GENERATORS, "dcgan", lambda r: r in BASE_SIZE, ", ".join(map(str, BASE_SIZE)))
 class DCGANGenerator(nn.Module):
     def __init__(self, cfg: GeneratorConfig, resolution: int, channels: int) -> None:
         super().__init__()
@@ -71,6 +73,7 @@ class DCGANGenerator(nn.Module):
         return self.net(z)
 
 
+@architecture(DISCRIMINATORS, "dcgan", lambda r: r in BASE_SIZE, ", ".join(map(str, BASE_SIZE)))
 class DCGANDiscriminator(nn.Module):
     def __init__(self, cfg: DiscriminatorConfig, resolution: int, channels: int) -> None:
         super().__init__()

@@ -1,7 +1,8 @@
 """Building blocks shared by the architectures: norms, activations, spectral norm, initialisation."""
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from einops import rearrange
@@ -9,8 +10,29 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from distgan.nn.syncbn import SyncBatchNorm
+from distgan.registry import Registry
 
 _WEIGHTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class Norm:
+    """One ``generator.norm``/``discriminator.norm`` choice: the layer it adds after a hidden layer (None: none)."""
+
+    layer: Callable[[int, bool], Optional[nn.Module]]  # (features, spatial) -> the layer, or None
+    has_layer: bool = True  # adds a layer with its own shift (the layer before it then needs no bias)
+    mixes_samples: bool = False  # normalises over the batch (per-sample gradient penalties are then not per sample)
+    in_generator: bool = True  # offered for G (layer norm and spectral norm are D's only)
+
+
+NORMS: Registry[Norm] = Registry("norm")
+NORMS.register("batch")(Norm(lambda f, spatial: nn.BatchNorm2d(f) if spatial else nn.BatchNorm1d(f), mixes_samples=True))
+NORMS.register("sync-batch")(Norm(lambda f, spatial: SyncBatchNorm(f), mixes_samples=True))
+NORMS.register("none")(Norm(lambda f, spatial: None, has_layer=False))
+# per-sample, so it keeps per-sample gradient penalties meaningful
+NORMS.register("layer")(Norm(lambda f, spatial: nn.GroupNorm(1, f) if spatial else nn.LayerNorm(f), in_generator=False))
+# no layer: the architectures spectral-normalise their weights (apply_spectral_norm)
+NORMS.register("spectral")(Norm(lambda f, spatial: None, has_layer=False, in_generator=False))
 
 
 def norm_layer(kind: str, features: int, spatial: bool) -> Optional[nn.Module]:
@@ -18,20 +40,12 @@ def norm_layer(kind: str, features: int, spatial: bool) -> Optional[nn.Module]:
 
     ``spatial`` is True after a conv ([B, C, H, W]) and False after a linear layer ([B, F]).
     """
-    if kind == "batch":
-        return nn.BatchNorm2d(features) if spatial else nn.BatchNorm1d(features)
-    if kind == "sync-batch":
-        return SyncBatchNorm(features)
-    if kind == "layer":  # per-sample, so it keeps per-sample gradient penalties meaningful
-        return nn.GroupNorm(1, features) if spatial else nn.LayerNorm(features)
-    if kind in ("none", "spectral"):
-        return None
-    raise KeyError(kind)  # unreachable for a validated config (config.validate owns the choices)
+    return NORMS[kind].layer(features, spatial)
 
 
 def has_norm_layer(kind: str) -> bool:
     """Whether ``kind`` adds a layer with its own shift (then the preceding layer needs no bias)."""
-    return kind in ("batch", "sync-batch", "layer")
+    return NORMS[kind].has_layer
 
 
 def activation(slope: float) -> nn.Module:

@@ -15,8 +15,10 @@ from distgan.nn.layers import (
     Flatten, Squeeze, Unflatten, activation, apply_spectral_norm, block,
     has_norm_layer,
 )
+from distgan.nn.registry import DISCRIMINATORS, GENERATORS, architecture
 
 
+@architecture(GENERATORS, "mlp")
 class MLPGenerator(nn.Module):
     def __init__(self, cfg: GeneratorConfig, resolution: int, channels: int) -> None:
         super().__init__()
@@ -33,6 +35,7 @@ class MLPGenerator(nn.Module):
         return self.net(z)
 
 
+@architecture(DISCRIMINATORS, "mlp")
 class MLPDiscriminator(nn.Module):
     def __init__(self, cfg: DiscriminatorConfig, resolution: int, channels: int) -> None:
         super().__init__()
@@ -68,6 +71,7 @@ class Maxout(nn.Module):
         return reduce(self.linear(x), "b (o k) -> b o", "max", k=self.pieces)
 
 
+@architecture(DISCRIMINATORS, "maxout")  # the 2014 paper's maxout MLP
 class MaxoutDiscriminator(MLPDiscriminator):
     """The maxout MLP discriminator of the GAN paper (Goodfellow et al. 2014): maxout layers with dropout."""
 

@@ -17,6 +17,7 @@ from distgan.nn.layers import (
     Flatten, Squeeze, Unflatten, apply_spectral_norm, block, glorot_init_,
     has_norm_layer,
 )
+from distgan.nn.registry import DISCRIMINATORS, GENERATORS, architecture
 
 KERAS_LEAKY_SLOPE = 0.3
 
@@ -29,6 +30,7 @@ def _base(resolution: int, who: str) -> int:
     return resolution // 4
 
 
+@architecture(GENERATORS, "tf_dcgan", lambda r: r >= 4 and r % 4 == 0, "multiples of 4")
 class TFDCGANGenerator(nn.Module):
     def __init__(self, cfg: GeneratorConfig, resolution: int, channels: int) -> None:
         super().__init__()
@@ -53,6 +55,7 @@ class TFDCGANGenerator(nn.Module):
         return self.net(z)
 
 
+@architecture(DISCRIMINATORS, "tf_dcgan", lambda r: r >= 4 and r % 4 == 0, "multiples of 4")
 class TFDCGANDiscriminator(nn.Module):
     def __init__(self, cfg: DiscriminatorConfig, resolution: int, channels: int) -> None:
         super().__init__()
