@@ -38,7 +38,8 @@ from distgan import losses  # noqa: E402
 from distgan.config import Config, load_config  # noqa: E402
 from distgan.data.stream import normalize_images  # noqa: E402
 from distgan.nn import build_discriminator, build_generator, sample_latent  # noqa: E402
-from distgan.trainer import Trainer, make_optimizer  # noqa: E402
+from distgan.build import make_optimizer  # noqa: E402
+from distgan.trainer import Trainer  # noqa: E402
 
 RESOLUTION, CHANNELS = 32, 3  # CIFAR-10
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -30,7 +30,8 @@ from distgan.nn import build_discriminator, build_generator, sample_latent  # no
 from distgan.data.stream import ShardSource  # noqa: E402
 from distgan.distributed import batch_plan  # noqa: E402
 from distgan.tracking import read_metrics  # noqa: E402
-from distgan.trainer import Trainer, make_optimizer  # noqa: E402
+from distgan.build import make_optimizer  # noqa: E402
+from distgan.trainer import Trainer  # noqa: E402
 
 
 def plain_loop(cfg, source, steps: int) -> float:

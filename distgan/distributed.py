@@ -11,13 +11,17 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Callable, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import (
+    DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list,
+)
 from torch import nn
 
 from distgan.config import ConfigError, LogConfig, RunConfig, TrainConfig
+from distgan.errors import UserError
 
 # torch 2.13 deprecates broadcast_buffers in favour of forward_sync_buffers, which Accelerate cannot pass yet;
 # broadcast_buffers=False is what we need (DESIGN: in-place buffer broadcast breaks two D forwards on CUDA).
@@ -165,3 +169,21 @@ def average_buffers(accelerator: Accelerator, *modules: nn.Module) -> None:
     flat = torch.cat([b.reshape(-1) for b in buffers])
     flat = accelerator.reduce(flat, reduction="sum") / accelerator.num_processes
     torch._foreach_copy_(buffers, [v.view_as(b) for v, b in zip(flat.split([b.numel() for b in buffers]), buffers)])
+
+
+def on_main_process(accelerator: Accelerator, decide: Callable[[], Any], timeout_s: Optional[float] = None) -> Any:
+    """Run ``decide`` on the main process only and give every rank its answer (or its user error): one answer for
+    all ranks, even when they see a shared filesystem at different moments. ``timeout_s``: how long the other
+    ranks wait, when longer than train.collective_timeout_s (a download, a first-use classifier)."""
+    decision: list = [None, None]  # [result, error message]
+    if accelerator.is_main_process:
+        try:
+            decision[0] = decide()
+        except UserError as err:
+            decision[1] = str(err)
+    if accelerator.num_processes > 1:
+        decision = (broadcast_object_list(decision, from_process=0) if timeout_s is None
+                    else broadcast_from_main(accelerator, decision, timeout_s))
+    if decision[1] is not None:
+        raise ConfigError(decision[1])
+    return decision[0]

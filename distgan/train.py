@@ -46,12 +46,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from distgan.trainer import NonFiniteError, Trainer  # torch and accelerate load only after the config is valid
+    from distgan.api import fit  # accelerate loads only after the config is valid
+    from distgan.trainer import NonFiniteError
 
     try:
-        trainer = Trainer(cfg, resume=args.resume)
-        trainer.fit()
-        trainer.close()
+        fit(cfg, resume=args.resume)
     except NonFiniteError as err:  # the run diverged: not the user's typo, but not a bug either
         print(f"distgan.train: error: {err}", file=sys.stderr)
         return 3

@@ -20,31 +20,25 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list
 from torch import Tensor, nn
 
-from distgan.augment import Augmented, RealBatchMarker
 from distgan.checkpoint import TrainState, list_checkpoints, load_checkpoint, read_best, save_best, save_checkpoint
-from distgan.config import Config, ConfigError, OptimizerConfig, dump_yaml
-from distgan.data.stream import DataSource, ShardSource, normalize_images, pad_images
-from distgan.distributed import (any_rank, average_buffers, batch_plan, broadcast_from_main, make_accelerator,
-                                 set_cpu_threads)
-from distgan.ema import EMA
-from distgan.errors import UserError
+from distgan.build import Parts, build
+from distgan.config import Config, ConfigError, dump_yaml
+from distgan.data.stream import DataSource, normalize_images, pad_images
+from distgan.distributed import any_rank, average_buffers, on_main_process
 from distgan.export import EXPORT_FILE, export_generator, generator_metadata
-from distgan.first_use import prepare_if_missing
 from distgan.metrics.registry import is_better
-from distgan.nn import build_discriminator, build_generator, cropped, padded_resolution, sample_labels, sample_latent
-from distgan.objective import Figures, GANObjective, call
+from distgan.nn import cropped, sample_labels, sample_latent
+from distgan.objective import Figures, call
 from distgan.precision import loss_scale, step_unless, unscale_and_norm
 from distgan.health import StepHealth
 from distgan.rundir import RunDirLock, claim_run_dir, record_config
@@ -59,7 +53,6 @@ log = logging.getLogger(__name__)
 DRAW_D_LATENT, DRAW_G_LATENT, DRAW_GP_ALPHA, DRAW_D_LABEL, DRAW_G_LABEL = 0, 1, 2, 3, 4
 # fp16: this many overflowing phases in a row stop the run (from the initial scale 65536, 17 halvings reach 1)
 MAX_CONSECUTIVE_OVERFLOWS = 20
-MIN_BN_SAMPLES = 32  # plain batch norm on fewer samples per rank than this gets a warning
 
 
 class NonFiniteError(RuntimeError):
@@ -98,79 +91,29 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def make_optimizer(cfg: OptimizerConfig, params, fused: bool = False, lr_factor: float = 1.0) -> torch.optim.Optimizer:
-    """The optimizer of ``cfg`` at lr ``cfg.lr * lr_factor`` (train.lr_batch_scaling); ``fused``: one kernel for all
-    parameters, and a step skippable on the device."""
-    lr = cfg.lr * lr_factor
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
-    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
-
-
-def warn_small_bn_batch(cfg: Config, local_batch: int, world: int, global_batch: int) -> None:
-    """Plain batch norm normalises each rank's own samples: too few of them make noisy statistics."""
-    plain = [name for name, norm in (("generator", cfg.generator.norm), ("discriminator", cfg.discriminator.norm))
-             if norm == "batch"]
-    if plain and local_batch < MIN_BN_SAMPLES and world > 1:
-        log.warning(
-            "per-rank batch %d (global batch %d over %d processes) with plain batch norm in %s: statistics of "
-            "fewer than %d samples are noisy. Raise train.batch_size to at least %d, or set train.batch_per_process="
-            "%d (and train.lr_batch_scaling, see the README), or use norm=sync-batch", local_batch, global_batch, world,
-            " and ".join(plain), MIN_BN_SAMPLES, MIN_BN_SAMPLES * world, MIN_BN_SAMPLES)
-
-
 class Trainer:
-    def __init__(self, cfg: Config, source: Optional[DataSource] = None, resume: Optional[str] = None):
+    """Trains the parts of a run (``distgan.build``): ``Trainer(cfg).fit()``, or ``Trainer(cfg, parts=build(cfg))``.
+
+    ``source``: real batches from elsewhere (e.g. memory) instead of ``data.path``; ``resume``: ``auto`` or a
+    checkpoint path. First-use work (``data.prepare``, the feature classifier) is ``distgan.build.first_use``'s,
+    done before (``distgan.train`` does both)."""
+
+    def __init__(self, cfg: Config, source: Optional[DataSource] = None, resume: Optional[str] = None,
+                 parts: Optional[Parts] = None):
         self.started_at = time.time()
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
-        self.accelerator = acc = make_accelerator(cfg.train, cfg.log, cfg.run)
-        set_cpu_threads(acc, cfg.train.cpu_threads)
+        parts = parts or build(cfg, source=source)
+        self.accelerator = acc = parts.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
-        self.batch = batch_plan(cfg.train, self.world)  # the global batch, this rank's share, the lr factor
+        self.batch = parts.batch
         self.global_batch, self.local_batch = self.batch.global_batch, self.batch.local_batch
-        log.info(
-            "rank %d/%d on host %s (node %s), device %s, %d threads, per-rank batch %d",
-            self.rank, self.world, socket.gethostname(), os.environ.get("SLURM_NODEID", "-"),
-            acc.device, torch.get_num_threads(), self.local_batch,
-        )
-        if acc.is_main_process:
-            log.info("global batch %d (%d per process x %d), lr_g %.4g, lr_d %.4g (train.lr_batch_scaling=%s)",
-                     self.global_batch, self.local_batch, self.world, cfg.g_optim.lr * self.batch.lr_factor,
-                     cfg.d_optim.lr * self.batch.lr_factor, cfg.train.lr_batch_scaling)
-            warn_small_bn_batch(cfg, self.local_batch, self.world, self.global_batch)
-        if source is None and cfg.data.prepare:  # rank 0 decides and prepares; the others wait for its answer
-            self._on_main_process(lambda: prepare_if_missing(cfg.data), timeout_s=cfg.data.prepare_timeout_s)
-        self.source = source or ShardSource(cfg.data, raw=acc.device.type == "cuda",  # uint8, normalised on the GPU
-                                            need_labels=cfg.generator.conditional)
-        ch, self.pad = self.source.channels, cfg.data.pad
-        # G and D work at the padded resolution; what is scored or shown is cropped back (self.shown)
-        self.resolution = res = padded_resolution(self.source.resolution, self.pad, cfg.generator, cfg.discriminator)
-        self.classes = classes = self.source.classes
-        self.num_classes = len(classes) if cfg.generator.conditional and classes else None
-        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        G = build_generator(cfg.generator, res, ch, self.num_classes)
-        D = build_discriminator(cfg.discriminator, res, ch, self.num_classes)
-        self.augment: Optional[Augmented] = None
-        if cfg.augment.policy:  # every D forward of both phases sees augmented images (distgan.augment)
-            D = self.augment = Augmented(D, cfg.augment)
-            self.source = RealBatchMarker(self.source, self.augment)
-        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        G.to(memory_format=self.memory_format)
-        D.to(memory_format=self.memory_format)
-        self.ema = EMA(G, cfg.ema) if cfg.ema.enabled else None
-        fused = acc.device.type in ("cpu", "cuda")
-        opt_g = make_optimizer(cfg.g_optim, G.parameters(), fused=fused, lr_factor=self.batch.lr_factor)
-        opt_d = make_optimizer(cfg.d_optim, D.parameters(), fused=fused, lr_factor=self.batch.lr_factor)
-        self.G, self.D, self.opt_g, self.opt_d = acc.prepare(G, D, opt_g, opt_d)
+        self.source, self.pad, self.resolution = parts.source, cfg.data.pad, parts.resolution
+        self.classes, self.num_classes = self.source.classes, parts.num_classes
+        self.G, self.D, self.opt_g, self.opt_d = parts.G, parts.D, parts.opt_g, parts.opt_d
         self.G_plain, self.D_plain = acc.unwrap_model(self.G), acc.unwrap_model(self.D)
-        if cfg.train.compile:  # in place: DDP, the G phase's unwrapped D and the state_dict keys stay as they are
-            self.G_plain.compile()
-            self.D_plain.compile()
-        if self.ema is not None:
-            self.ema.model.to(acc.device)
-        self.objective = GANObjective(cfg.loss)
+        self.ema, self.augment, self.objective = parts.ema, parts.augment, parts.objective
+        self.evaluator, self.memory_format = parts.evaluator, parts.memory_format
         self.d_phase = Phase("d", self.D, self.opt_d, repeats=cfg.train.d_steps,
                              reg_interval=self.objective.reg_interval)
         self.g_phase = Phase("g", self.G, self.opt_g, frozen=self.D_plain)
@@ -178,7 +121,7 @@ class Trainer:
 
         self.state = TrainState(world_size=self.world)
         self.lock = RunDirLock(self.run_dir)
-        resume_path = self._on_main_process(lambda: claim_run_dir(self.lock, resume, dump_yaml(cfg)))
+        resume_path = on_main_process(acc, lambda: claim_run_dir(self.lock, resume, dump_yaml(cfg)))
         self.resumed_from = Path(resume_path) if resume_path is not None else None
         if self.resumed_from is not None:
             self._load(self.resumed_from)
@@ -191,17 +134,6 @@ class Trainer:
         self.fixed_y = (torch.arange(cfg.log.n_samples, device=acc.device) % self.num_classes
                         if self.num_classes else None)
         self.run_log: Optional[RunLog] = None
-        self.evaluator = None
-        if cfg.eval.metrics:
-            from distgan.metrics.evaluator import Evaluator  # the metrics stack loads only when asked for
-            from distgan.metrics.feature_net import ensure_feature_net
-
-            info = getattr(self.source, "info", None)
-            if info is None:
-                raise ConfigError("eval.metrics needs shards with dataset.json (data.path); this data source has none")
-            self._on_main_process(lambda: ensure_feature_net(cfg.eval, cfg.data.path, info))  # first use: train it
-            self.evaluator = Evaluator(cfg.eval, cfg.data, info, acc.device, cfg.run.seed, cfg.generator.z_dist,
-                                       self.num_classes)
         self.best = read_best(self.run_dir)
         self.last_eval: Optional[tuple[int, dict[str, float]]] = None  # (step, figures) of the latest evaluation
         self.logged_reference = False
@@ -462,23 +394,6 @@ class Trainer:
         if self.ema is not None:
             modules["G_ema"] = self.ema.model
         return modules
-
-    def _on_main_process(self, decide: Callable[[], Any], timeout_s: Optional[float] = None) -> Any:
-        """Run ``decide`` on the main process only and give every rank its answer (or its user error): one answer
-        for all ranks, even when they see a shared filesystem at different moments. TIMEOUT_S: how long the other
-        ranks wait, when longer than train.collective_timeout_s."""
-        decision: list = [None, None]  # [result, error message]
-        if self.accelerator.is_main_process:
-            try:
-                decision[0] = decide()
-            except UserError as err:
-                decision[1] = str(err)
-        if self.world > 1:
-            decision = (broadcast_object_list(decision, from_process=0) if timeout_s is None
-                        else broadcast_from_main(self.accelerator, decision, timeout_s))
-        if decision[1] is not None:
-            raise ConfigError(decision[1])
-        return decision[0]
 
     def _load(self, path: Path) -> None:
         self.state, optim = load_checkpoint(path, self._modules())

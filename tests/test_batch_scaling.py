@@ -62,7 +62,7 @@ def test_one_process_trains_the_global_batch_at_the_scaled_lrs(tmp_path, monkeyp
     monkeypatch.setattr("distgan.plots.plot_run", lambda run_dir: None)
     cfg = _cfg(tmp_path / "run")
     source = Recording()
-    caplog.set_level("INFO", logger="distgan.trainer")
+    caplog.set_level("INFO", logger="distgan.build")
     trainer = Trainer(cfg, source=source)
     trainer.fit()
     factor = math.sqrt(4 / 8)  # global batch 4 x 1 process, reference batch 8

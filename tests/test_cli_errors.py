@@ -3,7 +3,6 @@
 The commands' main() functions run in-process (the same code as the console scripts, without a second of
 torch import per case); one case goes through a real process to check the exit status end to end.
 """
-import functools
 import json
 import subprocess
 import sys
@@ -88,8 +87,8 @@ def test_train_resume_with_a_changed_seed_names_the_key(capsys, tmp_path, monkey
     run = tmp_path / "run"
     overrides = [f"run.dir={run}", "train.steps=1", "log.sample_every=1000", "log.gif=false"]
     Trainer(load_config("smoke", overrides), source=MemorySource()).fit()
-    # distgan.train imports its Trainer when it runs (torch loads only after the config is valid): patch it there
-    monkeypatch.setattr("distgan.trainer.Trainer", functools.partial(Trainer, source=MemorySource()))
+    # the command builds its data source from data.path: give it the same memory source instead
+    monkeypatch.setattr("distgan.build.build_source", lambda cfg, accelerator: MemorySource())
     line = one_line_error(capsys, train_cli.main, ["--config", "smoke", *overrides, "train.steps=2", "run.seed=7",
                                                    "--resume", "auto"])
     assert line.startswith("distgan.train: error: resuming ") and "run.seed: 0 -> 7" in line
@@ -116,7 +115,7 @@ GOOD_META = {"format_version": 1, "generator": {"arch": "mlp", "z_dim": 4, "hidd
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("missing", "no exported generator there"),
+    ("missing", "no such file or folder; give a run dir, an export"),
     ("junk", "not a readable safetensors file"),
     ("huge", "resolution 1000000000 and channels 1"),
     ("huge-network", "they do not match its metadata"),  # 51 GB of weights asked for: refused before allocating

@@ -161,7 +161,7 @@ def fast(monkeypatch) -> Iterator[None]:
     """One intra-op thread and no end-of-run plots: with 2 threads on a busy 2-core machine a tiny batch norm
     took 60 ms instead of 0.2 ms, and matplotlib costs more than two steps (tests/test_configs.py's CLI test
     and tests/test_eval.py draw the plots)."""
-    monkeypatch.setattr("distgan.trainer.set_cpu_threads", lambda *args: torch.get_num_threads())
+    monkeypatch.setattr("distgan.build.set_cpu_threads", lambda *args: torch.get_num_threads())
     monkeypatch.setattr("distgan.plots.plot_run", lambda run_dir: None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

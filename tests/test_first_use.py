@@ -8,6 +8,7 @@ import pytest
 
 from distgan.config import ConfigError, load_config
 from distgan.data import download as dl
+from distgan.api import fit
 from distgan.trainer import Trainer
 from test_data import http_folder, make_cifar  # noqa: F401 (http_folder is a fixture)
 
@@ -40,7 +41,7 @@ def test_cifar10_config_prepares_its_data_on_first_use(cifar_server, tmp_path):
     data = tmp_path / "data" / "cifar10"
     cfg = load_config("cifar10", [*TINY, f"data.path={data}", f"run.dir={tmp_path / 'run'}"])
     assert cfg.data.prepare == "cifar10"
-    Trainer(cfg).fit()
+    fit(cfg)
     info = json.loads((data / "dataset.json").read_text())
     assert info["count"] == 20 and info["resolution"] == 32 and info["channels"] == 3
     assert (tmp_path / "cache" / "distgan" / "cifar10" / cifar_server.name).is_file()
@@ -53,13 +54,13 @@ def test_a_wrong_checksum_stops_before_anything_is_written(cifar_server, tmp_pat
     data = tmp_path / "data" / "cifar10"
     cfg = load_config("cifar10", [*TINY, f"data.path={data}", f"run.dir={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match="MD5 .* differs from the official"):
-        Trainer(cfg)
+        fit(cfg)
     assert not data.exists() and not os.path.exists(tmp_path / "run")
 
 
 def test_an_unknown_source_is_named():
     with pytest.raises(ConfigError, match=r"data.prepare = 'cifar100': not a distgan.prepare source"):
-        Trainer(load_config("smoke", ["data.prepare=cifar100", "data.path=/nonexistent-data"]))
+        fit(load_config("smoke", ["data.prepare=cifar100", "data.path=/nonexistent-data"]))
 
 
 def idx_gz(path, magic: int, dims: tuple[int, ...], data: bytes) -> None:
@@ -86,7 +87,17 @@ def test_mnist_config_prepares_its_data_on_first_use(http_folder, tmp_path, monk
     data = tmp_path / "data" / "mnist"
     cfg = load_config("mnist", [*TINY, f"data.path={data}", f"run.dir={tmp_path / 'run'}"])
     assert cfg.data.prepare == "mnist"
-    Trainer(cfg).fit()
+    fit(cfg)
     info = json.loads((data / "dataset.json").read_text())
     assert info["count"] == 24 and info["resolution"] == 28 and info["channels"] == 1
     assert (tmp_path / "run" / "generator_ema.safetensors").is_file()
+
+
+def test_building_a_trainer_does_no_first_use_work(tmp_path):
+    """First-use work belongs to the command (distgan.fit / distgan.train), not to constructing a Trainer: a Trainer
+    on a data.path that data.prepare has not made yet refuses, naming what makes it, and writes nothing."""
+    data = tmp_path / "data" / "mnist"
+    cfg = load_config("mnist", [*TINY, f"data.path={data}", f"run.dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"holds no shards yet: data.prepare=mnist makes them on first use"):
+        Trainer(cfg)
+    assert not data.exists() and not (tmp_path / "run").exists()

@@ -12,7 +12,8 @@ import torch
 
 from distgan.config import ConfigError, DataConfig, load_config
 from distgan.data.stream import make_batch_iterator, normalize_images
-from distgan.trainer import Trainer, warn_small_bn_batch
+from distgan.build import warn_small_bn_batch
+from distgan.trainer import Trainer
 from tests.distributed.support import MemorySource
 from tests.test_data_pipeline import make_dataset, take
 
@@ -32,7 +33,7 @@ def test_compile_with_a_penalty_is_refused():
 def test_plain_bn_on_a_small_per_rank_batch_warns(caplog, norms, batch, world, warned):
     cfg = load_config("cifar10", [f"generator.norm={norms[0]}", f"discriminator.norm={norms[1]}",
                                   f"train.batch_size={batch}"])
-    with caplog.at_level(logging.WARNING, logger="distgan.trainer"):
+    with caplog.at_level(logging.WARNING, logger="distgan.build"):
         warn_small_bn_batch(cfg, batch // world, world, batch)
     assert ("plain batch norm" in caplog.text) == warned
     if warned:

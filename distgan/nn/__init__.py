@@ -6,19 +6,24 @@ with ``num_classes``) takes class indices y [B] too: ``G(z, y)``, ``D(x, y)`` (s
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import importlib
+import pkgutil
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from distgan.config import ConfigError, DiscriminatorConfig, GeneratorConfig
-from distgan.nn import dcgan, mlp, tf_dcgan  # noqa: F401  (each registers its architectures)
 from distgan.nn.conditional import ConditionalGenerator, ProjectionDiscriminator
 from distgan.nn.crop import CenterCrop, cropped
 from distgan.nn.layers import NORMS
 from distgan.nn.registry import DISCRIMINATORS, GENERATORS, RESOLUTIONS
 from distgan.nn.syncbn import SyncBatchNorm, convert_sync_batchnorm
 from distgan.registry import RegistryError, is_import_path
+
+# every module of this package is imported, so an architecture registers itself by being a file here (nn/NAME.py)
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "build_generator", "build_discriminator", "sample_latent", "sample_labels", "SyncBatchNorm", "convert_sync_batchnorm",
