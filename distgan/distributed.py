@@ -6,6 +6,7 @@ decisions (global-batch randomness, D frozen in the G phase) are described in di
 """
 from __future__ import annotations
 
+import argparse
 import os
 import warnings
 from collections.abc import Mapping
@@ -34,8 +35,7 @@ class PrecisionSource:
     fix: str
 
 
-def launcher_precision_source(value: str, launcher_argv: Optional[list[str]] = None,
-                              environ: Mapping[str, str] = os.environ) -> PrecisionSource:
+def launcher_precision_source(value: str, launcher_argv: Optional[list[str]] = None) -> PrecisionSource:
     """Where ACCELERATE_MIXED_PRECISION=VALUE came from: ``accelerate launch``'s --mixed_precision flag, the
     accelerate config file it read (--config_file, else the user's default one), or the environment.
 
@@ -52,7 +52,7 @@ def launcher_precision_source(value: str, launcher_argv: Optional[list[str]] = N
         return PrecisionSource(f"'mixed_precision: {value}' in the accelerate config file {config_file}",
                                "set mixed_precision: 'no' there, or launch with --mixed_precision no")
     return PrecisionSource(f"the environment variable ACCELERATE_MIXED_PRECISION={value}",
-                           f"unset it (it is {environ.get('ACCELERATE_MIXED_PRECISION')!r} here)")
+                           "unset it (or set it to no)")
 
 
 def _parent_argv() -> list[str]:
@@ -64,7 +64,7 @@ def _parent_argv() -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def _accelerate_launch_args(argv: list[str]):
+def _accelerate_launch_args(argv: list[str]) -> Optional[argparse.Namespace]:
     """``argv`` parsed as ``accelerate launch`` parses it (console script or ``-m accelerate.commands.launch``),
     or None when it is not that command."""
     starts = [i + 1 for i, part in enumerate(argv) if part == "accelerate.commands.launch"

@@ -14,7 +14,8 @@ from distgan.cli import add_debug_flag, run_command
 from distgan.config import Config, ConfigError, config_names, describe, dump_yaml, load_config
 
 
-def build_parser(described: Optional[Config] = None, described_as: str = "the schema's defaults") -> argparse.ArgumentParser:
+def build_parser(described: Optional[Config] = None,
+                 described_as: str = "the schema's defaults") -> argparse.ArgumentParser:
     """The command's parser; ``--help`` lists every key with its value in ``described`` (``described_as``)."""
     parser = argparse.ArgumentParser(
         prog="python -m distgan.train",
@@ -22,10 +23,10 @@ def build_parser(described: Optional[Config] = None, described_as: str = "the sc
                     "section.key=value):\n\n" + describe(described),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", metavar="NAME_OR_PATH", help="a YAML file, or the name of a config shipped with distgan: "
-                                          + ", ".join(config_names()))
-    parser.add_argument("--resume", metavar="auto|PATH", help="'auto' (latest intact checkpoint in run.dir, or a fresh start) or a "
-                                         "checkpoint path")
+    parser.add_argument("--config", metavar="NAME_OR_PATH",
+                        help="a YAML file, or the name of a config shipped with distgan: " + ", ".join(config_names()))
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="'auto' (latest intact checkpoint in run.dir, or a fresh start) or a checkpoint path")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (YAML, overrides applied) and exit without training")
     add_debug_flag(parser)
@@ -48,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 parser.error(str(err))
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     if not args.config:
-        parser.error(f"pass --config NAME_OR_PATH: a YAML file or one of distgan's configs ({', '.join(config_names())})")
+        parser.error("pass --config NAME_OR_PATH: a YAML file or one of distgan's configs "
+                     f"({', '.join(config_names())})")
     return args
 
 
