@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import math
 import types
 import typing
@@ -18,7 +19,17 @@ import yaml
 
 from distgan.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    """Where ``--config NAME`` looks: the configs an installed wheel carries as package data (distgan/configs,
+    mapped from the repository's top-level configs/ in pyproject.toml), else a checkout's configs/."""
+    packaged = importlib.resources.files("distgan") / "configs"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 MAX_LAYER_SIZE = 1 << 16  # channels, hidden units or latent size beyond this are a typo (and gigabytes of weights)
 
 
@@ -205,18 +216,20 @@ def _registries() -> dict[str, Any]:
 
 
 def key_choices(section: str, key: str) -> Optional[tuple[str, ...]]:
-    """The values ``section.key`` accepts (a registry's names or a ``Literal``'s values), None for a free value.
-    A key with a registry that allows it also takes an import path ``package.module:Class``."""
+    """The values ``section.key`` accepts when it is a choice (each item's, for a list: a registry's names or a
+    ``Literal``'s values), else None: for validation, --help and the coverage tests. A key whose registry allows
+    it also takes an import path ``package.module:Class``."""
     registry = _registries().get(f"{section}.{key}")
     if registry is not None:
         names = registry.names()
         return tuple(n for n in names if registry[n].in_generator) if f"{section}.{key}" == "generator.norm" else names
+    if section == "eval" and key in ("metrics", "best_metric"):
+        from distgan.metrics import registry as metrics  # imports neither torch nor the metric modules
+
+        return tuple(metrics.names() if key == "metrics" else metrics.ranked_figures())
     section_type = typing.get_type_hints(Config).get(section)
     tp = typing.get_type_hints(section_type).get(key) if section_type is not None else None
-    if tp is None:
-        return None
-    values = [v for arg in (tp, *typing.get_args(tp)) if typing.get_origin(arg) is Literal for v in typing.get_args(arg)]
-    return tuple(values) or None
+    return _literal_values(tp) if tp is not None else None
 
 
 def check_choice(dotted: str, value: str) -> None:
@@ -353,14 +366,20 @@ def parse_override(text: str) -> dict:
     return out
 
 
+def config_names() -> list[str]:
+    """The names ``--config`` accepts besides a path: the YAML files in CONFIG_DIR, without .yaml."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+
+
 def resolve_config_path(name_or_path: str) -> Path:
-    """A path as given, else configs/NAME (with or without .yaml)."""
+    """A path as given, else a config shipped with distgan by name (with or without .yaml)."""
     candidates = [Path(name_or_path), CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"]
     for path in candidates:
         if path.is_file():
             return path
-    available = sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
-    raise ConfigError(f"config '{name_or_path}' not found as a file or in configs/ (available: {', '.join(available)})")
+    available = ", ".join(f"{name}.yaml" for name in config_names())
+    raise ConfigError(f"config '{name_or_path}' not found as a file or among distgan's configs in {CONFIG_DIR} "
+                      f"(available: {available})")
 
 
 def from_dict(data: dict) -> Config:
@@ -562,8 +581,21 @@ def validate_eval(cfg: EvalConfig) -> None:
 # ---------------------------------------------------------------- --help
 
 
-def describe() -> str:
-    """Every key with its default and its meaning, read from this file's comments."""
+def _literal_values(tp: Any) -> tuple[str, ...] | None:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return typing.get_args(tp)
+    if origin in (list, typing.Union, types.UnionType):
+        found = [_literal_values(arg) for arg in typing.get_args(tp)]
+        return next((values for values in found if values), None)
+    return None
+
+
+def describe(cfg: Optional[Config] = None) -> str:
+    """Every key with its value in ``cfg`` (the defaults when None), its choices and its meaning (this file's
+    comments); a value that is not the default names the default."""
+    cfg = cfg if cfg is not None else Config()
+    defaults = Config()
     source = Path(__file__).read_text().splitlines()
     comments: dict[tuple[str, str], str] = {}
     current = None
@@ -577,10 +609,14 @@ def describe() -> str:
             comments[(current, name)] = note
     lines = []
     for section in dataclasses.fields(Config):
-        cls = section.type if isinstance(section.type, type) else typing.get_type_hints(Config)[section.name]
+        values, default_values = getattr(cfg, section.name), getattr(defaults, section.name)
         lines.append(f"{section.name}:")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            note = comments.get((cls.__name__, f.name), "")
-            lines.append(f"  {section.name}.{f.name} = {default!r}" + (f"  # {note}" if note else ""))
+        for f in dataclasses.fields(values):
+            value, default = getattr(values, f.name), getattr(default_values, f.name)
+            line = f"  {section.name}.{f.name} = {value!r}" + (f" (default {default!r})" if value != default else "")
+            options = key_choices(section.name, f.name)
+            if options:
+                line += f"  [{' | '.join(options)}]"
+            note = comments.get((type(values).__name__, f.name), "")
+            lines.append(line + (f"  # {note}" if note else ""))
     return "\n".join(lines)

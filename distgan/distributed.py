@@ -6,11 +6,13 @@ decisions (global-batch randomness, D frozen in the G phase) are described in di
 """
 from __future__ import annotations
 
+import argparse
 import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -28,22 +30,84 @@ from distgan.errors import UserError
 warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
 
 
-def resolve_precision(requested: str, launcher: str) -> str:
-    """The precision to train in: the config's, or with ``auto`` the launcher's; never a silent change."""
-    if requested == "auto":
-        requested = launcher
-    elif launcher not in ("no", requested):
+@dataclass(frozen=True)
+class PrecisionSource:
+    """Where the launcher's mixed precision was set, and how to change it there (for error messages)."""
+
+    where: str
+    fix: str
+
+
+def launcher_precision_source(value: str, launcher_argv: Optional[list[str]] = None) -> PrecisionSource:
+    """Where ACCELERATE_MIXED_PRECISION=VALUE came from: ``accelerate launch``'s --mixed_precision flag, the
+    accelerate config file it read (--config_file, else the user's default one), or the environment.
+
+    ``launcher_argv`` is the parent process's command line (read from /proc when None), parsed with
+    Accelerate's own launch parser, so flags are read exactly as the launcher read them."""
+    args = _accelerate_launch_args(_parent_argv() if launcher_argv is None else launcher_argv)
+    if args is not None and args.mixed_precision:
+        return PrecisionSource(f"the --mixed_precision {value} flag of accelerate launch",
+                               f"launch without --mixed_precision {value} (or with --mixed_precision no)")
+    from accelerate.commands.config.config_args import default_config_file
+
+    config_file = (args.config_file or (None if args.cpu else default_config_file)) if args is not None else None
+    if config_file and os.path.isfile(config_file):
+        return PrecisionSource(f"'mixed_precision: {value}' in the accelerate config file {config_file}",
+                               "set mixed_precision: 'no' there, or launch with --mixed_precision no")
+    return PrecisionSource(f"the environment variable ACCELERATE_MIXED_PRECISION={value}",
+                           "unset it (or set it to no)")
+
+
+def _parent_argv() -> list[str]:
+    """The launching process's command line (Linux); empty where it cannot be read."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _accelerate_launch_args(argv: list[str]) -> Optional[argparse.Namespace]:
+    """``argv`` parsed as ``accelerate launch`` parses it (console script or ``-m accelerate.commands.launch``),
+    or None when it is not that command."""
+    starts = [i + 1 for i, part in enumerate(argv) if part == "accelerate.commands.launch"
+              or (part == "launch" and i > 0 and Path(argv[i - 1]).name == "accelerate")]
+    if not starts:
+        return None
+    from accelerate.commands.launch import launch_command_parser
+
+    try:
+        return launch_command_parser().parse_known_args(argv[starts[0]:])[0]
+    except SystemExit:  # not a command line accelerate would accept
+        return None
+
+
+def resolve_precision(requested: str, launcher: str, source: Optional[PrecisionSource] = None) -> str:
+    """The precision to train in: the config's, or with ``auto`` the launcher's; never a silent change.
+
+    Errors name where each setting came from: the config key, and ``source`` for the launcher's (by default
+    ``launcher_precision_source``: the launch flag, the accelerate config file or the environment)."""
+    if launcher != "no" and source is None and (requested not in ("auto", launcher) or not torch.cuda.is_available()):
+        source = launcher_precision_source(launcher)
+    if launcher != "no" and requested not in ("auto", launcher):
         raise ConfigError(
-            f"the launcher asks for mixed precision '{launcher}' but train.mixed_precision='{requested}': "
-            f"make them agree (train.mixed_precision={launcher} or auto)"
+            f"the launcher asks for mixed precision '{launcher}' ({source.where}) but train.mixed_precision="
+            f"'{requested}': make them agree (train.mixed_precision={launcher} or auto, or {source.fix})"
         )
-    if requested != "no" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"mixed precision '{requested}' needs a GPU (none here): fp16 is ignored on CPU and bf16 autocast is "
-            "many times slower than fp32 on CPUs without bf16 units. Use train.mixed_precision=no (or auto) and "
-            "launch without --mixed_precision"
-        )
-    return requested
+    precision = launcher if requested == "auto" else requested
+    if precision == "no" or torch.cuda.is_available():
+        return precision
+    origins, fixes = [], []
+    if requested != "auto":
+        origins.append(f"train.mixed_precision={requested} (the config key)")
+        fixes.append("set train.mixed_precision=auto" + ("" if launcher != "no" else " (or no)"))
+    if launcher != "no":
+        origins.append(source.where)
+        fixes.append(source.fix)
+    raise ConfigError(
+        f"mixed precision '{precision}' from {' and '.join(origins)} needs a GPU (none here): fp16 is ignored on CPU "
+        f"and bf16 autocast is many times slower than fp32 on CPUs without bf16 units. Fix: {'; '.join(fixes)}"
+    )
 
 
 # train.lr_batch_scaling -> the exponent of (global batch / train.batch_size) in both optimizers' lr factor
