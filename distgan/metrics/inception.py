@@ -1,13 +1,21 @@
 """FID's Inception-v3 (pytorch-fid's variant), loaded from a local weights file: nothing is downloaded.
 
 Maps images in [-1, 1] (grayscale repeated to RGB, resized to 299) to 2048-d pool features, for standard
-FID figures comparable with published CIFAR-10 numbers.
+FID figures comparable with published CIFAR-10 numbers, and to the 1008 logits of the Inception Score.
+
+Two input conventions (eval.resize), both published:
+- ``tf-legacy`` (default): TensorFlow's FID graph, as torch-fidelity feeds it: the images quantised to 8 bits,
+  resized with TensorFlow 1's bilinear (no half-pixel offset) and scaled (x - 128) / 128. distgan's features
+  equal torch-fidelity's on the same weights (tests/test_metrics_reference.py).
+- ``pytorch-fid``: pytorch-fid's way: the float images in [-1, 1] resized with F.interpolate (bilinear,
+  align_corners=False), no quantisation.
 """
 from __future__ import annotations
 
 import os
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +24,17 @@ from torch import Tensor, nn
 from distgan.errors import UserError
 
 INCEPTION_DIM = 2048
+INCEPTION_SIZE = 299
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's (and torch-fidelity's) FID weights
 TORCHSCRIPT_INCEPTION_FILE = "inception-2015-12-05.pt"  # NVlabs' and clean-fid's TorchScript FID Inception
+RESIZE_MODES = ("tf-legacy", "pytorch-fid")
+WHERE_TO_GET = (
+    f"{INCEPTION_FILE} from https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE} "
+    "(SHA-256 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2; torch-fidelity hosts the same file "
+    "as weights-inception-2015-12-05-6726825d.pth), or NVlabs' TorchScript "
+    f"{TORCHSCRIPT_INCEPTION_FILE} from https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+    f"{TORCHSCRIPT_INCEPTION_FILE} (SHA-256 f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4)"
+)
 
 
 def _as_rgb(x: Tensor, who: str) -> Tensor:
@@ -37,6 +54,23 @@ class _Conv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.bn(self.conv(x)))
+
+
+def resize_tf_legacy(x: Tensor, size: int = INCEPTION_SIZE) -> Tensor:
+    """TensorFlow 1's bilinear resize (align_corners=False, no half-pixel offset: source = target * in / out), in
+    the arithmetic of torch-fidelity's interpolate_bilinear_2d_like_tensorflow1x, so float32 results are equal.
+    F.interpolate has no such mode (its bilinear samples at half-pixel centres)."""
+    def axis(n_in: int) -> tuple[Tensor, Tensor, Tensor]:
+        src = torch.arange(size, dtype=x.dtype, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
+        lo = src.long()
+        return lo, (lo + 1).clamp_max(n_in - 1), src - lo.float()
+
+    y_lo, y_hi, dy = axis(x.shape[2])
+    x_lo, x_hi, dx = axis(x.shape[3])
+    top, bottom = x[:, :, y_lo, :], x[:, :, y_hi, :]
+    row0 = top[:, :, :, x_lo] + (top[:, :, :, x_hi] - top[:, :, :, x_lo]) * dx.view(1, 1, 1, size)
+    row1 = bottom[:, :, :, x_lo] + (bottom[:, :, :, x_hi] - bottom[:, :, :, x_lo]) * dx.view(1, 1, 1, size)
+    return row0 + (row1 - row0) * dy.view(1, 1, size, 1)
 
 
 def _chain(x: Tensor, *layers: nn.Module) -> Tensor:
@@ -136,12 +170,17 @@ class _InceptionE(nn.Module):
 class FIDInceptionV3(nn.Module):
     """Inception-v3 as in TensorFlow's FID graph (pytorch-fid's FIDInceptionA/C/E_1/E_2), up to the 2048-d pool.
 
-    Takes images in [-1, 1], 1 or 3 channels, any size: grayscale is repeated to RGB and the image resized
-    bilinearly to 299x299, as pytorch-fid does. Always in eval mode (its batch norms use the stored statistics).
+    Takes images in [-1, 1], 1 or 3 channels, any size: grayscale is repeated to RGB and the image brought to
+    299x299 the way ``resize`` names (module docstring). Always in eval mode (its batch norms use the stored
+    statistics). ``fc`` (the 1008-way head, set when the weights file has one) gives ``logits``.
     """
 
-    def __init__(self):
+    def __init__(self, resize: str = "tf-legacy"):
         super().__init__()
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"FIDInceptionV3: resize={resize!r}, expected one of {RESIZE_MODES}")
+        self.resize = resize
+        self.fc: Optional[nn.Linear] = None
         self.num_features = INCEPTION_DIM
         self.Conv2d_1a_3x3 = _Conv(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = _Conv(32, 32, 3)
@@ -159,10 +198,25 @@ class FIDInceptionV3(nn.Module):
     def train(self, mode: bool = True) -> "FIDInceptionV3":
         return super().train(False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def prepare(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1] as the network's 299x299 RGB input, the way ``self.resize`` says."""
         x = _as_rgb(x, "FIDInceptionV3")
-        if tuple(x.shape[2:]) != (299, 299):
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        if self.resize == "tf-legacy":  # 8-bit values as TensorFlow's graph sees them (round half up, as stylegan2-ada)
+            x = torch.floor((x.float().clamp(-1.0, 1.0) + 1.0) * 127.5 + 0.5)
+            return (resize_tf_legacy(x) - 128) / 128
+        if tuple(x.shape[2:]) != (INCEPTION_SIZE, INCEPTION_SIZE):
+            x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+        return x
+
+    def logits(self, features: Tensor) -> Tensor:
+        """The 1008 logits without the head's bias, from pool features: the Inception Score's input, as in
+        Salimans et al.'s code (and torch-fidelity's 'logits_unbiased', stylegan2-ada's no_output_bias)."""
+        if self.fc is None:
+            raise ValueError("FIDInceptionV3: the weights file had no 'fc' head, so there are no logits")
+        return features.to(self.fc.weight.dtype) @ self.fc.weight.T
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.prepare(x)
         x = _chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)
         x = _chain(F.max_pool2d(x, 3, stride=2), self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)
         x = _chain(F.max_pool2d(x, 3, stride=2), self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a)
@@ -195,12 +249,13 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
-def load_inception_features(weights_path: str | os.PathLike) -> nn.Module:
+def load_inception_features(weights_path: str | os.PathLike, resize: str = "tf-legacy") -> nn.Module:
     """FID Inception-v3 from a local file: pytorch-fid's / torch-fidelity's state dict (FIDInceptionV3), or
     NVlabs' / clean-fid's TorchScript ``inception-2015-12-05.pt`` (TorchScriptInception).
 
-    A state dict is loaded with weights_only=True (no pickled code); its 1008-way 'fc' head is ignored (FID uses
-    the pool features before it); BatchNorm 'num_batches_tracked' entries are optional. A TorchScript file runs
+    A state dict is loaded with weights_only=True (no pickled code); its 1008-way 'fc' head, when present, gives
+    the Inception Score's logits; BatchNorm 'num_batches_tracked' entries are optional. ``resize`` (eval.resize)
+    applies to the state dict's network: the TorchScript file resizes inside itself. A TorchScript file runs
     TorchScript code of its own: use one from a source you trust (it is the file NVlabs publishes).
     """
     path = Path(weights_path)
@@ -213,8 +268,8 @@ def load_inception_features(weights_path: str | os.PathLike) -> nn.Module:
                      "a plain state_dict)")
     if not path.is_file():
         raise FileNotFoundError(
-            f"Inception weights file '{path}' not found: expected {expected_file}. Download it on a machine with "
-            "internet access and set eval.inception_weights to its local path, or use eval.features=classifier"
+            f"Inception weights file '{path}' not found: download {WHERE_TO_GET}, check its SHA-256 (sha256sum) and "
+            "set eval.inception_weights (--inception-weights) to its local path; or use eval.features=classifier"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -222,7 +277,9 @@ def load_inception_features(weights_path: str | os.PathLike) -> nn.Module:
         raise UserError(f"Inception weights file '{path}' could not be read with weights_only=True: {err}") from err
     if not isinstance(state, dict):
         raise UserError(f"Inception weights file '{path}' holds a {type(state).__name__}, expected {expected_file}")
-    model = FIDInceptionV3()
+    model = FIDInceptionV3(resize)
+    if "fc.weight" in state and tuple(state["fc.weight"].shape[1:]) == (INCEPTION_DIM,):
+        model.fc = nn.Linear(INCEPTION_DIM, state["fc.weight"].shape[0])
     wanted = model.state_dict()
     missing = sorted(k for k in wanted if k not in state and not k.endswith("num_batches_tracked"))
     unexpected = sorted(k for k in state if k not in wanted and not k.startswith("fc."))
