@@ -160,7 +160,7 @@ class CheckpointConfig:
 class EvalConfig:
     every: int = 0  # steps between evaluations during training (0 = only at the end, if metrics is set)
     n: int = 10000  # generated images per evaluation
-    metrics: list[str] = field(default_factory=list)  # e.g. [fd, kid, pr, coverage, parzen] (distgan.metrics.registry)
+    metrics: list[str] = field(default_factory=list)  # e.g. [fd, kid, pr, dc, is, classes_covered, parzen] (distgan.metrics.registry)
     features: Literal["auto", "classifier", "inception"] = "auto"  # auto: classifier beside the shards, else inception
     inception_weights: Optional[str] = None  # local FID Inception file: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or NVlabs' TorchScript inception-2015-12-05.pt
     best_metric: Optional[str] = None  # keep the best checkpoint by this figure (e.g. fd: lower is better)
@@ -168,6 +168,8 @@ class EvalConfig:
     batch: int = 250  # images per generator/feature batch during evaluation
     reference_stats: Optional[str] = None  # a pytorch-fid style .npz (mu, sigma) of real features: fd uses it instead of computing them (python -m distgan.eval stats writes one)
     classifier_steps: int = 2000  # steps of the feature classifier trained on first use (labeled data, no classifier yet)
+    resize: Literal["tf-legacy", "pytorch-fid"] = "tf-legacy"  # how Inception sees images: tf-legacy = TensorFlow's FID graph as torch-fidelity (8-bit, TF1 bilinear, equal features); pytorch-fid = F.interpolate on the float images
+    prdc_k: int = 5  # nearest neighbours of density and coverage (dc; Naeem et al.'s default 5)
 
 
 @dataclass
@@ -567,11 +569,16 @@ def validate_eval(cfg: EvalConfig) -> None:
     for f in dataclasses.fields(cfg):
         _coerce(getattr(cfg, f.name), hints[f.name], f"eval.{f.name}")
     best = cfg.best_metric
+    for name, renamed in [(best, registry.RENAMED_FIGURES)] + [(m, registry.RENAMED) for m in cfg.metrics]:
+        if name in renamed:
+            raise ConfigError(f"eval: '{name}' is now called '{renamed[name]}'; use that name")
     if best is not None and best not in registry.ranked_figures():
         raise ConfigError(f"eval.best_metric = '{best}'{_closest(best, registry.ranked_figures())}")
     for metric in cfg.metrics:
         if metric not in registry.METRICS:
             raise ConfigError(f"eval.metrics has '{metric}'{_closest(metric, registry.names())}")
+    if cfg.prdc_k < 1:
+        raise ConfigError(f"eval.prdc_k={cfg.prdc_k}: must be at least 1")
     if cfg.classifier_steps < 1:
         raise ConfigError(f"eval.classifier_steps={cfg.classifier_steps}: must be at least 1")
     if cfg.n < 2 or cfg.batch < 1:

@@ -23,9 +23,9 @@ from distgan.metrics.evaluator import CACHE_DIR, Evaluator
 from distgan.metrics.features import CLASSIFIER_FILE
 from tests.distributed.launching import launch
 
-ALL = ["fd", "kid", "pr", "coverage", "parzen"]
-FIGURES = {"fd", "kid", "kid_std", "precision", "recall", "modes_covered", "kl_to_real", "parzen_ll", "parzen_se",
-           "parzen_sigma"}
+ALL = ["fd", "kid", "pr", "classes_covered", "parzen", "dc", "is_classifier"]
+FIGURES = {"fd", "kid_x1e3", "kid_std_x1e3", "precision", "recall", "modes_covered", "kl_to_real", "parzen_ll",
+           "parzen_se", "parzen_sigma", "density", "coverage", "is_classifier", "is_classifier_std"}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def classifier_report(shards) -> dict:
 def smoke_run(shards, classifier_report, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "smoke"
     run_cli("distgan.train", "--config", "smoke", f"data.path={shards}", f"run.dir={run}", "log.wandb=false",
-            "eval.metrics=[fd,coverage]", "eval.every=10", "eval.n=200", "eval.best_metric=fd")
+            "eval.metrics=[fd,classes_covered]", "eval.every=10", "eval.n=200", "eval.best_metric=fd")
     return run
 
 
@@ -67,7 +67,7 @@ def test_training_evaluates_logs_and_keeps_the_best(smoke_run):
     assert {p.name for p in (smoke_run / "plots").glob("*.png")} >= {"losses.png", "eval.png"}
 
 
-def make_evaluator(data: Path, n: int = 300, metrics=("fd", "kid", "pr", "coverage"), seed: int = 0) -> Evaluator:
+def make_evaluator(data: Path, n: int = 300, metrics=("fd", "kid", "pr", "classes_covered", "dc", "is_classifier"), seed: int = 0) -> Evaluator:
     cfg = EvalConfig(n=n, batch=100, metrics=list(metrics))
     return Evaluator(cfg, DataConfig(path=str(data), num_workers=0), read_dataset_info(str(data)), torch.device("cpu"),
                      seed)
@@ -120,9 +120,11 @@ def test_real_images_beat_noise_and_one_class_collapses(shards, classifier_repor
         assert not [r for r in caplog.records if "mode collapse" in r.message]
         noise = evaluator.evaluate(Noise(), 0, 1, identity)
         one = evaluator.evaluate(ImageBank(real[:1]), 0, 1, identity)
-    assert good["fd"] < 0.1 * noise["fd"] and good["kid"] < 0.1 * noise["kid"]
+    assert good["fd"] < 0.1 * noise["fd"] and good["kid_x1e3"] < 0.1 * noise["kid_x1e3"]
     assert good["precision"] > 0.7 and good["recall"] > 0.7 and noise["precision"] < 0.1
     assert good["modes_covered"] == 10 and good["kl_to_real"] < 0.1
+    assert good["coverage"] > 0.7 and 0.7 < good["density"] < 1.3 and noise["coverage"] < 0.1
+    assert good["is_classifier"] > 3 > 1.5 > one["is_classifier"]  # 10 classes vs one image
     assert one["modes_covered"] == 1 and one["kl_to_real"] > 2.0
     warnings = [r.message for r in caplog.records if "mode collapse?" in r.message]
     assert warnings and "1 of 10 classes" in warnings[-1]
@@ -170,7 +172,7 @@ DISTRIBUTED_SCRIPT = textwrap.dedent("""
     export, data, out = sys.argv[1:4]
     acc = Accelerator(cpu=True)
     model, meta = load_generator_export(Path(export))
-    cfg = EvalConfig(n=200, batch=64, metrics=["fd", "kid", "pr", "coverage", "parzen"])
+    cfg = EvalConfig(n=200, batch=64, metrics=["fd", "kid", "pr", "classes_covered", "parzen"])
     evaluator = Evaluator(cfg, DataConfig(path=data, num_workers=0), read_dataset_info(data), acc.device, seed=3,
                           z_dist=meta["generator"]["z_dist"])
     figures = evaluator.evaluate(model, acc.process_index, acc.num_processes, acc.gather)
@@ -296,7 +298,7 @@ def test_eval_trains_the_feature_classifier_on_first_use(smoke_run, shards, tmp_
     for f in list(shards.glob("*.tar")) + [shards / "dataset.json"]:
         shutil.copy(f, fresh / f.name)
     out = json.loads(run_cli("distgan.eval", "--export", str(smoke_run / "generator_ema.safetensors"), "--data",
-                             str(fresh), "--n", "100", "--metrics", "fd", "coverage", "--classifier-steps", "150").stdout)
+                             str(fresh), "--n", "100", "--metrics", "fd", "classes_covered", "--classifier-steps", "150").stdout)
     trained = out["meta"]["feature_classifier_trained"]
     assert trained["steps"] == 150 and trained["accuracy"] > 0.6 and (fresh / CLASSIFIER_FILE).is_file()
     assert out["meta"]["features"] == "classifier" and out["fd"] > 0 and 1 <= out["modes_covered"] <= 10

@@ -49,19 +49,36 @@ def shards_with_classifier(fashion_shards, tmp_path) -> Path:
 
 
 def test_built_in_metrics_and_directions():
-    assert registry.names() == ["fd", "kid", "pr", "coverage", "parzen", "class_agreement", "fd_per_class"]
-    assert registry.all_figures() == ["fd", "kid", "kid_std", "precision", "recall", "modes_covered", "kl_to_real",
-                                      "parzen_ll", "parzen_se", "parzen_sigma", "class_agreement", "fd_per_class",
-                                      "fd_worst_class"]
-    assert registry.ranked_figures() == ["fd", "kid", "precision", "recall", "modes_covered", "kl_to_real",
-                                         "parzen_ll", "class_agreement", "fd_per_class", "fd_worst_class"]
+    assert registry.names() == ["fd", "kid", "pr", "classes_covered", "parzen", "class_agreement", "fd_per_class",
+                                "is", "is_classifier", "dc"]
+    assert registry.all_figures() == ["fd", "kid_x1e3", "kid_std_x1e3", "precision", "recall", "modes_covered",
+                                      "kl_to_real", "parzen_ll", "parzen_se", "parzen_sigma", "class_agreement",
+                                      "fd_per_class", "fd_worst_class", "is", "is_std", "is_classifier",
+                                      "is_classifier_std", "density", "coverage"]
+    assert registry.ranked_figures() == ["fd", "kid_x1e3", "precision", "recall", "modes_covered", "kl_to_real",
+                                         "parzen_ll", "class_agreement", "fd_per_class", "fd_worst_class", "is",
+                                         "is_classifier", "density", "coverage"]
     assert registry.is_better("class_agreement", 0.9, 0.8)
     assert registry.is_better("fd_per_class", 10.0, 20.0) and registry.metric_of("fd_worst_class").needs_conditional
     assert registry.is_better("fd", 1.0, 2.0) and not registry.is_better("fd", 2.0, 1.0)
     assert registry.is_better("recall", 0.9, 0.8) and registry.is_better("parzen_ll", -10.0, -20.0)
-    assert not registry.is_better("kid", 0.1, 0.1)  # equal is not better: the earlier checkpoint stays
+    assert registry.is_better("is", 5.0, 4.0) and registry.is_better("coverage", 0.9, 0.8)
+    assert not registry.is_better("kid_x1e3", 0.1, 0.1)  # equal is not better: the earlier checkpoint stays
     with pytest.raises(ValueError, match="ranks nothing"):
-        registry.is_better("kid_std", 0.1, 0.2)
+        registry.is_better("kid_std_x1e3", 0.1, 0.2)
+
+
+def test_renamed_metrics_and_figures_are_refused_by_their_new_names():
+    """`coverage` was the class coverage (now classes_covered; `coverage` is Naeem et al.'s figure of dc), and
+    KID's figures are x 10^3 now: an old config fails in one line that names the new name."""
+    with pytest.raises(ConfigError, match="'coverage' is now called 'classes_covered'"):
+        load_config(None, ["eval.metrics=[fd,coverage]"])
+    with pytest.raises(ConfigError, match="'kid' is now called 'kid_x1e3'"):
+        load_config(None, ["eval.metrics=[kid]", "eval.best_metric=kid"])
+    cfg = load_config(None, ["eval.metrics=[dc,classes_covered]", "eval.best_metric=coverage", "eval.prdc_k=3"])
+    assert cfg.eval.best_metric == "coverage" and cfg.eval.prdc_k == 3
+    with pytest.raises(ConfigError, match="eval.prdc_k=0"):
+        load_config(None, ["eval.prdc_k=0"])
 
 
 def test_a_registered_metric_is_validated(brightness):

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 REAL_SEED = 0  # the real sample does not depend on the run seed
 CACHE_DIR = "eval_cache"  # beside the shards
-CACHE_VERSION = 3  # 2: the test split's own labels; 3: the train images' own labels (per-class fd)
+CACHE_VERSION = 4  # 2: the test split's own labels; 3: the train images' own labels (per-class fd); 4: class logits
 
 
 def default_test_path(cfg: EvalConfig, data_path: str) -> Optional[str]:
@@ -101,6 +101,10 @@ class Evaluator:
                            "(generator.conditional=false)")
             if metric.needs_test_split and self.test_info is None:
                 self._skip(metric.name, f"{title} skipped: {no_test}")
+            if metric.needs_inception_logits and getattr(self.net.extractor, "fc", None) is None:
+                self._skip(metric.name, f"{title} skipped: it needs Inception's logits, i.e. eval.features=inception "
+                           "with pytorch-fid's .pth weights (which hold the 1008-way head); is_classifier scores "
+                           "with the feature classifier instead")
         if self.test_info is None:
             self._skip("real-vs-real reference", "real-vs-real reference skipped: " + no_test)
 
@@ -152,17 +156,17 @@ class Evaluator:
                         self.data_cfg.path, len(images), len(train), self.cfg.n, n_val)
         real = {"val_images": torch.from_numpy(images[len(images) - n_val:]).contiguous(),
                 "train_parzen_images": train[:PARZEN_SAMPLES].contiguous()}
-        real["train_features"], labels = self._features(to_float(train))
-        if labels is not None:
-            real["train_labels"] = labels
+        real["train_features"], logits = self._features(to_float(train))
+        if logits is not None:
+            real["train_class_logits"], real["train_labels"] = logits, logits.argmax(1)
         if len(true_train) and (true_train >= 0).all():  # per-class fd compares each class with its real images
             real["train_true_labels"] = torch.from_numpy(true_train).long()
         if self.test_info is not None:
             test, true_labels = read_images(self.test_info, self.data_cfg, max(self.cfg.n, PARZEN_TEST), REAL_SEED)
             test = torch.from_numpy(test)
-            real["test_features"], labels = self._features(to_float(test))
-            if labels is not None:
-                real["test_labels"] = labels
+            real["test_features"], logits = self._features(to_float(test))
+            if logits is not None:
+                real["test_class_logits"], real["test_labels"] = logits, logits.argmax(1)
             if len(true_labels) and (true_labels >= 0).all():  # the class agreement floor: the classifier's accuracy
                 real["test_true_labels"] = torch.from_numpy(true_labels).long()
             real["test_parzen_images"] = test[:PARZEN_TEST].contiguous()
@@ -187,7 +191,7 @@ class Evaluator:
 
     @torch.no_grad()
     def _features(self, images: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """Features (float32 [N, D], CPU) and classifier labels (int64 [N], or None) of images in [-1, 1]."""
+        """Features (float32 [N, D], CPU) and classifier logits (float32 [N, K], or None) of images in [-1, 1]."""
         feats, labels = [], []
         for start in range(0, len(images), self.cfg.batch):
             f, y = self._batch_features(images[start:start + self.cfg.batch].to(self.device))
@@ -197,12 +201,13 @@ class Evaluator:
         return torch.cat(feats), (torch.cat(labels) if labels else None)
 
     def _batch_features(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """Features and the classifier's logits (None without a classifier) of a batch in [-1, 1]."""
         classifier = self.net.classifier
         if self.net.kind == "classifier":
             f = classifier.features(x)
-            return f.float(), classifier.head(f).argmax(1)
+            return f.float(), classifier.head(f).float()
         f = self.net.extractor(x).float()
-        return f, (classifier(x).argmax(1) if classifier is not None else None)
+        return f, (classifier(x).float() if classifier is not None else None)
 
     # ------------------------------------------------------------------ generated images
 
@@ -228,7 +233,7 @@ class Evaluator:
         mine = z[rank * per_rank:(rank + 1) * per_rank]
         classes = self.conditioned(len(z))
         mine_y = classes[rank * per_rank:(rank + 1) * per_rank] if classes is not None else None
-        feats, labels, images = [], [], []
+        feats, logits, images = [], [], []
         keep_images = self._needs_images()
         was_training = generator.training
         generator.eval()
@@ -244,12 +249,12 @@ class Evaluator:
                 f, y = self._batch_features(x)
                 feats.append(f)
                 if y is not None:
-                    labels.append(y)
+                    logits.append(y)
                 if keep_images:
                     images.append(x)
         finally:
             generator.train(was_training)
-        return (torch.cat(feats), torch.cat(labels) if labels else None, torch.cat(images) if images else None)
+        return (torch.cat(feats), torch.cat(logits) if logits else None, torch.cat(images) if images else None)
 
     def evaluate(self, generator: nn.Module, rank: int, world_size: int,
                  gather: Callable[[Tensor], Tensor]) -> dict[str, float]:
@@ -262,10 +267,10 @@ class Evaluator:
         Every rank must call it (``gather`` is a collective: accelerator.gather, or identity on one process).
         """
         start = time.perf_counter()
-        feats, labels, images = self._generate(generator, rank, world_size)
+        feats, logits, images = self._generate(generator, rank, world_size)
         n = self.cfg.n
         feats = gather(feats.contiguous())[:n].cpu()
-        labels = gather(labels.contiguous())[:n].cpu() if labels is not None else None
+        logits = gather(logits.contiguous())[:n].cpu() if logits is not None else None
         images = gather(images.contiguous())[:n].cpu() if images is not None else None
         if rank != 0:
             return {}
@@ -273,21 +278,24 @@ class Evaluator:
         if not bool(torch.isfinite(feats).all()) or (images is not None and not bool(torch.isfinite(images).all())):
             log.error("evaluation: the generated images or their features are not finite (did the generator diverge?)")
             return {key: math.nan for metric in self._metrics() for key in metric.figures}
-        figures = self._figures(feats, labels, images, self.conditioned(n))
+        figures = self._figures(feats, logits, images, self.conditioned(n))
         if "modes_covered" in figures:
             self._watch_coverage(int(figures["modes_covered"]))
         log.info("evaluation of %d images: %.1f s generating + features, %.1f s metrics: %s", n, generated - start,
                  time.perf_counter() - generated, {k: round(v, 4) for k, v in figures.items()})
         return figures
 
-    def _figures(self, feats: Tensor, labels: Optional[Tensor], images: Optional[Tensor],
+    def _figures(self, feats: Tensor, class_logits: Optional[Tensor], images: Optional[Tensor],
                  conditioned: Optional[Tensor] = None) -> dict[str, float]:
-        """The figures of a sample (generated, or the test split) against the real train statistics; ``conditioned``:
-        the class each image was generated for (real images: their own labels)."""
+        """The figures of a sample (generated, or the test split) against the real train statistics; ``class_logits``:
+        the classifier's; ``conditioned``: the class each image was generated for (real images: their own labels)."""
+        labels = class_logits.argmax(1) if class_logits is not None else None
+        fc = getattr(self.net.extractor, "fc", None)
         ctx = MetricContext(features=feats, labels=labels, images=images, real=_Lazy(self.real_data),
                             conditioned=conditioned,
                             num_classes=self.net.classifier.hparams["num_classes"] if self.net.classifier else None,
-                            seed=REAL_SEED, memo=self._memo)
+                            seed=REAL_SEED, memo=self._memo, class_logits=class_logits, prdc_k=self.cfg.prdc_k,
+                            logits=self.net.extractor.logits(feats) if fc is not None else None)
         out: dict[str, float] = {}
         for metric in self._metrics():
             if ((metric.needs_labels and labels is None) or (metric.needs_images and images is None)
@@ -320,10 +328,10 @@ class Evaluator:
             return {}
         real = self.real_data()
         test_feats = real["test_features"][:self.cfg.n]
-        test_labels = real["test_labels"][:self.cfg.n] if "test_labels" in real else None
+        test_logits = real["test_class_logits"][:self.cfg.n] if "test_class_logits" in real else None
         images = to_float(real["train_parzen_images"]) if self._needs_images() else None
         true_labels = real["test_true_labels"][:self.cfg.n] if "test_true_labels" in real else None
-        self._reference = self._figures(test_feats, test_labels, images, true_labels)
+        self._reference = self._figures(test_feats, test_logits, images, true_labels)
         return self._reference
 
 

@@ -80,9 +80,9 @@ def load_feature_net(cfg: EvalConfig, data_path: str, info: DatasetInfo) -> Feat
     if kind == "classifier":
         return FeatureNet("classifier", classifier.feature_extractor(), classifier, file_digest(classifier_path))
     weights = Path(cfg.inception_weights)
-    net = load_inception_features(weights)
+    net = load_inception_features(weights, resize=cfg.resize)
     labels_from = [classifier_path] if classifier is not None else []  # its labels are cached too
-    return FeatureNet("inception", net, classifier, file_digest(weights, *labels_from))
+    return FeatureNet("inception", net, classifier, f"{file_digest(weights, *labels_from)}-{cfg.resize}")
 
 
 def ensure_feature_net(cfg: EvalConfig, data_path: str, info: DatasetInfo) -> Optional[dict]:

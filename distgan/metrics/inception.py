@@ -213,7 +213,8 @@ class FIDInceptionV3(nn.Module):
         Salimans et al.'s code (and torch-fidelity's 'logits_unbiased', stylegan2-ada's no_output_bias)."""
         if self.fc is None:
             raise ValueError("FIDInceptionV3: the weights file had no 'fc' head, so there are no logits")
-        return features.to(self.fc.weight.dtype) @ self.fc.weight.T
+        weight = self.fc.weight
+        return (features.to(weight) @ weight.T).to(features.device)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.prepare(x)

@@ -29,6 +29,9 @@ class MetricContext:
     # reference: the test images' own labels); None for an unconditional generator
     seed: int  # for a metric's own randomness (subsets): fixed, so figures compare across runs
     memo: dict  # kept by one Evaluator across evaluations: statistics of the real data computed once
+    logits: Optional[Tensor] = None  # float [N, 1008]: Inception's logits (no head bias) when needs_inception_logits
+    class_logits: Optional[Tensor] = None  # float [N, K]: the feature classifier's logits (None without one)
+    prdc_k: int = 5  # eval.prdc_k: neighbours of density and coverage
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Metric:
     needs_test_split: bool = False  # needs the test split: skipped (with a warning) without one
     needs_images: bool = False  # needs the generated images themselves, not only their features
     needs_conditional: bool = False  # needs a class-conditional generator: skipped (with a warning) otherwise
+    needs_inception_logits: bool = False  # needs Inception's 1008 logits: eval.features=inception with a .pth head
     title: str = ""  # what warnings call it (default: the name)
     columns: tuple[tuple[str, str], ...] = ()  # results table: (header, str.format template over the figures)
 
@@ -72,6 +76,8 @@ def lazy(module: str, function: str = "figures") -> Callable[[MetricContext], di
 
 
 METRICS: dict[str, Metric] = {}
+RENAMED = {"coverage": "classes_covered"}  # old metric names: refused by config validation, naming the new one
+RENAMED_FIGURES = {"kid": "kid_x1e3", "kid_std": "kid_std_x1e3"}  # old figure names (eval.best_metric)
 
 
 def register(metric: Metric) -> Metric:
@@ -124,13 +130,14 @@ def is_better(figure: str, a: float, b: float) -> bool:
 # ---------------------------------------------------------------- the built-in metrics
 
 register(Metric("fd", ("fd",), lazy("distgan.metrics.frechet"), columns=(("fd", "{fd:.4g}"),)))
-register(Metric("kid", ("kid", "kid_std"), lazy("distgan.metrics.kid"), diagnostics=("kid_std",),
-                columns=(("kid", "{kid:.4g}"),)))
+# KID figures are MMD^2 x 10^3, as papers and torch-fidelity's tables print them (the name says so)
+register(Metric("kid", ("kid_x1e3", "kid_std_x1e3"), lazy("distgan.metrics.kid"), diagnostics=("kid_std_x1e3",),
+                columns=(("KID x1e3", "{kid_x1e3:.4g}"),)))
 register(Metric("pr", ("precision", "recall"), lazy("distgan.metrics.precision_recall"),
                 higher_is_better=("precision", "recall"),
                 columns=(("precision", "{precision:.3f}"), ("recall", "{recall:.3f}"))))
-register(Metric("coverage", ("modes_covered", "kl_to_real"), lazy("distgan.metrics.coverage"),
-                higher_is_better=("modes_covered",), needs_labels=True,
+register(Metric("classes_covered", ("modes_covered", "kl_to_real"), lazy("distgan.metrics.coverage"),
+                higher_is_better=("modes_covered",), needs_labels=True, title="classes covered",
                 columns=(("modes covered", "{modes_covered:.0f}"), ("KL to real", "{kl_to_real:.3g}"))))
 register(Metric("parzen", ("parzen_ll", "parzen_se", "parzen_sigma"), lazy("distgan.metrics.parzen"),
                 higher_is_better=("parzen_ll",), diagnostics=("parzen_se", "parzen_sigma"), needs_test_split=True,
@@ -142,3 +149,13 @@ register(Metric("class_agreement", ("class_agreement",), lazy("distgan.metrics.c
 register(Metric("fd_per_class", ("fd_per_class", "fd_worst_class"), lazy("distgan.metrics.fd_per_class"),
                 needs_conditional=True, title="per-class Frechet distance",
                 columns=(("fd per class (worst)", "{fd_per_class:.4g} ({fd_worst_class:.4g})"),)))
+register(Metric("is", ("is", "is_std"), lazy("distgan.metrics.inception_score"), higher_is_better=("is",),
+                diagnostics=("is_std",), needs_inception_logits=True, title="Inception Score",
+                columns=(("IS", "{is:.3f}"),)))
+register(Metric("is_classifier", ("is_classifier", "is_classifier_std"),
+                lazy("distgan.metrics.inception_score", "classifier_figures"), higher_is_better=("is_classifier",),
+                diagnostics=("is_classifier_std",), needs_labels=True, title="Inception Score of the feature classifier",
+                columns=(("IS (classifier)", "{is_classifier:.3f}"),)))
+register(Metric("dc", ("density", "coverage"), lazy("distgan.metrics.density_coverage"),
+                higher_is_better=("density", "coverage"), title="density and coverage",
+                columns=(("density", "{density:.3f}"), ("coverage", "{coverage:.3f}"))))
