@@ -72,7 +72,7 @@ PROBE_STEPS, PROBE_FROM, PROBE_LOG_EVERY = 120, 20, 10  # probe: train 120 steps
 # keys whose values change no step's work (see same_compute)
 SAME_COMPUTE_KEYS = ("loss.kind", "loss.penalty_weight", "g_optim.lr", "d_optim.lr", "g_optim.betas", "d_optim.betas",
                      "ema.half_life_kimg", "ema.rampup")
-METRICS = ("fd", "pr", "coverage")
+METRICS = ("fd", "pr", "classes_covered")
 DRY = {"full": 300, "test": 100, "shard_size": 100, "classifier_steps": 5, "n": 100, "max_steps": 4,
        "probe_steps": 4, "probe_from": 2, "probe_log_every": 1}
 DRY_OVERRIDES = ("generator.width=8", "discriminator.width=8", "train.batch_size=8", "log.every=1",

@@ -1,6 +1,7 @@
 """``python -m distgan.eval``: judge a trained generator, train the feature network, plot a run.
 
-    python -m distgan.eval --run DIR [--step N] | --export FILE --data DIR [--n N] [--metrics fd kid pr coverage parzen]
+    python -m distgan.eval --run DIR [--step N] | --export FILE --data DIR [--n N]
+                           [--metrics fd kid pr dc is classes_covered parzen]
                            [--features auto|classifier|inception] [--inception-weights FILE] [--seed S]
     python -m distgan.eval train-features --data DIR [--steps N] [--seed S]
     python -m distgan.eval stats --data DIR --out ref.npz [--n N] [--features ...]   (pytorch-fid's mu/sigma layout)

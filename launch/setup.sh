@@ -10,3 +10,5 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
 fi
 python3 -m pip install -q "torch==2.13.0"
 python3 -m pip install -q -e ".[test]"
+# torch-fidelity is the reference the metric tests compare with; without its deps (they pull torchvision and CUDA torch)
+python3 -m pip install -q --no-deps "torch-fidelity==0.4.0"

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 TRAIN_FEATURES_HINT = "python -m distgan.eval train-features --data {path}"
 TRAIN_FEATURES_DEFAULTS = dict(steps=2000, batch=64, lr=3e-3)
 CLASSIFIER_EVAL_IMAGES = 10_000  # test (or held-out) images the accuracy is measured on
+HELD_OUT_DIVISOR = 5  # one shard, no test split: a fifth of its images (at most CLASSIFIER_EVAL_IMAGES) is held out
 
 
 def file_digest(*paths: Path) -> str:
@@ -114,13 +115,29 @@ def _labeled(stream: Iterator, where: str) -> Iterator[tuple[Tensor, Tensor]]:
         yield images, labels
 
 
+class _InMemoryBatches:
+    """Endless seeded random batches (uint8 images as float in [-1, 1], labels) from arrays held in memory."""
+
+    def __init__(self, images, labels, batch: int, seed: int):
+        self.images, self.labels = torch.from_numpy(images), torch.from_numpy(labels).long()
+        self.batch, self.gen = min(batch, len(images)), torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        while True:
+            index = torch.randperm(len(self.images), generator=self.gen)[:self.batch]
+            yield to_float(self.images[index]), self.labels[index]
+
+    def close(self) -> None:
+        pass
+
+
 def train_feature_classifier(data: str, test_data: Optional[str] = None, steps: int = TRAIN_FEATURES_DEFAULTS["steps"],
                              batch: int = TRAIN_FEATURES_DEFAULTS["batch"], lr: float = TRAIN_FEATURES_DEFAULTS["lr"],
                              seed: int = 0, progress: bool = False) -> dict:
     """Train the feature classifier on the labeled shards in ``data``, save it there, and report its accuracy.
 
     The accuracy is measured on ``test_data``, else ``DATA_test`` when it exists, else the last train shard
-    (held out of training).
+    (held out of training), else (one shard) a seeded fifth of its images, held out of training.
     """
     if not os.path.isdir(data):
         raise DataError(f"--data {data}: not a folder; train-features saves the classifier beside the shards")
@@ -134,16 +151,25 @@ def train_feature_classifier(data: str, test_data: Optional[str] = None, steps: 
     elif len(info.shards) >= 2:
         held_info = dataclasses.replace(info, shards=info.shards[-1:], count=None)
         train_path, measured_on = "::".join(info.shards[:-1]), f"held-out train shard {info.shards[-1]}"
-    else:
-        raise DataError(f"{data} has one shard and no test split: prepare a test split (python -m distgan.prepare "
-                        f"SOURCE --split test --out {data.rstrip('/')}_test) or more shards (--shard-size)")
-    held_images, held_labels = read_images(held_info, data_cfg, CLASSIFIER_EVAL_IMAGES, seed=seed)
+    else:  # one shard, no test split: a seeded share of its images is held out of training
+        held_info, train_path = info, None
+    held_images, held_labels = read_images(held_info, data_cfg, CLASSIFIER_EVAL_IMAGES if train_path else 1 << 62,
+                                           seed=seed)
     if (held_labels < 0).any():
         raise DataError(f"{held_info.shards[0]}: samples without labels (.cls). train-features needs a labeled dataset; "
                         "without labels evaluate with --features inception --inception-weights FILE")
     num_classes = len(info.classes) if info.classes else int(held_labels.max()) + 1
     start = time.perf_counter()
-    stream = make_batch_iterator(dataclasses.replace(data_cfg, path=train_path), batch, 0, 1, seed)
+    if train_path is None:
+        held = min(CLASSIFIER_EVAL_IMAGES, max(1, len(held_images) // HELD_OUT_DIVISOR))
+        train_images, train_labels = held_images[held:], held_labels[held:]
+        held_images, held_labels = held_images[:held], held_labels[:held]
+        measured_on = (f"{held} of the {held + len(train_images)} images of {info.shards[0]} held out of training "
+                       f"(one shard and no test split; seed {seed})")
+        log.info("feature classifier: %s", measured_on)
+        stream = _InMemoryBatches(train_images, train_labels, batch, seed)
+    else:
+        stream = make_batch_iterator(dataclasses.replace(data_cfg, path=train_path), batch, 0, 1, seed)
     try:
         model = train_classifier(_labeled(stream, data), info.channels, info.resolution, num_classes, steps,
                                  lr=lr, seed=seed, progress=progress)
