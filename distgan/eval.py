@@ -89,6 +89,26 @@ def eval_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _resolved_run_paths(run: Path, data_cfg: DataConfig, eval_cfg: EvalConfig) -> tuple[DataConfig, EvalConfig]:
+    """The run config's relative paths made absolute against the folder training started in (RUN/workdir.txt,
+    recorded by the trainer); a run without that record keeps them relative to the current folder."""
+    from distgan.rundir import WORKDIR_FILE
+
+    record = run / WORKDIR_FILE
+    if not record.is_file():
+        return data_cfg, eval_cfg
+    workdir = Path(record.read_text().strip())
+
+    def resolve(path: Optional[str]) -> Optional[str]:
+        if not path or os.path.isabs(path) or "::" in path or "://" in path:
+            return path
+        return str(workdir / path)
+
+    eval_cfg = dataclasses.replace(eval_cfg, **{key: resolve(getattr(eval_cfg, key)) for key in
+                                                ("test_path", "inception_weights", "reference_stats")})
+    return dataclasses.replace(data_cfg, path=resolve(data_cfg.path)), eval_cfg
+
+
 def evaluate_command(args: argparse.Namespace) -> dict:
     """The run's (or the default) eval and data sections with the flags on top, evaluated by evaluate_export."""
     from distgan.loading import load_generator
@@ -102,7 +122,7 @@ def evaluate_command(args: argparse.Namespace) -> dict:
         if not config_file.is_file():
             raise ConfigError(f"{config_file} not found: --run takes a run dir written by python -m distgan.train")
         cfg = load_config(str(config_file))
-        data_cfg, eval_cfg, seed = cfg.data, cfg.eval, cfg.run.seed
+        data_cfg, eval_cfg, seed = _resolved_run_paths(args.run, cfg.data, cfg.eval) + (cfg.run.seed,)
     else:
         if not args.data:
             raise ConfigError("--export needs --data DIR (the real shards to compare with)")
@@ -111,6 +131,9 @@ def evaluate_command(args: argparse.Namespace) -> dict:
                  "classifier_steps": args.classifier_steps, "reference_stats": args.reference_stats}
     eval_cfg = dataclasses.replace(eval_cfg, **{k: v for k, v in overrides.items() if v is not None})
     data_cfg = dataclasses.replace(data_cfg, path=args.data or data_cfg.path, num_workers=0)
+    if args.run is not None and not args.data and "::" not in data_cfg.path and not os.path.exists(data_cfg.path):
+        raise ConfigError(f"{args.run / 'config.yaml'}: data.path {data_cfg.path} does not exist (here); pass the "
+                          "run's data with --data DIR")
     seed = args.seed if args.seed is not None else seed
     if args.step is not None and args.run is None:
         raise UserError("--step goes with --run DIR (a run's checkpoint of that step)")

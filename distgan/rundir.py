@@ -296,8 +296,14 @@ def check_resume_config(saved_yaml: Optional[str], current_yaml: str, checkpoint
         log.info("resume changes %s", change)
 
 
+WORKDIR_FILE = "workdir.txt"
+
+
 def record_config(run_dir: Path, config_yaml: str, step: int, resumed: bool) -> Path:
-    """config.yaml (the current config) and ``configs/NNNN-start|resume-step-S.yaml`` (every one so far)."""
+    """config.yaml (the current config) and ``configs/NNNN-start|resume-step-S.yaml`` (every one so far); and, at
+    the first start, WORKDIR_FILE: the folder the config's relative paths are relative to (eval --run reads it)."""
+    if not (run_dir / WORKDIR_FILE).exists():
+        (run_dir / WORKDIR_FILE).write_text(os.getcwd() + "\n")
     history = run_dir / "configs"
     history.mkdir(parents=True, exist_ok=True)
     number = len(list(history.glob("*.yaml"))) + 1
