@@ -10,5 +10,6 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
 fi
 python3 -m pip install -q "torch==2.13.0"
 python3 -m pip install -q -e ".[test]"
-# torch-fidelity is the reference the metric tests compare with; without its deps (they pull torchvision and CUDA torch)
-python3 -m pip install -q --no-deps "torch-fidelity==0.4.0"
+# torch-fidelity, the reference of tests/test_metrics_reference.py: without its deps (torchvision pulls CUDA torch), in
+# a folder of its own (installed, it would make torchmetrics import it, and so torchvision)
+python3 -m pip install -q --no-deps --target "${DISTGAN_REFERENCE:-$HOME/.cache/distgan/reference}" "torch-fidelity==0.4.0"

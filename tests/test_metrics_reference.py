@@ -1,9 +1,10 @@
 """distgan's Inception, FID, KID, IS and precision/recall against torch-fidelity's on the same weights.
 
-torch-fidelity (``pip install --no-deps torch-fidelity``, as launch/setup.sh does) is the reference: its
-InceptionV3 is the TensorFlow FID graph ported bit-exactly. Its package __init__ and its ``utils`` import
-torchvision (never installed here: it pulls CUDA torch), so its modules are loaded under a stand-in package
-that skips that __init__; the functions compared need only torch and numpy.
+torch-fidelity is the reference: its InceptionV3 is the TensorFlow FID graph ported bit-exactly. launch/setup.sh
+installs it --no-deps into a folder of its own ($DISTGAN_REFERENCE, default ~/.cache/distgan/reference), not
+site-packages: its package __init__ imports torchvision (never installed here: it pulls CUDA torch), and
+torchmetrics imports torch_fidelity whenever it is installed, which would break torchmetrics' FID. Its modules
+are loaded under a stand-in package that skips that __init__; the functions compared need only torch and numpy.
 
 The weights are random (nothing is downloaded), in pytorch-fid's ``.pth`` layout, with the batch-norm
 statistics calibrated on random images: straight from init, the features would not vary with the input.
@@ -11,9 +12,10 @@ statistics calibrated on random images: straight from init, the features would n
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import os
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,15 +31,15 @@ TF_VERSION = "0.4.0"  # launch/setup.sh pins it
 @pytest.fixture(scope="module")
 def fidelity():
     """torch-fidelity's modules, imported without its package __init__ (which needs torchvision)."""
-    spec = importlib.util.find_spec("torch_fidelity")
-    if spec is None:
-        pytest.fail(f"torch-fidelity is not installed: python3 -m pip install --no-deps torch-fidelity=={TF_VERSION} "
-                    "(launch/setup.sh does)")
+    folder = Path(os.environ.get("DISTGAN_REFERENCE", Path.home() / ".cache" / "distgan" / "reference"))
+    if not (folder / "torch_fidelity" / "feature_extractor_inceptionv3.py").is_file():
+        pytest.fail(f"torch-fidelity is not in {folder}: python3 -m pip install --no-deps --target {folder} "
+                    f"torch-fidelity=={TF_VERSION} (launch/setup.sh does)")
     saved = {k: v for k, v in sys.modules.items() if k == "torch_fidelity" or k.startswith("torch_fidelity.")}
     for key in saved:
         del sys.modules[key]
     package = types.ModuleType("torch_fidelity")
-    package.__path__ = list(spec.submodule_search_locations)
+    package.__path__ = [str(folder / "torch_fidelity")]
     utils = types.ModuleType("torch_fidelity.utils")  # only its feature-extraction helpers need torchvision
     utils.__getattr__ = lambda name: None
     sys.modules.update({"torch_fidelity": package, "torch_fidelity.utils": utils})
