@@ -134,6 +134,7 @@ COVERED_ELSEWHERE: dict[tuple[str, str], str] = {
     # evaluation needs a feature network (a trained classifier or an Inception file) beside the data
     ("eval.features", "classifier"): "tests/test_eval.py::test_training_evaluates_with_each_feature_network",
     ("eval.features", "inception"): "tests/test_eval.py::test_training_evaluates_with_each_feature_network",
+    ("eval.resize", "pytorch-fid"): "tests/test_metrics_reference.py::test_the_pytorch_fid_resize_is_another_convention",
     # a conditioning applies to a class-conditional G only, which needs labeled shards and both conditional keys
     ("generator.conditioning", "norm"): "tests/test_conditional.py::test_conditional_trains_with_losses_penalties_and_archs",
     ("generator.conditioning", "concat"): "tests/test_conditional.py::test_conditional_trains_with_losses_penalties_and_archs",
