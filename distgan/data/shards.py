@@ -43,6 +43,9 @@ FORMAT_VERSION = 1
 SHARD_PATTERN = "shard-%06d.tar"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "npy")  # preference order when a record has several
 SHARD_IMAGE_FORMATS = ["PNG", "JPEG", "WEBP"]  # the Pillow plugins allowed on shard bytes
+# what distgan's evaluation writes beside the shards (distgan.metrics: CACHE_DIR, CLASSIFIER_FILE and its .json):
+# a shard folder holding them is still one distgan wrote
+WRITTEN_BESIDE_SHARDS = ("eval_cache", "feature_classifier.safetensors", "feature_classifier.json")
 TAR_MTIME = 1_700_000_000  # fixed member mtime: reproducible shards, and no pax header per member
 
 
@@ -143,7 +146,8 @@ def check_output_dir(out: str | os.PathLike, force: bool, protect: Iterable[str 
     if not (out / DATASET_JSON).is_file():
         raise DataError(f"{refuse} it has no {DATASET_JSON}, so distgan did not write it; "
                         "remove it yourself or choose another --out")
-    foreign = sorted(p.name for p in out.iterdir() if p.name != DATASET_JSON and not _is_shard_name(p.name))
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (DATASET_JSON, *WRITTEN_BESIDE_SHARDS)
+                     and not _is_shard_name(p.name))
     if foreign:
         raise DataError(f"{refuse} it holds {foreign[0]!r}, which distgan did not write; "
                         "move it away or choose another --out")
