@@ -383,7 +383,7 @@ def resolve_config_path(name_or_path: str) -> Path:
     """A path as given, else a config shipped with distgan by name (with or without .yaml)."""
     candidates = [Path(name_or_path), CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"]
     for path in candidates:
-        if path.is_file():
+        if path.exists() and not path.is_dir():  # not is_file(): a FIFO or a device is refused by name when read
             return path
     available = ", ".join(f"{name}.yaml" for name in config_names())
     raise ConfigError(f"config '{name_or_path}' not found as a file or among distgan's configs in {CONFIG_DIR} "

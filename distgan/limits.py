@@ -61,10 +61,11 @@ def human(count: int) -> str:
 
 
 def check_memory(what: str, value: Any, need: int, fix: str) -> None:
-    """Refuse ``what`` = ``value`` when its lower-bound estimate ``need`` (bytes) exceeds the machine's memory."""
+    """Refuse ``what`` = ``value`` (None: ``what`` says it all) when its lower-bound estimate ``need`` (bytes)
+    exceeds the machine's memory."""
     limit = memory_limit()
     if need > limit:
-        raise LimitError(f"{what} = {shown(value)} needs at least {human(need)} of memory, more than the "
+        raise LimitError(f"{what}{'' if value is None else ' = ' + shown(value)} needs at least {human(need)} of memory, more than the "
                          f"{human(limit)} this machine gives the process; {fix}")
 
 
@@ -203,8 +204,9 @@ def check_training(cfg: "Config", resolution: int, channels: int, local_batch: i
     d_params, d_act = network_sizes(build_discriminator, cfg.discriminator, resolution, channels, num_classes)
     need = FLOAT_BYTES * (2 * (g_params + d_params) + local_batch * (g_act + d_act))
     what = (f"the run's networks for {channels}x{resolution}x{resolution} images (generator.arch={cfg.generator.arch}, "
-            f"discriminator.arch={cfg.discriminator.arch}) with a batch of {local_batch} per process")
-    check_memory(what, f"{g_params + d_params} parameters", need,
+            f"discriminator.arch={cfg.discriminator.arch}: {g_params + d_params} parameters) with a batch of "
+            f"{local_batch} per process")
+    check_memory(what, None, need,
                  "use smaller networks (width, hidden), a smaller batch, or images of a smaller resolution")
     check_images("config key 'log.n_samples'", cfg.log.n_samples, cfg.log.n_samples, resolution, channels,
                  "a sample grid of a few hundred images is plenty")

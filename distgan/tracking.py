@@ -127,6 +127,7 @@ def init_trackers(accelerator: Any, project: str, config: dict, wandb_kwargs: di
         log.warning("wandb: no answer from its server within %.0f s (%s); logging offline instead: upload later with "
                     "`wandb sync %s/wandb/offline-run-*`", WANDB_INIT_TIMEOUT_S, " ".join(str(err).split())[:160],
                     kwargs.get("dir", "."))
+        wandb.teardown()  # the failed online run still holds its id in wandb's service
         accelerator.trackers = []
         os.environ["WANDB_MODE"] = "offline"
         kwargs.pop("settings")
