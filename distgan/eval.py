@@ -59,7 +59,7 @@ def _check_numbers(args: argparse.Namespace, least: dict[str, int]) -> None:
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be at least {minimum}")
-        if name == "seed":
+        if name == "seed" and value is not None:
             check_seed("--seed", value)
         elif name == "n" and value is not None:  # each image keeps at least its latent and its features
             check_count("--n", value, 2 * FLOAT_BYTES, "evaluate on fewer images (10,000 or 50,000 are the usual figures)")

@@ -26,7 +26,7 @@ from distgan.config import (
 from distgan.data.errors import DataError
 from distgan.data.untrusted import require_regular_file
 from distgan.errors import UserError, shown
-from distgan.limits import MAX_RESOLUTION, LimitError, check_count, check_hidden
+from distgan.limits import FLOAT_BYTES, MAX_RESOLUTION, LimitError, check_count, check_hidden
 from distgan.nn import build_generator, cropped
 
 EXPORT_VERSION = 1
@@ -104,7 +104,7 @@ def _check_sizes(path: Path, meta: dict) -> None:
     try:
         check_hidden(f"{path}: metadata's generator.hidden", generator.get("hidden"))
         if classes and isinstance(z_dim, int):  # a conditional generator embeds each class in z_dim numbers
-            check_count(f"{path}: metadata's class list", f"{len(classes)} classes", len(classes) * z_dim * 4,
+            check_count(f"{path}: metadata's class list of {len(classes)} names", len(classes), z_dim * FLOAT_BYTES,
                         "a real export has a few hundred classes at most")
     except LimitError as err:
         raise ExportError(f"{err}: the export is damaged; re-export it") from None
