@@ -23,6 +23,7 @@ from distgan.data.stream import DataSource, ShardSource
 from distgan.distributed import (BatchPlan, batch_plan, make_accelerator, on_main_process, set_cpu_threads)
 from distgan.ema import EMA
 from distgan.first_use import needs_preparing, prepare_command, prepare_if_missing
+from distgan.limits import check_training
 from distgan.nn import build_discriminator, build_generator, padded_resolution
 from distgan.objective import GANObjective
 
@@ -123,6 +124,7 @@ def build(cfg: Config, accelerator: Optional[Accelerator] = None, source: Option
     # G and D work at the padded resolution; what is scored or shown is cropped back (Trainer.shown)
     resolution = padded_resolution(source.resolution, cfg.data.pad, cfg.generator, cfg.discriminator)
     num_classes = len(source.classes) if cfg.generator.conditional and source.classes else None
+    check_training(cfg, resolution, source.channels, batch.local_batch, num_classes)  # before G and D are allocated
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     G = build_generator(cfg.generator, resolution, source.channels, num_classes)
     D = build_discriminator(cfg.discriminator, resolution, source.channels, num_classes)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -26,7 +27,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from distgan.data.untrusted import read_regular_file
 from distgan.errors import UserError
+from distgan.errors import shown as _shown
 
 log = logging.getLogger(__name__)
 
@@ -171,15 +174,17 @@ def checkpoint_step(path: Path) -> int:
 
 # counters every checkpoint format has; the others (added later) mean 0 when absent
 REQUIRED_COUNTERS = ("step", "images_seen", "batches_consumed", "world_size")
+MAX_COUNTER = 2**63 - 1  # a counter is an int64 wherever it goes (torch, numpy seeds)
+MAX_STATE_BYTES = 1 << 20  # state.json: a few counters and a manifest of a handful of files
 
 
 def _read_state(path: Path) -> tuple[Optional[dict], Optional[str]]:
     """state.json's content, or why it is not a checkpoint's: unreadable, an unknown format, a manifest that is not
     ``{file: {"bytes": int, "sha256": str}}``, or counters missing, unknown or not counts."""
     try:
-        meta = json.loads((path / "state.json").read_text())
+        meta = json.loads(read_regular_file(path / "state.json", "state.json", MAX_STATE_BYTES))
     except (OSError, ValueError, RecursionError) as err:
-        return None, f"state.json unreadable ({err})"
+        return None, f"state.json unreadable ({_shown(' '.join(str(err).split()))})"
     if not isinstance(meta, dict) or meta.get("format_version") not in (1, FORMAT_VERSION):
         return None, "state.json is not a distgan checkpoint of a known format"
     manifest = meta.get("manifest", {} if meta["format_version"] == 1 else None)
@@ -195,16 +200,14 @@ def _read_state(path: Path) -> tuple[Optional[dict], Optional[str]]:
     damage = [f"unknown key {_shown(k)}" for k in sorted(counters.keys() - known)]
     damage += [f"{k} missing" for k in REQUIRED_COUNTERS if k not in counters]
     damage += [f"{k} is {_shown(v)}, not a count" for k, v in counters.items() if k in known and not _count(v)]
+    damage += [f"{k} is {_shown(v)}, past an int64" for k, v in counters.items() if _count(v) and v > MAX_COUNTER]
     if not damage and counters["world_size"] < 1:
         damage.append("world_size is 0")
+    if not damage and STEP_FOLDER.fullmatch(path.name) and counters["step"] != checkpoint_step(path):
+        damage.append(f"step is {_shown(counters['step'])} in a checkpoint named {path.name}")
     if damage:
         return None, f"state.json's counters are damaged ({'; '.join(damage)})"
     return meta, None
-
-
-def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _count(value: object) -> bool:
@@ -296,13 +299,22 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module]) -> tuple[Tr
             tensors = load_file(str(file))
         except SafetensorError as err:
             raise CheckpointError(f"{file}: unreadable ({err}); resume from an older checkpoint") from None
-        missing, unexpected = module.load_state_dict(tensors, strict=False)
+        try:
+            missing, unexpected = module.load_state_dict(tensors, strict=False)
+        except RuntimeError as err:  # a tensor of another shape: the checkpoint is of another network
+            first = _shown(" ".join(str(err).split())[-160:])
+            raise CheckpointError(f"{file} does not fit the model built from the config ({first}): resume with the "
+                                  f"config the run was started with ({path}/config.yaml)") from None
         if missing or unexpected:
             raise CheckpointError(
                 f"{file} does not fit the model built from the config (missing {missing[:5]}, unexpected "
                 f"{unexpected[:5]}): resume with the config the run was started with ({path}/config.yaml)"
             )
-    optim_state = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+    try:
+        optim_state = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path / 'optim.pt'}: unreadable ({_shown(' '.join(str(err).split()))}); resume from an "
+                              "older checkpoint") from None
     return TrainState(**meta), optim_state
 
 

@@ -17,7 +17,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from distgan.errors import UserError
+from distgan import limits
+from distgan.errors import UserError, shown
+from distgan.safe_yaml import YAMLInputError, load_yaml
 
 
 def _config_dir() -> Path:
@@ -31,6 +33,7 @@ def _config_dir() -> Path:
 
 CONFIG_DIR = _config_dir()
 MAX_LAYER_SIZE = 1 << 16  # channels, hidden units or latent size beyond this are a typo (and gigabytes of weights)
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few kilobytes
 
 
 class ConfigError(UserError):
@@ -314,13 +317,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif isinstance(value, tp):
         return value
-    raise ConfigError(f"config key '{key}' = {value!r}: expected {_type_name(tp)}")
+    raise ConfigError(f"config key '{key}' = {shown(value)}: expected {_type_name(tp)}")
 
 
 def section_from_dict(cls: type, data: Any, prefix: str) -> Any:
     """A config dataclass from a plain dict (a YAML section, an export's metadata), every key checked."""
     if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix}' must be a mapping, got {data!r}")
+        raise ConfigError(f"config section '{prefix}' must be a mapping, got {shown(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -350,13 +353,16 @@ def _merge(base: dict, extra: dict) -> dict:
 def parse_override(text: str) -> dict:
     """``section.key=value`` -> nested dict; the value is parsed as YAML (so 1e-4, true, [1, 2] work)."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like section.key=value")
+        raise ConfigError(f"override {shown(text)} must look like section.key=value")
     dotted, raw = text.split("=", 1)
+    limits.check_text("override", dotted)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override '{text}': the value is not valid YAML ({' '.join(str(err).split())}); "
+        raise ConfigError(f"override {shown(text)}: the value is not valid YAML ({' '.join(str(err).split())}); "
                           "quote strings that contain ':', '[' or '{'") from None
+    except YAMLInputError as err:
+        raise ConfigError(f"override {shown(dotted + '=...')}: {err}") from None
     except RecursionError:
         raise ConfigError(f"override '{dotted}=...': the value is nested too deeply") from None
     out: dict = {}
@@ -377,7 +383,7 @@ def resolve_config_path(name_or_path: str) -> Path:
     """A path as given, else a config shipped with distgan by name (with or without .yaml)."""
     candidates = [Path(name_or_path), CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"]
     for path in candidates:
-        if path.is_file():
+        if path.exists() and not path.is_dir():  # not is_file(): a FIFO or a device is refused by name when read
             return path
     available = ", ".join(f"{name}.yaml" for name in config_names())
     raise ConfigError(f"config '{name_or_path}' not found as a file or among distgan's configs in {CONFIG_DIR} "
@@ -387,6 +393,7 @@ def resolve_config_path(name_or_path: str) -> Path:
 def from_dict(data: dict) -> Config:
     cfg = section_from_dict(Config, data or {}, "")
     validate(cfg)
+    limits.check_config(cfg)  # sizes against the machine's memory, before anything is allocated from them
     return cfg
 
 
@@ -395,10 +402,14 @@ def load_config(name_or_path: Optional[str], overrides: list[str] = ()) -> Confi
     data: dict = {}
     if name_or_path:
         path = resolve_config_path(name_or_path)
+        from distgan.data.untrusted import read_regular_file  # a leaf module: regular files only, bounded reads
+
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(read_regular_file(path, "config", MAX_CONFIG_BYTES).decode()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        except YAMLInputError as err:
+            raise ConfigError(f"{path}: {err}") from None
         except RecursionError:
             raise ConfigError(f"{path}: nested too deeply to be a distgan config") from None
         except (OSError, UnicodeDecodeError) as err:
@@ -440,7 +451,7 @@ def validate(cfg: Config) -> None:
                      "discriminator.maxout_pieces": d.maxout_pieces})
     for key, value in positive.items():
         if value < 1:
-            raise ConfigError(f"config key '{key}' = {value}: must be at least 1")
+            raise ConfigError(f"config key '{key}' = {shown(value)}: must be at least 1")
     _check_finite(cfg, "")
     validate_choices(cfg)
     for who, section in (("generator", cfg.generator), ("discriminator", d)):
@@ -456,28 +467,28 @@ def validate(cfg: Config) -> None:
     }
     for key, value in at_least_zero.items():
         if value < 0:
-            raise ConfigError(f"config key '{key}' = {value}: must be 0 or more")
+            raise ConfigError(f"config key '{key}' = {shown(value)}: must be 0 or more")
     if not 0.0 <= d.dropout < 1.0:
-        raise ConfigError(f"config key 'discriminator.dropout' = {d.dropout}: must be in [0, 1)")
+        raise ConfigError(f"config key 'discriminator.dropout' = {shown(d.dropout)}: must be in [0, 1)")
     if t.batch_per_process < 0:
-        raise ConfigError(f"config key 'train.batch_per_process' = {t.batch_per_process}: must be 0 (off) or more")
+        raise ConfigError(f"config key 'train.batch_per_process' = {shown(t.batch_per_process)}: must be 0 (off) or more")
     if t.lr_batch_scaling != "none" and not t.batch_per_process:
         raise ConfigError(
             f"train.lr_batch_scaling={t.lr_batch_scaling} without train.batch_per_process: the global batch is "
             "train.batch_size, so there is nothing to scale. Set train.batch_per_process=N or train.lr_batch_scaling=none"
         )
     if t.cpu_threads < 0:
-        raise ConfigError(f"config key 'train.cpu_threads' = {t.cpu_threads}: must be 0 (automatic) or more")
+        raise ConfigError(f"config key 'train.cpu_threads' = {shown(t.cpu_threads)}: must be 0 (automatic) or more")
     for key, value in (("data.num_workers", cfg.data.num_workers), ("data.cache_mb", cfg.data.cache_mb),
                        ("data.pad", cfg.data.pad)):
         if value < 0:
-            raise ConfigError(f"config key '{key}' = {value}: must be 0 or more")
+            raise ConfigError(f"config key '{key}' = {shown(value)}: must be 0 or more")
     for key, value in (("train.collective_timeout_s", t.collective_timeout_s),
                        ("data.prepare_timeout_s", cfg.data.prepare_timeout_s)):
         if value <= 0:
-            raise ConfigError(f"config key '{key}' = {value}: must be positive (seconds)")
+            raise ConfigError(f"config key '{key}' = {shown(value)}: must be positive (seconds)")
     if cfg.ema.decay is not None and not 0.0 <= cfg.ema.decay < 1.0:
-        raise ConfigError(f"config key 'ema.decay' = {cfg.ema.decay}: must be in [0, 1)")
+        raise ConfigError(f"config key 'ema.decay' = {shown(cfg.ema.decay)}: must be in [0, 1)")
     if loss.penalty == "wgan-gp" and _norm_mixes_samples(d.norm):
         raise ConfigError(
             f"loss.penalty=wgan-gp with discriminator.norm={d.norm}: the penalty is defined per sample, "
@@ -503,9 +514,9 @@ def validate(cfg: Config) -> None:
         if opt.momentum < 0 or opt.weight_decay < 0:
             raise ConfigError(f"config key '{key}.momentum'/'{key}.weight_decay' must be 0 or more")
         if opt.lr <= 0 or opt.eps <= 0:
-            raise ConfigError(f"config key '{key}.lr' = {opt.lr} / '{key}.eps' = {opt.eps}: must be positive")
+            raise ConfigError(f"config key '{key}.lr' = {shown(opt.lr)} / '{key}.eps' = {shown(opt.eps)}: must be positive")
         if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
-            raise ConfigError(f"config key '{key}.betas' = {opt.betas}: must be two numbers in [0, 1)")
+            raise ConfigError(f"config key '{key}.betas' = {shown(opt.betas)}: must be two numbers in [0, 1)")
     validate_eval(cfg.eval)
     validate_augment(cfg.augment)
 
@@ -519,15 +530,15 @@ def _norm_mixes_samples(norm: str) -> bool:
 def validate_augment(cfg: AugmentConfig) -> None:
     """The augment section: known, distinct ops; p and target in [0, 1]; a positive interval and speed."""
     if len(set(cfg.policy)) != len(cfg.policy):
-        raise ConfigError(f"config key 'augment.policy' = {cfg.policy}: name each op once")
+        raise ConfigError(f"config key 'augment.policy' = {shown(cfg.policy)}: name each op once")
     if not 0.0 <= cfg.p <= 1.0:
-        raise ConfigError(f"config key 'augment.p' = {cfg.p}: must be in [0, 1]")
+        raise ConfigError(f"config key 'augment.p' = {shown(cfg.p)}: must be in [0, 1]")
     if not 0.0 <= cfg.target < 1.0:
-        raise ConfigError(f"config key 'augment.target' = {cfg.target}: must be in [0, 1) (the paper uses 0.6)")
+        raise ConfigError(f"config key 'augment.target' = {shown(cfg.target)}: must be in [0, 1) (the paper uses 0.6)")
     if cfg.interval < 1:
-        raise ConfigError(f"config key 'augment.interval' = {cfg.interval}: must be at least 1")
+        raise ConfigError(f"config key 'augment.interval' = {shown(cfg.interval)}: must be at least 1")
     if cfg.speed_kimg <= 0:
-        raise ConfigError(f"config key 'augment.speed_kimg' = {cfg.speed_kimg}: must be positive")
+        raise ConfigError(f"config key 'augment.speed_kimg' = {shown(cfg.speed_kimg)}: must be positive")
     if cfg.adaptive and not cfg.policy:
         raise ConfigError("config key 'augment.adaptive' = True with an empty augment.policy: nothing to adapt; "
                           "set augment.policy=[translation,cutout,color] or augment.adaptive=false")
@@ -541,23 +552,25 @@ def validate_generator(cfg: GeneratorConfig) -> None:
              **{f"generator.hidden[{i}]": h for i, h in enumerate(cfg.hidden)}}
     for key, value in sizes.items():
         if not 1 <= value <= MAX_LAYER_SIZE:
-            raise ConfigError(f"config key '{key}' = {value}: must be between 1 and {MAX_LAYER_SIZE}")
+            raise ConfigError(f"config key '{key}' = {shown(value)}: must be between 1 and {MAX_LAYER_SIZE}")
     if not (math.isfinite(cfg.leaky_slope) and cfg.leaky_slope >= 0):
-        raise ConfigError(f"config key 'generator.leaky_slope' = {cfg.leaky_slope}: must be 0 or more")
+        raise ConfigError(f"config key 'generator.leaky_slope' = {shown(cfg.leaky_slope)}: must be 0 or more")
     if cfg.upsample != "transposed" and cfg.arch != "dcgan":
-        raise ConfigError(f"config key 'generator.upsample' = {cfg.upsample!r} with generator.arch={cfg.arch}: only "
+        raise ConfigError(f"config key 'generator.upsample' = {shown(cfg.upsample)} with generator.arch={cfg.arch}: only "
                           "the dcgan generator has upsampling blocks; set generator.upsample=transposed")
 
 
 def _check_finite(node: Any, prefix: str) -> None:
-    """Every float in the config is a number: NaN and infinity (YAML .nan, .inf) are refused by key."""
+    """Every float in the config is a number: NaN and infinity (YAML .nan, .inf) are refused by key; no text (a
+    path, a name) holds a control character (a newline in run.dir would be stored as something else)."""
     for f in dataclasses.fields(node):
         value, key = getattr(node, f.name), f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             _check_finite(value, key + ".")
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, float) and not math.isfinite(item):
-                raise ConfigError(f"config key '{key}' = {value}: must be a finite number")
+                raise ConfigError(f"config key '{key}' = {shown(value)}: must be a finite number")
+            limits.check_text(f"config key '{key}'", item)
 
 
 def validate_eval(cfg: EvalConfig) -> None:
@@ -573,16 +586,16 @@ def validate_eval(cfg: EvalConfig) -> None:
         if name in renamed:
             raise ConfigError(f"eval: '{name}' is now called '{renamed[name]}'; use that name")
     if best is not None and best not in registry.ranked_figures():
-        raise ConfigError(f"eval.best_metric = '{best}'{_closest(best, registry.ranked_figures())}")
+        raise ConfigError(f"eval.best_metric = {shown(best)}{_closest(best, registry.ranked_figures())}")
     for metric in cfg.metrics:
         if metric not in registry.METRICS:
-            raise ConfigError(f"eval.metrics has '{metric}'{_closest(metric, registry.names())}")
+            raise ConfigError(f"eval.metrics has {shown(metric)}{_closest(metric, registry.names())}")
     if cfg.prdc_k < 1:
-        raise ConfigError(f"eval.prdc_k={cfg.prdc_k}: must be at least 1")
+        raise ConfigError(f"eval.prdc_k={shown(cfg.prdc_k)}: must be at least 1")
     if cfg.classifier_steps < 1:
-        raise ConfigError(f"eval.classifier_steps={cfg.classifier_steps}: must be at least 1")
+        raise ConfigError(f"eval.classifier_steps={shown(cfg.classifier_steps)}: must be at least 1")
     if cfg.n < 2 or cfg.batch < 1:
-        raise ConfigError(f"eval.n={cfg.n} and eval.batch={cfg.batch}: need n >= 2 and batch >= 1")
+        raise ConfigError(f"eval.n={shown(cfg.n)} and eval.batch={shown(cfg.batch)}: need n >= 2 and batch >= 1")
 
 
 # ---------------------------------------------------------------- --help

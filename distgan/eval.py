@@ -27,6 +27,7 @@ import torch
 from distgan.cli import add_debug_flag, run_command
 from distgan.config import ConfigError, DataConfig, EvalConfig, load_config
 from distgan.errors import UserError
+from distgan.limits import FLOAT_BYTES, check_count, check_seed
 from distgan.metrics import registry
 from distgan.metrics.feature_net import TRAIN_FEATURES_DEFAULTS, train_feature_classifier
 
@@ -58,6 +59,10 @@ def _check_numbers(args: argparse.Namespace, least: dict[str, int]) -> None:
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be at least {minimum}")
+        if name == "seed" and value is not None:
+            check_seed("--seed", value)
+        elif name == "n" and value is not None:  # each image keeps at least its latent and its features
+            check_count("--n", value, 2 * FLOAT_BYTES, "evaluate on fewer images (10,000 or 50,000 are the usual figures)")
 
 
 # ---------------------------------------------------------------- evaluate an exported generator
@@ -192,7 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     debug = "--debug" in argv  # every sub-command's parser accepts it
-    return run_command("distgan.eval", lambda: run(argv), debug=debug)
+    return run_command("distgan.eval", lambda: run(argv), debug=debug, args=argv)
 
 
 def run(argv: list[str]) -> int:

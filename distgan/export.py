@@ -23,7 +23,10 @@ from distgan.checkpoint import module_tensors
 from distgan.config import (
     ConfigError, GeneratorConfig, generator_keys_meant_when_absent, section_from_dict, validate_generator,
 )
-from distgan.errors import UserError
+from distgan.data.errors import DataError
+from distgan.data.untrusted import require_regular_file
+from distgan.errors import UserError, shown
+from distgan.limits import FLOAT_BYTES, MAX_RESOLUTION, LimitError, check_count, check_hidden
 from distgan.nn import build_generator, cropped
 
 EXPORT_VERSION = 1
@@ -53,19 +56,17 @@ class ExportError(UserError):
     """An exported generator that is missing, foreign, corrupt or does not fit its own metadata."""
 
 
-MAX_RESOLUTION = 4096  # metadata sizes the network: refuse numbers no real export has before building it
-
-
 def read_export_metadata(path: Path) -> dict:
     """The export's metadata, checked before anything is allocated from it."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ExportError(f"{path}: no exported generator there (a finished run writes generator_ema.safetensors; "
                           "pass --run DIR or --export FILE)")
     try:
+        require_regular_file(path, "export")  # a FIFO would block safetensors' open
         with safe_open(str(path), framework="pt") as fh:
             raw = (fh.metadata() or {}).get("distgan")
-    except (SafetensorError, OSError) as err:
+    except (SafetensorError, OSError, DataError) as err:
         raise ExportError(f"{path}: not a readable safetensors file ({err}); re-export it or point at another") from None
     if raw is None:
         written_by = ("a checkpoint written before distgan recorded the generator in checkpoints: sample the run's "
@@ -74,20 +75,39 @@ def read_export_metadata(path: Path) -> dict:
         raise ExportError(f"{path}: not a distgan export (no 'distgan' metadata): {written_by}")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         raise ExportError(f"{path}: its 'distgan' metadata is not JSON; the file is not a distgan export") from None
     if not isinstance(meta, dict) or meta.get("format_version") != EXPORT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ExportError(f"{path}: export format {version} is not {EXPORT_VERSION}; export it with this version")
+        raise ExportError(f"{path}: export format {shown(version)} is not {EXPORT_VERSION}; export it with this version")
     resolution, channels = meta.get("resolution"), meta.get("channels")
     if not (isinstance(resolution, int) and 1 <= resolution <= MAX_RESOLUTION and channels in (1, 3)):
-        raise ExportError(f"{path}: metadata says resolution {resolution!r} and channels {channels!r} "
+        raise ExportError(f"{path}: metadata says resolution {shown(resolution)} and channels {shown(channels)} "
                           f"(expected 1..{MAX_RESOLUTION} and 1 or 3): the export is damaged")
     pad = meta.setdefault("pad", 0)  # an export written before data.pad existed: not padded
     if not (isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad and 2 * pad < resolution):
-        raise ExportError(f"{path}: metadata says pad {pad!r} for resolution {resolution} (expected 0 <= pad < "
+        raise ExportError(f"{path}: metadata says pad {shown(pad)} for resolution {resolution} (expected 0 <= pad < "
                           "resolution / 2): the export is damaged")
+    _check_sizes(path, meta)
     return meta
+
+
+def _check_sizes(path: Path, meta: dict) -> None:
+    """The metadata's generator section and class list, bounded before anything is built from them."""
+    generator, classes = meta.get("generator"), meta.get("classes")
+    if not isinstance(generator, dict):
+        raise ExportError(f"{path}: its metadata has no generator section: the export is damaged; re-export it")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise ExportError(f"{path}: metadata says classes {shown(classes)} (expected a list of names or null): the "
+                          "export is damaged; re-export it")
+    z_dim = generator.get("z_dim")
+    try:
+        check_hidden(f"{path}: metadata's generator.hidden", generator.get("hidden"))
+        if classes and isinstance(z_dim, int):  # a conditional generator embeds each class in z_dim numbers
+            check_count(f"{path}: metadata's class list of {len(classes)} names", len(classes), z_dim * FLOAT_BYTES,
+                        "a real export has a few hundred classes at most")
+    except LimitError as err:
+        raise ExportError(f"{err}: the export is damaged; re-export it") from None
 
 
 # torch dtype -> the safetensors header's name for it (what save_file writes)

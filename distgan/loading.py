@@ -40,7 +40,7 @@ def generator_file(source: PathLike, step: Optional[int] = None) -> Path:
     path = Path(source)
     if step is not None and not path.is_dir():
         raise UserError(f"step {step} goes with a run dir; {path} is not one")
-    if path.is_file():
+    if path.exists() and not path.is_dir():  # not is_file(): a FIFO or a device is refused by name when read
         return path
     if not path.is_dir():
         raise ExportError(f"{path}: no such file or folder; give a run dir, an export (.safetensors) or a checkpoint "

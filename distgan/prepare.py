@@ -15,6 +15,7 @@ from distgan.data.download import REMOTES, default_cache_dir, download
 from distgan.data.errors import DataError
 from distgan.data.raw import SOURCES, SPLITS, open_source
 from distgan.data.shards import check_output_dir, write_shards
+from distgan.limits import FLOAT_BYTES, check_images, check_resolution
 
 log = logging.getLogger("distgan.prepare")
 
@@ -63,6 +64,10 @@ def prepare(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "limit" else 1):
             raise DataError(f"--{name.replace('_', '-')} {value}: must be {'0 or more' if name == 'limit' else 'positive'}")
+    if args.resolution is not None:  # bounded before any image is resized to it
+        check_resolution("--resolution", args.resolution)
+        check_images("--resolution", args.resolution, 1, args.resolution, 3, "choose a smaller --resolution",
+                     bytes_per_value=FLOAT_BYTES)
     src = Path(args.src) if args.src else default_src(args.source, args.download)
     if src is None:
         raise DataError(f"{args.source}: pass --src with the {SOURCES[args.source].src}")
@@ -82,7 +87,7 @@ def prepare(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_command("distgan.prepare", lambda: prepare(args), debug=args.debug)
+    return run_command("distgan.prepare", lambda: prepare(args), debug=args.debug, args=args)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -27,6 +28,8 @@ import yaml
 
 from distgan.checkpoint import checkpoint_config, checkpoint_step, find_resume_path, fsync_dir, set_aside_newer
 from distgan.config import Config, ConfigError, generator_keys_meant_when_absent
+from distgan.errors import shown
+from distgan.safe_yaml import YAMLInputError, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -216,17 +219,59 @@ class RunDirLock:
             self._drop()
 
 
+# what distgan (and its trackers, wandb/ and tensorboard/: any content) writes inside each folder of RESULTS
+_OWN_ENTRIES = {
+    "samples": re.compile(r"g(_ema)?-step-\d{8,}\.png|\..*\.tmp\.png"),
+    "plots": re.compile(r"[a-z0-9_]+\.png|\..*\.tmp\.png"),
+    "checkpoints": re.compile(r"step-\d{8}|best|abandoned-[\d-]+|\.tmp-step-\d{8}-\d+|\.replaced-step-\d{8}-\d+"),
+    "configs": re.compile(r"\d{4}-(start|resume)-step-\d{8,}\.yaml"),
+}
+# what a run dir holds only once a step has completed (a start that crashed earlier leaves config.yaml, configs/,
+# and the trackers' folders, and is no run to continue or set aside)
+_AFTER_A_STEP = ("metrics.jsonl", "samples", "generator_ema.safetensors", "generator_ema.json", "progress.gif",
+                 "plots", "checkpoints", "eval.json")
+
+
+def _own(path: Path) -> bool:
+    """Whether distgan wrote ``path`` (a name of RESULTS): the right kind, and a folder holding only its entries."""
+    if path.is_symlink():
+        return False
+    pattern = _OWN_ENTRIES.get(path.name)
+    if path.name in ("wandb", "tensorboard", "configs", "samples", "plots", "checkpoints"):
+        return path.is_dir() and (pattern is None or all(pattern.fullmatch(p.name) for p in path.iterdir()))
+    return path.is_file()
+
+
+def _has_content(path: Path) -> bool:
+    return any(path.iterdir()) if path.is_dir() else path.stat().st_size > 0
+
+
 def existing_results(run_dir: Path) -> list[str]:
-    return [name for name in RESULTS if (run_dir / name).exists()]
+    """The names of RESULTS in ``run_dir`` that distgan wrote (a user's own folder of one of these names is not)."""
+    return [name for name in RESULTS if (run_dir / name).exists() and _own(run_dir / name)]
+
+
+def refuse_foreign(run_dir: Path) -> None:
+    """Refuse a run dir where distgan would write into a file or folder it did not write."""
+    foreign = [name for name in RESULTS if (run_dir / name).exists() and not _own(run_dir / name)]
+    if foreign:
+        raise ConfigError(f"run dir {run_dir}: {foreign[0]} there holds files distgan did not write (it writes its "
+                          f"own {foreign[0]} there); choose another run.dir or move {run_dir / foreign[0]} away")
+
+
+def completed_a_step(run_dir: Path) -> bool:
+    """Whether a training in ``run_dir`` got past its start (a metrics line, a grid, a checkpoint, an export)."""
+    return any(name in _AFTER_A_STEP and _has_content(run_dir / name) for name in existing_results(run_dir))
 
 
 def refuse_overwrite(run_dir: Path) -> None:
-    """A fresh start (no --resume) in a run dir that holds results is refused: nothing is overwritten."""
-    found = existing_results(run_dir)
-    if found:
+    """A fresh start (no --resume) in a run dir that holds results is refused: nothing is overwritten. A start that
+    crashed before its first step left none: its config.yaml is replaced and configs/ goes on."""
+    refuse_foreign(run_dir)
+    if completed_a_step(run_dir):
         raise ConfigError(
-            f"run dir {run_dir} already holds a run ({', '.join(found)}): pass --resume auto to continue it, or "
-            "choose another run.dir (nothing is overwritten)"
+            f"run dir {run_dir} already holds a run ({', '.join(existing_results(run_dir))}): pass --resume auto to "
+            "continue it, or choose another run.dir (nothing is overwritten)"
         )
 
 
@@ -236,9 +281,10 @@ def set_aside_results(run_dir: Path) -> Optional[Path]:
     ``checkpoints/`` goes too: its checkpoints are all damaged, and left in place they would mix with the new
     branch's (keep-last-K would prune the new ones first, and the old best would stand).
     """
+    refuse_foreign(run_dir)
     found = existing_results(run_dir)
-    if not found:
-        return None
+    if not completed_a_step(run_dir):
+        return None  # a start that crashed before step 1: nothing to keep apart
     aside = run_dir / time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime())
     aside.mkdir()
     for name in found:
@@ -265,10 +311,22 @@ def meant_by_absent_keys(saved: dict[str, Any]) -> dict[str, Any]:
     return meant
 
 
+def _mapping(text: str) -> dict:
+    """A saved config.yaml as a mapping (read like every YAML distgan reads: no aliases, no duplicate keys)."""
+    try:
+        data = load_yaml(text) or {}
+    except (yaml.YAMLError, YAMLInputError, RecursionError) as err:
+        raise ConfigError(f"a saved config.yaml of this run cannot be read ({shown(str(err))}); resume with "
+                          "another checkpoint or start a new run.dir") from None
+    if not isinstance(data, dict):
+        raise ConfigError("a saved config.yaml of this run is not a mapping of sections; start a new run.dir")
+    return data
+
+
 def config_changes(before_yaml: str, after_yaml: str) -> tuple[list[str], list[str]]:
     """(refused, allowed) descriptions ``key: old -> new`` of the keys that differ between two configs; a key the
     saved config does not have (it predates the key) counts as what it meant then."""
-    before, after = flatten(yaml.safe_load(before_yaml) or {}), flatten(yaml.safe_load(after_yaml) or {})
+    before, after = flatten(_mapping(before_yaml)), flatten(_mapping(after_yaml))
     before = {**{k: v for k, v in meant_by_absent_keys(before).items() if k in after}, **before}
     refused, allowed = [], []
     for key in sorted(before.keys() | after.keys()):

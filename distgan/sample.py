@@ -20,6 +20,7 @@ from distgan.cli import add_debug_flag, run_command
 from distgan.errors import UserError
 from distgan.export import export_onnx
 from distgan.generation import class_index, generate, latents, slerp
+from distgan.limits import FLOAT_BYTES, check_count, check_images, check_seed
 from distgan.loading import load_generator
 from distgan.tracking import image_grid, save_grid
 
@@ -71,19 +72,34 @@ def conditioning(args: argparse.Namespace, meta: dict) -> Optional[int]:
     return class_index(args.class_, meta["classes"], "--class") if args.class_ is not None else None
 
 
+def check_sample_size(args: argparse.Namespace, meta: dict) -> None:
+    """--n and --batch against the machine's memory before a latent is drawn: the latents of all --n images are
+    drawn at once, a grid holds all its images, and each batch its own."""
+    g, resolution, channels = meta["generator"], meta["resolution"], meta["channels"]
+    rows = len(meta["classes"]) if args.per_class and meta.get("classes") else 1
+    fix = "ask for fewer images (--n), or run the command several times with other --seed values"
+    check_count("--n", args.n, rows * g["z_dim"] * FLOAT_BYTES, fix)
+    if args.grid or args.interpolate or args.per_class:
+        check_images("--n", args.n, rows * args.n, resolution, channels, fix)
+    check_images("--batch", args.batch, min(args.batch, args.n), resolution, channels, "use a smaller --batch")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run_command("distgan.sample", lambda: sample(args), debug=args.debug)
+    return run_command("distgan.sample", lambda: sample(args), debug=args.debug, args=args)
 
 
 def sample(args: argparse.Namespace) -> int:
     for name in ("n", "batch"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
+    check_seed("--seed", args.seed)
+    check_seed("--seed2", args.seed2)
     if args.step is not None and args.run is None:
         raise UserError("--step goes with --run DIR (a run's checkpoint of that step)")
     model = load_generator(args.run or args.export, step=args.step)
     meta, export = model.meta, model.source
+    check_sample_size(args, meta)
     if args.onnx is not None:
         print(json.dumps(export_onnx(model.net, meta, args.onnx, seed=args.seed)))
         return 0

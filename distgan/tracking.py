@@ -106,6 +106,34 @@ def wandb_mode_for_environment() -> str:
     return "online" if has_key else "offline"
 
 
+WANDB_INIT_TIMEOUT_S = 30.0  # how long an online run waits for wandb's server before it logs offline instead
+
+
+def init_trackers(accelerator: Any, project: str, config: dict, wandb_kwargs: dict) -> None:
+    """Accelerate's trackers. wandb online waits at most WANDB_INIT_TIMEOUT_S for its server, then runs offline
+    with a warning (``wandb sync`` uploads later) instead of stalling or failing the run; a missing or bad API key
+    stays an error the user fixes (distgan.cli says how)."""
+    online = "wandb" in [str(t) for t in accelerator.log_with] and os.environ.get("WANDB_MODE") == "online"
+    kwargs = dict(wandb_kwargs)
+    if online:
+        import wandb  # lazy: about a second at import
+
+        kwargs.setdefault("settings", wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S))
+    try:
+        accelerator.init_trackers(project, config=config, init_kwargs={"wandb": kwargs})
+    except Exception as err:
+        if not online or not isinstance(err, wandb.errors.CommError):
+            raise
+        log.warning("wandb: no answer from its server within %.0f s (%s); logging offline instead: upload later with "
+                    "`wandb sync %s/wandb/offline-run-*`", WANDB_INIT_TIMEOUT_S, " ".join(str(err).split())[:160],
+                    kwargs.get("dir", "."))
+        wandb.teardown()  # the failed online run still holds its id in wandb's service
+        accelerator.trackers = []
+        os.environ["WANDB_MODE"] = "offline"
+        kwargs.pop("settings")
+        accelerator.init_trackers(project, config=config, init_kwargs={"wandb": kwargs})
+
+
 class RunLog:
     """metrics.jsonl lines, a tqdm bar, and the wandb tracker (when the accelerator has one)."""
 

@@ -68,7 +68,7 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    return run_command("distgan.train", lambda: train(args), debug=args.debug)
+    return run_command("distgan.train", lambda: train(args), debug=args.debug, args=args)
 
 
 def train(args: argparse.Namespace) -> int:

@@ -44,7 +44,7 @@ from distgan.health import StepHealth
 from distgan.rundir import RunDirLock, claim_run_dir, record_config
 from distgan.stop import StopRequest
 from distgan.tracking import (
-    RunLog, end_lines, sample_grids, save_gif, save_grid, tracker_config, wandb_mode_for_environment,
+    RunLog, end_lines, init_trackers, sample_grids, save_gif, save_grid, tracker_config, wandb_mode_for_environment,
 )
 
 log = logging.getLogger(__name__)
@@ -448,10 +448,10 @@ class Trainer:
                 self.stop.clear()  # only a request older than this process is stale
             if cfg.log.wandb or cfg.log.tensorboard:
                 os.environ["WANDB_MODE"] = wandb_mode_for_environment()
-                acc.init_trackers(cfg.log.wandb_project, config=tracker_config(cfg), init_kwargs={"wandb": {
+                init_trackers(acc, cfg.log.wandb_project, tracker_config(cfg), {  # wandb offline if unreachable
                     "dir": str(self.run_dir), "name": cfg.run.name or self.run_dir.name,
                     "id": (cfg.run.name or self.run_dir.name).replace("/", "-") + f"-{cfg.run.seed}",
-                    "resume": "allow"}})
+                    "resume": "allow"})
             self.run_log = RunLog(self.run_dir, cfg.train.steps, self.state.step, acc, cfg.log.progress_bar)
             self.run_log.images_per_second(self.state.images_seen)
         acc.wait_for_everyone()

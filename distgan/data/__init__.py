@@ -4,7 +4,8 @@
     download.py fetch a raw dataset from its official address, checksums verified
     shards.py   the shard format: write shards + dataset.json, describe a shard set, decode one shard
     tar.py      the in-memory tar reader, and the one check of a shard URL (pipe:, schemes)
-    untrusted.py  .npy arrays and CIFAR-10 pickles sized by the bytes that hold them, never by a header
+    untrusted.py  user files opened as regular files only, reads bounded by the bytes read; .npy arrays and
+                  CIFAR-10 pickles sized by the bytes that hold them, never by a header
     stream.py   the deterministic, resumable per-rank batch stream the trainer consumes
     errors.py   DataError
 """

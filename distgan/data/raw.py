@@ -62,6 +62,7 @@ def fit_image(image: Image.Image | np.ndarray, resolution: Optional[int], channe
     """Convert to grayscale/RGB, resize the shorter side to ``resolution`` and center-crop a square."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+    image = _scaled_to_8_bits(image)
     mode = "L" if channels == 1 else "RGB"
     if image.mode != mode:
         image = image.convert(mode)
@@ -74,6 +75,15 @@ def fit_image(image: Image.Image | np.ndarray, resolution: Optional[int], channe
         image = image.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(image)
     return array[:, :, None] if array.ndim == 2 else array
+
+
+def _scaled_to_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (PIL modes I;16* and I) scaled to 8 bits (65535 -> 255); Pillow's convert("L")
+    would clip it instead, turning nearly every pixel of a real 16-bit image white."""
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    array = np.asarray(image).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8), mode="L")
 
 
 def mixed_order(n: int) -> np.ndarray:

@@ -29,7 +29,9 @@ from distgan.data.download import REMOTES
 from distgan.data.errors import CorruptShardError, DataError
 from distgan.data.raw import SOURCES
 from distgan.data.tar import check_url, load_shard_bytes, tar_samples, url_scheme
-from distgan.data.untrusted import parse_npy
+from distgan.data.untrusted import parse_npy, read_regular_file
+from distgan.errors import shown
+from distgan.limits import MAX_RESOLUTION
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -41,6 +43,9 @@ FORMAT_VERSION = 1
 SHARD_PATTERN = "shard-%06d.tar"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "npy")  # preference order when a record has several
 SHARD_IMAGE_FORMATS = ["PNG", "JPEG", "WEBP"]  # the Pillow plugins allowed on shard bytes
+# what distgan's evaluation writes beside the shards (distgan.metrics: CACHE_DIR, CLASSIFIER_FILE and its .json):
+# a shard folder holding them is still one distgan wrote
+WRITTEN_BESIDE_SHARDS = ("eval_cache", "feature_classifier.safetensors", "feature_classifier.json")
 TAR_MTIME = 1_700_000_000  # fixed member mtime: reproducible shards, and no pax header per member
 
 
@@ -141,7 +146,8 @@ def check_output_dir(out: str | os.PathLike, force: bool, protect: Iterable[str 
     if not (out / DATASET_JSON).is_file():
         raise DataError(f"{refuse} it has no {DATASET_JSON}, so distgan did not write it; "
                         "remove it yourself or choose another --out")
-    foreign = sorted(p.name for p in out.iterdir() if p.name != DATASET_JSON and not _is_shard_name(p.name))
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (DATASET_JSON, *WRITTEN_BESIDE_SHARDS)
+                     and not _is_shard_name(p.name))
     if foreign:
         raise DataError(f"{refuse} it holds {foreign[0]!r}, which distgan did not write; "
                         "move it away or choose another --out")
@@ -223,60 +229,87 @@ def write_shards(
 # ---------------------------------------------------------------- dataset info
 
 
-def _info_from_json(folder: str) -> DatasetInfo:
+MAX_DATASET_JSON_BYTES = 16 << 20  # names of a few hundred thousand shards
+
+
+def _info_from_json(folder: str, allow_pipe: bool = False) -> DatasetInfo:
     path = os.path.join(folder, DATASET_JSON)
     try:
-        record = json.loads(open(path).read())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot read: {err}") from None
+        record = json.loads(read_regular_file(path, DATASET_JSON, MAX_DATASET_JSON_BYTES))
+    except (OSError, ValueError, RecursionError) as err:
+        raise DataError(f"{path}: cannot read: {' '.join(str(err).split())[:200]}") from None
     if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION:
         version = record.get("format_version") if isinstance(record, dict) else None
-        raise DataError(f"{path}: format_version {version!r}, this distgan reads {FORMAT_VERSION}")
+        raise DataError(f"{path}: format_version {shown(version)}, this distgan reads {FORMAT_VERSION}")
     missing = [k for k in ("resolution", "channels", "shards") if k not in record]
     if missing:
         raise DataError(f"{path}: missing keys {missing}; re-run python -m distgan.prepare")
     resolution, channels, shards, count = (record.get(k) for k in ("resolution", "channels", "shards", "count"))
+    classes = record.get("classes")
     fix = "re-run python -m distgan.prepare"
-    if type(resolution) is not int or resolution < 1 or channels not in (1, 3):
-        raise DataError(f"{path}: resolution {resolution!r} / channels {channels!r}: need an integer >= 1 and 1 or 3; {fix}")
+    if type(resolution) is not int or not 1 <= resolution <= MAX_RESOLUTION or channels not in (1, 3):
+        raise DataError(f"{path}: resolution {shown(resolution)} / channels {shown(channels)}: need an integer from 1 "
+                        f"to {MAX_RESOLUTION} and 1 or 3; {fix}")
     if not (isinstance(shards, list) and shards
             and all(isinstance(s, str) and s not in ("", ".", "..") and os.path.basename(s) == s for s in shards)):
         raise DataError(f"{path}: 'shards' must list the names of shard files in this folder; {fix}")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise DataError(f"{path}: 'classes' is {shown(classes)}: it must be a list of class names (or null for "
+                        f"unlabeled data); {fix}")
     info = DatasetInfo(
-        count=count, resolution=resolution, channels=channels, classes=record.get("classes"),
+        count=count, resolution=resolution, channels=channels, classes=classes,
         shards=[os.path.join(folder, s) for s in shards], source=record.get("source"), split=record.get("split"),
     )
-    if count is not None:
-        _check_count(info, path)
+    _check_against_first_shard(info, path, allow_pipe)
     return info
 
 
-def _check_count(info: DatasetInfo, path: str) -> None:
-    """dataset.json's count against the shards: the read stream sizes its blocks from it.
+def _check_against_first_shard(info: DatasetInfo, path: str, allow_pipe: bool) -> None:
+    """dataset.json's count, resolution and channels against the first shard, before anything is sized from them
+    (the read stream sizes its blocks from the count, the networks from the resolution).
 
     Every shard holds at least one sample and none more than the first (prepare fills shards in order), so
     count lies in [shards, shards x samples of the first shard]; only the first shard is read.
     """
-    count, n = info.count, len(info.shards)
-    if type(count) is not int or count < n:
-        raise DataError(f"{path}: count {count!r} is not an integer >= the {n} shards; re-run python -m distgan.prepare")
-    first = count_samples(info.shards[0])
-    if count > first * n or (n == 1 and count != first):
+    count, n, url = info.count, len(info.shards), info.shards[0]
+    if count is not None and (type(count) is not int or count < n):
+        raise DataError(f"{path}: count {shown(count)} is not an integer >= the {n} shards; re-run python -m distgan.prepare")
+    first, shape = _first_shard_facts(url, allow_pipe)
+    if shape != (info.resolution, info.channels):
+        raise DataError(f"{path}: says {info.resolution}x{info.resolution} images with {info.channels} channel(s), but "
+                        f"the first image of {url} is {shape[0]}x{shape[0]} with {shape[1]}; re-run python -m distgan.prepare")
+    if count is not None and (count > first * n or (n == 1 and count != first)):
         raise DataError(f"{path}: count {count} does not match the shards ({n} shards, the first holds {first} "
                         "samples); re-run python -m distgan.prepare")
+
+
+def _first_shard_facts(url: str, allow_pipe: bool) -> tuple[int, tuple[int, int]]:
+    """(samples, (resolution, channels) of its first image) of one shard."""
+    samples, shape = 0, None
+    for key, sample in tar_samples(load_shard_bytes(url, allow_pipe), url):
+        samples += 1
+        if shape is None:
+            shape = _image_shape(url, key, sample)
+    if shape is None:
+        raise DataError(f"shard {url}: no samples (empty tar)")
+    return samples, shape
+
+
+def _image_shape(url: str, key: str, sample: dict[str, bytes]) -> tuple[int, int]:
+    try:
+        image = decode_image(sample)
+    except ValueError as err:
+        raise DataError(f"shard {url}: key {key}: {err}") from None
+    if image.shape[0] != image.shape[1]:
+        raise DataError(f"shard {url}: key {key}: image is {image.shape[0]}x{image.shape[1]}; distgan needs square images")
+    return image.shape[0], image.shape[2]
 
 
 def _inspect_first_sample(shards: list[str], allow_pipe: bool) -> tuple[int, int]:
     """(resolution, channels) of the first sample of the first shard, for shards without dataset.json."""
     url = shards[0]
     for key, sample in tar_samples(load_shard_bytes(url, allow_pipe), url):
-        try:
-            image = decode_image(sample)
-        except ValueError as err:
-            raise DataError(f"shard {url}: key {key}: {err}") from None
-        if image.shape[0] != image.shape[1]:
-            raise DataError(f"shard {url}: key {key}: image is {image.shape[0]}x{image.shape[1]}; distgan needs square images")
-        return image.shape[0], image.shape[2]
+        return _image_shape(url, key, sample)
     raise DataError(f"shard {url}: no samples (empty tar)")
 
 
@@ -299,8 +332,8 @@ def read_dataset_info(path: str, *, allow_pipe: bool = False) -> DatasetInfo:
     dataset.json the resolution and channels come from the first sample, and the count is unknown.
     """
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, DATASET_JSON)):
-            return _info_from_json(path)
+        if os.path.exists(os.path.join(path, DATASET_JSON)):  # not isfile: a FIFO there is refused by name
+            return _info_from_json(path, allow_pipe)
         shards = sorted(glob.glob(os.path.join(path, "*.tar")) + glob.glob(os.path.join(path, "*.tar.gz")))
         if not shards:
             raise DataError(f"data.path {path}: no {DATASET_JSON} and no *.tar shards in it; make them with: "

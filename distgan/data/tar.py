@@ -18,11 +18,11 @@ import webdataset as wds
 from webdataset.gopen import gopen_schemes
 
 from distgan.data.errors import CorruptShardError, DataError
+from distgan.data.untrusted import open_regular_file, read_bounded
 
 LOCAL_SCHEMES = ("", "file")  # a plain path, or file:///path
 MAX_SHARD_BYTES = 4 << 30  # a shard is read whole: refuse one (or its gunzipped content) past this
 MAX_HEADER_BYTES = 1 << 20  # a pax header or GNU long name: real ones hold a few names and numbers
-READ_CHUNK = 1 << 20
 
 
 # ---------------------------------------------------------------- the URL check
@@ -63,13 +63,13 @@ def load_shard_bytes(url: str, allow_pipe: bool = False, max_bytes: int = MAX_SH
     too_big = f"shard {url}: larger than {max_bytes} bytes%s; split it into smaller shards (prepare --shard-size)"
     try:
         if scheme in LOCAL_SCHEMES:  # local: plain open (webdataset's gopen refuses files under WDS_SECURE=1)
-            with open(url2pathname(urlparse(url).path) if scheme else url, "rb") as stream:
-                if os.fstat(stream.fileno()).st_size > max_bytes:
-                    raise DataError(too_big % "")
-                data = stream.read()
+            # a FIFO or a device is refused by name (either would hang or report size 0), and the bound counts
+            # the bytes read, not the size the file claims
+            with open_regular_file(url2pathname(urlparse(url).path) if scheme else url, "shard") as stream:
+                data = read_bounded(stream, max_bytes, too_big % "")
         else:
             with wds.gopen(url, "rb") as stream:
-                data = _read_bounded(stream, max_bytes, too_big % "")
+                data = read_bounded(stream, max_bytes, too_big % "")
     except FileNotFoundError:
         raise DataError(f"shard {url}: file not found (check data.path, or re-run python -m distgan.prepare)") from None
     except OSError as err:
@@ -77,21 +77,10 @@ def load_shard_bytes(url: str, allow_pipe: bool = False, max_bytes: int = MAX_SH
     if data[:2] == b"\x1f\x8b":
         try:
             with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
-                data = _read_bounded(stream, max_bytes, too_big % " after gunzip")
+                data = read_bounded(stream, max_bytes, too_big % " after gunzip")
         except (OSError, EOFError, zlib.error) as err:
             raise CorruptShardError(f"shard {url}: corrupt gzip: {err}") from None
     return data
-
-
-def _read_bounded(stream: BinaryIO, max_bytes: int, too_big: str) -> bytes:
-    """All of ``stream``, read in chunks; DataError(too_big) as soon as it passes ``max_bytes``."""
-    chunks, total = [], 0
-    while chunk := stream.read(READ_CHUNK):
-        total += len(chunk)
-        if total > max_bytes:
-            raise DataError(too_big)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 # ---------------------------------------------------------------- the tar parser

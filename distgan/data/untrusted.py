@@ -1,4 +1,9 @@
-"""Arrays from untrusted bytes: .npy data and CIFAR-10 pickles, allocated only as large as the bytes that hold them.
+"""Untrusted input: user files read as regular files only, bounded by the bytes read; .npy data and CIFAR-10
+pickles allocated only as large as the bytes that hold them.
+
+A FIFO, a device or a socket named where a file belongs is refused by name before a byte is read (opening a FIFO
+with no writer blocks forever, and a device reports size 0, so no size check based on the file's size holds),
+and every read stops at its bound by counting the bytes it got, never by trusting what the file claims.
 
 ``numpy.load`` allocates the array its header describes before reading a byte of it, and unpickling a numpy
 array calls ``ndarray``/``_reconstruct`` with any shape: a 100-byte file can ask for gigabytes, or (with no
@@ -7,13 +12,81 @@ account for exactly those bytes.
 """
 from __future__ import annotations
 
+import errno
 import io
 import math
+import os
 import pickle
 import pickletools
+import stat
 from typing import Any, BinaryIO
 
 import numpy as np
+
+from distgan.data.errors import DataError
+
+READ_CHUNK = 1 << 20
+
+# ---------------------------------------------------------------- regular files only
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def not_regular(mode: int) -> str | None:
+    """What a file of this ``st_mode`` is when it is not a regular file ("a FIFO (named pipe)" ...), else None."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def require_regular_file(path: str | os.PathLike, what: str) -> os.stat_result:
+    """The file's stat (symbolic links followed) after refusing anything but a regular file, by name; for readers
+    that open the path themselves (safetensors). FileNotFoundError passes through."""
+    info = os.stat(path)
+    kind = not_regular(info.st_mode)
+    if kind is not None:
+        raise DataError(f"{what} {os.fspath(path)}: it is {kind}, not a regular file; point at a file")
+    return info
+
+
+def open_regular_file(path: str | os.PathLike, what: str) -> BinaryIO:
+    """``path`` opened for reading, refused unless it is a regular file: opened non-blocking (a FIFO with no writer
+    would block the open), then checked on the open descriptor. FileNotFoundError passes through."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        kind = not_regular(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise DataError(f"{what} {os.fspath(path)}: it is {kind}, not a regular file; point at a file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bounded(stream: BinaryIO, max_bytes: int, too_big: str) -> bytes:
+    """All of ``stream``, read in chunks; DataError(too_big) as soon as it passes ``max_bytes``."""
+    chunks, total = [], 0
+    while chunk := stream.read(min(READ_CHUNK, max_bytes + 1 - total)):
+        total += len(chunk)
+        if total > max_bytes:
+            raise DataError(too_big)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def read_regular_file(path: str | os.PathLike, what: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes`` (counted as read); DataError naming ``what`` and the
+    path otherwise. FileNotFoundError passes through; a name too long is said so."""
+    try:
+        with open_regular_file(path, what) as stream:
+            return read_bounded(stream, max_bytes, f"{what} {os.fspath(path)}: larger than {max_bytes} bytes; "
+                                                   "it cannot be what distgan reads there")
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            raise DataError(f"{what} {os.fspath(path)[:80]}...: the name is too long for the file system") from None
+        raise
 
 # ---------------------------------------------------------------- .npy
 
