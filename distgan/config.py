@@ -148,9 +148,13 @@ class LogConfig:
     n_samples: int = 64  # images in a sample grid (fixed noise)
     wandb: bool = True  # log to wandb through Accelerate (WANDB_MODE is respected; offline works)
     wandb_project: str = "distgan"  # the wandb project (and the TensorBoard run's folder name)
+    wandb_entity: Optional[str] = None  # the wandb team or user the run goes to (default: wandb's default entity)
+    wandb_group: Optional[str] = None  # a wandb group for runs shown together (e.g. seeds of one recipe)
+    wandb_tags: list[str] = field(default_factory=list)  # wandb tags, e.g. [baseline, r1]
+    wandb_notes: Optional[str] = None  # a wandb note: what this run tries
     tensorboard: bool = False  # also log to TensorBoard (RUN_DIR/tensorboard/) through Accelerate's trackers
     gif: bool = True  # write progress.gif from the sample grids at the end
-    progress_bar: bool = True
+    progress_bar: bool = True  # a progress bar on a terminal (DISTGAN_PROGRESS=1 forces it); without one, a line per log.every steps
 
 
 @dataclass

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import sys
 import typing
@@ -26,6 +25,7 @@ import torch
 
 from distgan.cli import add_debug_flag, run_command
 from distgan.config import ConfigError, DataConfig, EvalConfig, load_config
+from distgan.console import setup_logging
 from distgan.errors import UserError
 from distgan.limits import FLOAT_BYTES, check_count, check_seed
 from distgan.metrics import registry
@@ -195,7 +195,7 @@ def plot_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     debug = "--debug" in argv  # every sub-command's parser accepts it
     return run_command("distgan.eval", lambda: run(argv), debug=debug, args=argv)
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from distgan import console
 from distgan.errors import UserError
 from distgan.nn import sample_latent
 
@@ -73,7 +74,7 @@ def batches(model: nn.Module, z: Tensor, labels: Optional[Tensor], batch: int) -
         raise UserError(f"batch {batch}: must be at least 1")
     device = next(iter(model.parameters()), torch.empty(0)).device
     with torch.no_grad():
-        for i in range(0, len(z), batch):
+        for i in console.batches(len(z), batch, "generating"):
             zi = z[i:i + batch].to(device)
             yield (model(zi) if labels is None else model(zi, labels[i:i + batch].to(device))).float()
 

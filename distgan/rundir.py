@@ -30,6 +30,7 @@ from distgan.checkpoint import checkpoint_config, checkpoint_step, find_resume_p
 from distgan.config import Config, ConfigError, generator_keys_meant_when_absent
 from distgan.errors import shown
 from distgan.safe_yaml import YAMLInputError, load_yaml
+from distgan.tracking import WANDB_ID_FILE
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ LOCK_FILE = ".lock"
 TORN_LOCK_S = 60  # an empty or torn lock file older than this was left by a crash
 # what a run dir holds once training has written anything (a fresh start must not overwrite it)
 RESULTS = ("metrics.jsonl", "samples", "generator_ema.safetensors", "generator_ema.json", "progress.gif",
-           "plots", "checkpoints", "eval.json", "configs", "config.yaml", "wandb", "tensorboard")
+           "plots", "checkpoints", "eval.json", "configs", "config.yaml", "wandb", WANDB_ID_FILE, "tensorboard")
 # keys that may change when a run is resumed: they do not change shapes or what the saved state means
 RESUMABLE_CHANGES = (
     "run.dir", "run.name", "data.path", "data.num_workers", "data.cache_mb", "data.skip_bad_samples",

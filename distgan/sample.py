@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from distgan.cli import add_debug_flag, run_command
+from distgan.console import progress, setup_logging
 from distgan.errors import UserError
 from distgan.export import export_onnx
 from distgan.generation import class_index, generate, latents, slerp
@@ -86,6 +87,7 @@ def check_sample_size(args: argparse.Namespace, meta: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    setup_logging()
     return run_command("distgan.sample", lambda: sample(args), debug=args.debug, args=args)
 
 
@@ -140,7 +142,7 @@ def sample(args: argparse.Namespace) -> int:
         print(args.out)
     else:
         args.out.mkdir(parents=True, exist_ok=True)
-        for i, img in enumerate(images):
+        for i, img in enumerate(progress(images, desc="writing", unit="img")):
             grid = image_grid(img[None], nrow=1, pad=0)
             Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(args.out / f"{i:06d}.png")
         print(f"{args.n} images in {args.out}")

@@ -9,7 +9,9 @@ import json
 import logging
 import math
 import os
+import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,9 +19,13 @@ import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image
-from tqdm import tqdm
+
+from distgan.console import progress
 
 log = logging.getLogger(__name__)
+
+WANDB_ID_FILE = "wandb_id"  # the run dir's wandb run id: made at its first start, reused on every resume
+_WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def image_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2) -> np.ndarray:
@@ -134,17 +140,42 @@ def init_trackers(accelerator: Any, project: str, config: dict, wandb_kwargs: di
         accelerator.init_trackers(project, config=config, init_kwargs={"wandb": kwargs})
 
 
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run id of this run dir: read from ``wandb_id``, or made and written there at its first start.
+
+    Unique to the run dir (two run dirs named alike are two wandb runs), the same on resume (the wandb run goes on).
+    """
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file():
+        kept = path.read_text(errors="replace").strip()
+        if _WANDB_ID.fullmatch(kept):
+            return kept
+        log.warning("%s holds no wandb run id (%r); this run continues as a new wandb run", path, kept[:80])
+    run_id = uuid.uuid4().hex[:16]
+    tmp = path.with_name(WANDB_ID_FILE + ".tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
+
+
+def wandb_init_kwargs(log_cfg: Any, run_name: str, run_dir: Path) -> dict[str, Any]:
+    """What ``wandb.init`` gets (through init_trackers): the run dir's id, name, entity, group, tags,
+    notes; resumed when the id exists."""
+    return {"dir": str(run_dir), "name": run_name, "id": wandb_run_id(run_dir), "resume": "allow",
+            "entity": log_cfg.wandb_entity, "group": log_cfg.wandb_group, "tags": list(log_cfg.wandb_tags),
+            "notes": log_cfg.wandb_notes}
+
+
 class RunLog:
-    """metrics.jsonl lines, a tqdm bar, and the wandb tracker (when the accelerator has one)."""
+    """metrics.jsonl lines, the wandb tracker (when the accelerator has one), and a progress bar (where one is shown:
+    distgan.console) or else a text line per record of the training figures."""
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, accelerator: Any, progress_bar: bool):
         self.run_dir = run_dir
         self.accelerator = accelerator
+        self.total_steps = total_steps
         self.metrics_file = _open_metrics(run_dir / "metrics.jsonl", start_step)
-        self.bar = tqdm(
-            total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-            disable=not progress_bar, mininterval=1.0,
-        )
+        self.bar = progress(total=total_steps, initial=start_step, unit="step", show=progress_bar, leave=True)
         self.last_time = time.perf_counter()
         self.last_images = None
 
@@ -164,7 +195,11 @@ class RunLog:
         self.metrics_file.write(json.dumps(record) + "\n")
         shown = {k: f"{v:.3g}" for k, v in record.items()
                  if k in ("loss_d", "loss_g", "images_per_s") and isinstance(v, float)}
-        self.bar.set_postfix(shown, refresh=False)
+        if shown and self.bar.disable:  # no bar: a line per record, so a log file shows progress
+            log.info("step %d/%d: %s", step, self.total_steps,
+                     ", ".join(f"{v} images/s" if k == "images_per_s" else f"{k} {v}" for k, v in shown.items()))
+        elif shown:
+            self.bar.set_postfix(shown, refresh=False)
         if self.accelerator.trackers:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
@@ -182,9 +217,6 @@ class RunLog:
                 with Image.open(path) as image:
                     writer.add_image(key, np.asarray(image.convert("RGB")), global_step=step, dataformats="HWC")
             writer.flush()
-
-    def write(self, message: str) -> None:
-        self.bar.write(message)
 
     def close(self) -> None:
         self.bar.close()

@@ -5,11 +5,11 @@ The same command runs under ``accelerate launch`` for any number of processes.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from typing import Optional
 
+from distgan import console
 from distgan.cli import add_debug_flag, run_command
 from distgan.config import Config, ConfigError, config_names, describe, dump_yaml, load_config
 
@@ -55,14 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def setup_logging() -> None:
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("accelerate", "wandb", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """Log lines with the process's rank, through the progress bar (distgan.console)."""
+    console.setup_logging(rank=os.environ.get("RANK", "0"))
 
 
 def main(argv: list[str] | None = None) -> int:

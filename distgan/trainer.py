@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from distgan.checkpoint import TrainState, list_checkpoints, load_checkpoint, read_best, save_best, save_checkpoint
 from distgan.build import Parts, build
 from distgan.config import Config, ConfigError, dump_yaml
+from distgan.console import say
 from distgan.data.stream import DataSource, normalize_images, pad_images
 from distgan.distributed import any_rank, average_buffers, on_main_process
 from distgan.export import EXPORT_FILE, export_generator, generator_metadata
@@ -44,7 +45,8 @@ from distgan.health import StepHealth
 from distgan.rundir import RunDirLock, claim_run_dir, record_config
 from distgan.stop import StopRequest
 from distgan.tracking import (
-    RunLog, end_lines, init_trackers, sample_grids, save_gif, save_grid, tracker_config, wandb_mode_for_environment,
+    RunLog, end_lines, init_trackers, sample_grids, save_gif, save_grid, tracker_config, wandb_init_kwargs,
+    wandb_mode_for_environment,
 )
 
 log = logging.getLogger(__name__)
@@ -448,21 +450,25 @@ class Trainer:
                 self.stop.clear()  # only a request older than this process is stale
             if cfg.log.wandb or cfg.log.tensorboard:
                 os.environ["WANDB_MODE"] = wandb_mode_for_environment()
-                init_trackers(acc, cfg.log.wandb_project, tracker_config(cfg), {  # wandb offline if unreachable
-                    "dir": str(self.run_dir), "name": cfg.run.name or self.run_dir.name,
-                    "id": (cfg.run.name or self.run_dir.name).replace("/", "-") + f"-{cfg.run.seed}",
-                    "resume": "allow"})
+                wandb_kwargs = wandb_init_kwargs(cfg.log, cfg.run.name or self.run_dir.name, self.run_dir) \
+                    if cfg.log.wandb else {}
+                init_trackers(acc, cfg.log.wandb_project, tracker_config(cfg), wandb_kwargs)  # offline if unreachable
             self.run_log = RunLog(self.run_dir, cfg.train.steps, self.state.step, acc, cfg.log.progress_bar)
             self.run_log.images_per_second(self.state.images_seen)
         acc.wait_for_everyone()
 
     def _finish(self, stopped: bool, seconds: float) -> None:
+        """The last checkpoint (unless the stop came right after one), the export, plots and GIF; trackers finish
+        (wandb prints its summary) before the last lines say where to look."""
         acc, st = self.accelerator, self.state
-        path = self.save()
+        # a stop is checked after the step's checkpoint: at a multiple of checkpoint.every it is already written
+        saved_at_stop = stopped and st.step % self.cfg.checkpoint.every == 0
+        path = self._last_checkpoint() if saved_at_stop else self.save()
+        lines: list[str] = []
         if acc.is_main_process:
             if stopped:
-                self.run_log.write(f"stopped at step {st.step} on request ({self.stop.reason()}); checkpoint {path}; "
-                                   "continue with --resume auto")
+                lines.append(f"stopped at step {st.step} on request ({self.stop.reason()}); checkpoint {path}; "
+                             "continue with --resume auto")
                 self.stop.clear()
             else:
                 self._export()
@@ -471,18 +477,20 @@ class Trainer:
                 plot_run(self.run_dir)
                 if self.cfg.log.gif:
                     save_gif(sample_grids(self.run_dir), self.run_dir / "progress.gif")
-                self.run_log.write(f"done: {st.step} steps, {st.images_seen} images in {seconds:.0f} s; run dir {self.run_dir}")
+                lines.append(f"done: {st.step} steps, {st.images_seen} images in {seconds:.0f} s; run dir {self.run_dir}")
                 final = self.last_eval[1] if self.last_eval is not None and self.last_eval[0] == st.step else None
                 from distgan.metrics.features import CLASSIFIER_FILE  # the metrics stack loads only at the end
 
                 scorable = (Path(self.cfg.data.path) / CLASSIFIER_FILE).is_file()
-                for line in end_lines(self.run_dir, st.step, final, self.classes, scorable):
-                    self.run_log.write(line)
+                lines += end_lines(self.run_dir, st.step, final, self.classes, scorable)
             self.run_log.close()
-            self.lock.release()
         self.stop.restore()
         for tracker in acc.trackers:
             tracker.finish()
+        if acc.is_main_process:
+            for line in lines:
+                say(line)
+            self.lock.release()
         acc.wait_for_everyone()
 
     def close(self) -> None:

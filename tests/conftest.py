@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import NoReturn
+from typing import NoReturn, Optional
 
 import pytest
 
@@ -15,14 +15,15 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m MODULE ARGS`` from the repo root (wandb offline, this working tree first on the import path);
-    fails the test with its output."""
+def run_cli(module: str, *args: str, timeout: float = 300, env: Optional[dict[str, str]] = None,
+            merged: bool = False) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` from the repo root (wandb offline, this working tree first on the import path, ``env``
+    on top); fails the test with its output. ``merged``: stderr goes into stdout, in the order it was written."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", PYTHONPATH=path)
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{module} {args} failed\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", PYTHONPATH=path, **(env or {}))
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT if merged else subprocess.PIPE, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{module} {args} failed\n{proc.stdout[-3000:]}\n{(proc.stderr or "")[-5000:]}"
     return proc
 
 

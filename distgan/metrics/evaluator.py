@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from distgan.config import ConfigError, DataConfig, EvalConfig, validate_eval
+from distgan.console import batches, progress
 
 from distgan.data.shards import DatasetInfo, read_dataset_info, read_images, to_float
 from distgan.metrics.feature_net import TRAIN_FEATURES_HINT, ensure_feature_net, load_feature_net
@@ -193,7 +194,7 @@ class Evaluator:
     def _features(self, images: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """Features (float32 [N, D], CPU) and classifier logits (float32 [N, K], or None) of images in [-1, 1]."""
         feats, labels = [], []
-        for start in range(0, len(images), self.cfg.batch):
+        for start in batches(len(images), self.cfg.batch, "real features"):
             f, y = self._batch_features(images[start:start + self.cfg.batch].to(self.device))
             feats.append(f.cpu())
             if y is not None:
@@ -238,7 +239,7 @@ class Evaluator:
         was_training = generator.training
         generator.eval()
         try:
-            for start in range(0, per_rank, batch):
+            for start in batches(per_rank, batch, "evaluation: generating", show=rank == 0):
                 z_batch = mine[start:start + batch].to(self.device)
                 y_batch = () if mine_y is None else (mine_y[start:start + batch].to(self.device),)
                 x = generator(z_batch, *y_batch).float().clamp_(-1.0, 1.0)
@@ -297,7 +298,7 @@ class Evaluator:
                             seed=REAL_SEED, memo=self._memo, class_logits=class_logits, prdc_k=self.cfg.prdc_k,
                             logits=self.net.extractor.logits(feats) if fc is not None else None)
         out: dict[str, float] = {}
-        for metric in self._metrics():
+        for metric in progress(self._metrics(), desc="evaluation: metrics", unit="metric"):
             if ((metric.needs_labels and labels is None) or (metric.needs_images and images is None)
                     or (metric.needs_conditional and conditioned is None)):
                 continue
