@@ -23,7 +23,7 @@ def run_cli(module: str, *args: str, timeout: float = 300, env: Optional[dict[st
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", PYTHONPATH=path, **(env or {}))
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT if merged else subprocess.PIPE, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{module} {args} failed\n{proc.stdout[-3000:]}\n{(proc.stderr or "")[-5000:]}"
+    assert proc.returncode == 0, f"{module} {args} failed\n{proc.stdout[-3000:]}\n{(proc.stderr or '')[-5000:]}"
     return proc
 
 
