@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_id"  # the run dir's wandb run id: made at its first start, reused on every resume
 _WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_WANDB_FOLDER = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-([A-Za-z0-9_-]{1,64})")  # wandb/offline-run-TIME-ID
 
 
 def image_grid(images: torch.Tensor, nrow: Optional[int] = None, pad: int = 2) -> np.ndarray:
@@ -144,6 +145,7 @@ def wandb_run_id(run_dir: Path) -> str:
     """The wandb run id of this run dir: read from ``wandb_id``, or made and written there at its first start.
 
     Unique to the run dir (two run dirs named alike are two wandb runs), the same on resume (the wandb run goes on).
+    A run dir from before the file existed goes on with the newest wandb run in its ``wandb/`` folder.
     """
     path = run_dir / WANDB_ID_FILE
     if path.is_file():
@@ -151,7 +153,8 @@ def wandb_run_id(run_dir: Path) -> str:
         if _WANDB_ID.fullmatch(kept):
             return kept
         log.warning("%s holds no wandb run id (%r); this run continues as a new wandb run", path, kept[:80])
-    run_id = uuid.uuid4().hex[:16]
+    earlier = sorted(m.groups() for p in (run_dir / "wandb").glob("*run-*") if (m := _WANDB_FOLDER.fullmatch(p.name)))
+    run_id = earlier[-1][1] if earlier else uuid.uuid4().hex[:16]
     tmp = path.with_name(WANDB_ID_FILE + ".tmp")
     tmp.write_text(run_id + "\n")
     os.replace(tmp, path)

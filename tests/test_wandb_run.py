@@ -79,6 +79,13 @@ def test_the_id_is_made_once_per_run_dir_and_kept(tmp_path, caplog):
     assert "holds no wandb run id" in caplog.text
 
 
+def test_a_run_dir_from_before_the_id_file_goes_on_with_its_newest_wandb_run(tmp_path):
+    for name in ("offline-run-20250101_120000-exp-0", "offline-run-20250102_080000-exp-0", "debug.log"):
+        (tmp_path / "wandb" / name).mkdir(parents=True)
+    (tmp_path / "wandb" / "run-20241231_000000-older").mkdir()
+    assert wandb_run_id(tmp_path) == "exp-0" == (tmp_path / WANDB_ID_FILE).read_text().strip()
+
+
 def test_the_id_file_is_one_of_the_run_dir_results(tmp_path):
     """A fresh start does not take over a run dir's wandb run; a restart without a checkpoint sets it aside."""
     wandb_run_id(tmp_path)
