@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from distgan.cli import add_debug_flag, run_command
+from distgan.console import setup_logging
 from distgan.data.download import REMOTES, default_cache_dir, download
 from distgan.data.errors import DataError
 from distgan.data.raw import SOURCES, SPLITS, open_source
@@ -86,7 +87,7 @@ def prepare(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     return run_command("distgan.prepare", lambda: prepare(args), debug=args.debug, args=args)
 
 

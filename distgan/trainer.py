@@ -477,7 +477,8 @@ class Trainer:
                 plot_run(self.run_dir)
                 if self.cfg.log.gif:
                     save_gif(sample_grids(self.run_dir), self.run_dir / "progress.gif")
-                lines.append(f"done: {st.step} steps, {st.images_seen} images in {seconds:.0f} s; run dir {self.run_dir}")
+                lines.append(f"done: {st.step} steps, {st.images_seen} images in {seconds:.0f} s; "
+                             f"run dir {self.run_dir}")
                 final = self.last_eval[1] if self.last_eval is not None and self.last_eval[0] == st.step else None
                 from distgan.metrics.features import CLASSIFIER_FILE  # the metrics stack loads only at the end
 

@@ -88,8 +88,8 @@ def test_a_stop_at_a_checkpoint_step_writes_one_checkpoint_and_text_lines_show_p
     checkpoint_lines = [line for line in proc.stderr.splitlines() if "INFO distgan.trainer: checkpoint " in line]
     assert len(checkpoint_lines) == 1, checkpoint_lines
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    printed = [int(s) for s in re.findall(r"INFO distgan\.tracking: step (\d+)/1000: loss_d \S+, loss_g \S+, \S+ images/s",
-                                          proc.stderr)]
+    line = r"INFO distgan\.tracking: step (\d+)/1000: loss_d \S+, loss_g \S+, \S+ images/s"
+    printed = [int(step) for step in re.findall(line, proc.stderr)]
     assert printed == steps == [2, 4], proc.stderr
 
 

@@ -57,7 +57,7 @@ def test_run_dirs_named_alike_are_two_wandb_runs_and_a_resume_continues_its_own(
     train(fashion_shards, second)
     (a,), (b,) = run_records(first), run_records(second)
     assert a.run_id != b.run_id
-    assert a.run_id == (first / WANDB_ID_FILE).read_text().strip() and b.run_id == (second / WANDB_ID_FILE).read_text().strip()
+    assert [a.run_id, b.run_id] == [(run / WANDB_ID_FILE).read_text().strip() for run in (first, second)]
     assert a.display_name == b.display_name == "exp"
     assert (a.entity, a.run_group, list(a.tags), a.notes) == ("lab", "seeds", ["baseline", "r1"], "a tiny run")
     assert (b.run_group, list(b.tags), b.notes) == ("", [], "")
