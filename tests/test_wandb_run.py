@@ -9,8 +9,8 @@ import pytest
 from wandb.proto import wandb_internal_pb2
 
 from conftest import run_cli
-from distgan.rundir import existing_results, refuse_overwrite, set_aside_results
 from distgan.config import ConfigError
+from distgan.rundir import existing_results, refuse_overwrite, set_aside_results
 from distgan.tracking import WANDB_ID_FILE, wandb_run_id
 
 TINY = ("train.steps=2", "log.every=1", "log.sample_every=2", "checkpoint.every=2", "log.gif=false", "log.wandb=true")
@@ -87,9 +87,11 @@ def test_a_run_dir_from_before_the_id_file_goes_on_with_its_newest_wandb_run(tmp
 
 
 def test_the_id_file_is_one_of_the_run_dir_results(tmp_path):
-    """A fresh start does not take over a run dir's wandb run; a restart without a checkpoint sets it aside."""
+    """A fresh start does not take over a run's wandb run; a restart without a checkpoint sets it aside with the rest
+    (the new branch gets a new wandb run)."""
     wandb_run_id(tmp_path)
-    assert existing_results(tmp_path) == [WANDB_ID_FILE]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert existing_results(tmp_path) == ["metrics.jsonl", WANDB_ID_FILE]
     with pytest.raises(ConfigError, match=WANDB_ID_FILE):
         refuse_overwrite(tmp_path)
     aside = set_aside_results(tmp_path)
