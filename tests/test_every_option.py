@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from compare import assert_same_tensors
 from conftest import REPO
 from distgan.config import Config, ConfigError, key_choices, load_config
 from distgan.data.shards import write_shards
@@ -264,7 +265,7 @@ def check_run(trainer: Trainer, before: dict[str, dict[str, torch.Tensor]], firs
     assert (ckpt / "G_ema.safetensors").is_file() == cfg.ema.enabled
     export = load_file(str(run / "generator_ema.safetensors"))
     reference = load_file(str(ckpt / f"{sampled}.safetensors"))
-    assert export.keys() == reference.keys() and all(torch.equal(export[k], reference[k]) for k in export)
+    assert_same_tensors(export, reference, f"the exported generator and the checkpoint's {sampled}")
     meta = json.loads((run / "generator_ema.json").read_text())
     source = trainer.source
     assert (meta["ema"], meta["resolution"], meta["channels"], meta["pad"]) == (
@@ -313,10 +314,10 @@ def test_dropout_run_resumes_where_it_stopped(datasets, tmp_path, fast):
     check_run(second, before, first_step=2)
     assert [line["step"] for line in metrics(tmp_path / "split")] == [1, 2, 3, 4]
     straight, _ = train(load(tmp_path / "straight", 4))
-    for name in ("G", "D", "G_ema"):
-        a = load_file(str(tmp_path / "straight" / "checkpoints" / "step-00000004" / f"{name}.safetensors"))
-        b = load_file(str(tmp_path / "split" / "checkpoints" / "step-00000004" / f"{name}.safetensors"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name}: 2 + resume + 2 != 4 steps"
+    for name in ("D", "G", "G_ema"):
+        assert_same_tensors(load_file(str(tmp_path / "straight" / "checkpoints" / "step-00000004" / f"{name}.safetensors")),
+                            load_file(str(tmp_path / "split" / "checkpoints" / "step-00000004" / f"{name}.safetensors")),
+                            f"{name} after 4 straight steps and after 2 + resume + 2")
 
 
 # ---------------------------------------------------------------- coverage of the schema

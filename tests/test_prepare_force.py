@@ -10,6 +10,7 @@ import pytest
 from distgan import prepare
 from distgan.data.errors import DataError
 from distgan.data.shards import write_shards
+from compare import assert_same_bytes
 
 
 def make_npz(path: Path, n: int = 6) -> Path:
@@ -91,7 +92,7 @@ def test_write_shards_protects_the_export(tmp_path):
     with pytest.raises(DataError, match="holds .*generator_ema.safetensors, which this command reads"):
         export.write_bytes(b"weights")
         write_shards(np.zeros((2, 4, 4), np.uint8), None, run, force=True, protect=[export], progress=False)
-    assert export.read_bytes() == b"weights"
+    assert_same_bytes(export.read_bytes(), b"weights", "the export")
 
 
 def test_sample_shards_force_replaces_only_its_own_shards(tmp_path, capsys):

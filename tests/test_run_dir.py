@@ -21,6 +21,7 @@ from distgan.checkpoint import TrainState, find_resume_path, list_checkpoints, s
 from distgan.config import Config, ConfigError, load_config
 from distgan.rundir import RunDirLock, _process_start, config_changes
 from distgan.trainer import Trainer
+from compare import assert_same_bytes, assert_same_text
 from tests.distributed.support import MemorySource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,8 +53,8 @@ def test_fresh_start_refuses_a_run_dir_with_results_but_no_checkpoints(tmp_path)
     (tmp_path / "generator_ema.safetensors").write_bytes(b"an earlier export")
     with pytest.raises(ConfigError, match=r"already holds a run \(metrics.jsonl, generator_ema.safetensors\)"):
         Trainer(_cfg(tmp_path), source=MemorySource())
-    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss_d": 1.0}\n'
-    assert (tmp_path / "generator_ema.safetensors").read_bytes() == b"an earlier export"
+    assert_same_text((tmp_path / "metrics.jsonl").read_text(), '{"step": 1, "loss_d": 1.0}\n', "metrics.jsonl")
+    assert_same_bytes((tmp_path / "generator_ema.safetensors").read_bytes(), b"an earlier export", "the export")
     assert not (tmp_path / ".lock").exists()  # a refused start leaves no lock behind
 
 
@@ -61,7 +62,7 @@ def test_resume_auto_without_a_checkpoint_keeps_earlier_results_aside(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss_d": 1.0}\n')
     _train(tmp_path, "train.steps=2", resume="auto")
     (aside,) = tmp_path.glob("previous-*")
-    assert (aside / "metrics.jsonl").read_text() == '{"step": 1, "loss_d": 1.0}\n'
+    assert_same_text((aside / "metrics.jsonl").read_text(), '{"step": 1, "loss_d": 1.0}\n', "metrics.jsonl")
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
@@ -113,7 +114,7 @@ def test_a_torn_lock_is_judged_by_its_age(tmp_path, caplog, content):
     with pytest.raises(ConfigError, match=r"\.lock is empty or unreadable and 0 s old.*start again in a minute") as err:
         RunDirLock(tmp_path).acquire()
     assert "None" not in str(err.value) and "\n" not in str(err.value)
-    assert lock.read_bytes() == content  # a refused start leaves it as it was
+    assert_same_bytes(lock.read_bytes(), content, ".lock")  # a refused start leaves it as it was
     os.utime(lock, (lock.stat().st_atime - 120, lock.stat().st_mtime - 120))
     taker = RunDirLock(tmp_path)
     with caplog.at_level(logging.WARNING):

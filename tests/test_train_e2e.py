@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from compare import assert_same_files, assert_same_tensors
 from conftest import run_cli
 from distgan.config import load_config
 from distgan.trainer import NonFiniteError, Trainer
@@ -49,7 +50,7 @@ def test_smoke_run_writes_everything(smoke_run):
     assert meta["resolution"] == 28 and meta["channels"] == 1 and meta["ema"] is True and len(meta["classes"]) == 10
     weights = load_file(str(smoke_run / "generator_ema.safetensors"))
     ckpt = load_file(str(smoke_run / "checkpoints" / "step-00000020" / "G_ema.safetensors"))
-    assert weights.keys() == ckpt.keys() and all(torch.equal(weights[k], ckpt[k]) for k in weights)
+    assert_same_tensors(weights, ckpt, "the exported generator and the last checkpoint's G_ema")
     offline = list((smoke_run / "wandb").glob("offline-run-*"))
     assert offline and list(offline[0].glob("run-*.wandb"))
     assert len(list(offline[0].glob("files/media/images/samples/*.png"))) == 4, "sample grids reach wandb"
@@ -108,13 +109,13 @@ def test_resume_is_bit_identical(fashion_shards, tmp_path):
     assert second.resumed_from.name == "step-00000008" and second.state.batches_consumed == 8
     second.fit()
 
-    a = (straight / "generator_ema.safetensors").read_bytes()
-    b = (split / "generator_ema.safetensors").read_bytes()
-    assert a == b, "G_ema after 16 straight steps differs from 8 + resume + 8"
-    for name in ("G", "D"):
-        x = load_file(str(straight / "checkpoints" / "step-00000016" / f"{name}.safetensors"))
-        y = load_file(str(split / "checkpoints" / "step-00000016" / f"{name}.safetensors"))
-        assert all(torch.equal(x[k], y[k]) for k in x)
+    # D first: a wrong data position shows there at once; each names the first differing tensor, never a diff
+    for name in ("D", "G"):
+        assert_same_files(straight / "checkpoints" / "step-00000016" / f"{name}.safetensors",
+                          split / "checkpoints" / "step-00000016" / f"{name}.safetensors",
+                          f"{name} after 16 straight steps and after 8 + resume + 8")
+    assert_same_files(straight / "generator_ema.safetensors", split / "generator_ema.safetensors",
+                      "G_ema after 16 straight steps and after 8 + resume + 8")
     steps = [json.loads(l)["step"] for l in (split / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15, 16]
 

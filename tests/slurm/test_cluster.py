@@ -20,6 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from compare import assert_same_text
+
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[2]
@@ -160,7 +162,7 @@ def test_train_sh_launches_one_rank_per_node_over_gloo(slurm_cluster, submit_dir
     assert {r["threads"] for r in ranks} == {"1"}  # --cpus-per-task=1, one process per node
     assert {(r["config"], r["run_dir"], r["start"]) for r in ranks} == {("smoke.yaml", str(run_dir), "0")}
     assert "finished at step 5" in log and "training finished" in log  # the stale STOP file did not stop it
-    assert (run_dir / "checkpoints" / "step.txt").read_text() == "5"
+    assert_same_text((run_dir / "checkpoints" / "step.txt").read_text(), "5", "step.txt")
     assert not (run_dir / "STOP").exists()
     assert {(r["cuda_visible"], r["debug"]) for r in ranks} == {("-", "-")}  # the default config was not read
     assert f"main 127.0.0.1:{20000 + job % 10000}" in log
