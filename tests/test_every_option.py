@@ -3,13 +3,18 @@
 A matrix of override lists on tiny models: each case must give finite losses, a final checkpoint and the
 exported generator, G and D weights that moved (a trainer whose optimizers never step fails every case),
 and what its options imply: the norm layers, optimisers and latents built, first losses at the configured
-kind's level, penalty lines, EMA beta, images seen, clipped updates. These prove plumbing, not learning
-(tests/test_learning.py does that). Refused combinations are asserted to raise
-their ConfigError. A meta-test walks every key with choices (registries and ``Literal`` types, ``config.key_choices``) and fails when a value is
-trained by no case here (nor by a named test elsewhere); tests/test_configs.py does the same for configs/.
+kind's level, penalty lines, EMA beta, images seen, clipped updates. And what each option changed, seen from
+outside the trainer (``Recorder``): D's first gradient is the one its loss kind and penalty give (computed again
+by tests/objective_reference.py), each optimizer stepped as often as train.d_steps says, G_ema is the EMA of
+G's trajectory, D saw images of the padded size, the layers carry the configured activation and upsampling.
+These prove plumbing, not learning (tests/test_learning.py does that). Refused combinations are asserted to raise
+their ConfigError. A meta-test walks every key with choices (registries and ``Literal`` types,
+``config.key_choices``) and fails when a value is trained by no case here (nor by a named test elsewhere);
+tests/test_configs.py does the same for configs/.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -25,10 +30,12 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+import objective_reference as ref
 from compare import assert_same_tensors
 from conftest import REPO
 from distgan.config import Config, ConfigError, key_choices, load_config
 from distgan.data.shards import write_shards
+from distgan.data.stream import BACKGROUND
 from distgan.nn import SyncBatchNorm
 from distgan.nn.dcgan import BASE_SIZE
 from distgan.trainer import Trainer
@@ -206,11 +213,56 @@ def parameters(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
             for name, model in (("G", trainer.G_plain), ("D", trainer.D_plain))}
 
 
-def train(cfg: Config, resume: Optional[str] = None) -> tuple[Trainer, dict[str, dict[str, torch.Tensor]]]:
-    """Fit a Trainer for ``cfg``; returns it with G's and D's parameters from before the first step."""
+class Recorder:
+    """What a run did, watched through hooks only: D's inputs during its first phase (real, fake, interpolates),
+    the gradients each optimizer first stepped on, how often each stepped, and G before each EMA update."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.d_start = copy.deepcopy(trainer.D_plain)
+        self.d_inputs: list[tuple] = []
+        self.first_grads: dict[str, dict[str, torch.Tensor]] = {}
+        self.steps = {"d": 0, "g": 0}
+        self.trajectory: list[tuple[float, dict[str, torch.Tensor]]] = []  # (beta, G's parameters) per EMA update
+        trainer.D_plain.register_forward_pre_hook(self._d_input)
+        for name, model, opt in (("d", trainer.D_plain, trainer.opt_d), ("g", trainer.G_plain, trainer.opt_g)):
+            names = {id(p): k for k, p in model.named_parameters()}
+            opt.optimizer.register_step_pre_hook(lambda o, *_, name=name, names=names: self._first_grads(name, o, names))
+            opt.optimizer.register_step_post_hook(lambda *_, name=name: self.steps.__setitem__(name, self.steps[name] + 1))
+        if trainer.ema is not None:
+            update = trainer.ema.update
+
+            def recorded(model, *args):
+                params = {k: p.detach().clone() for k, p in model.named_parameters()}
+                beta = update(model, *args)
+                self.trajectory.append((beta, params))
+                return beta
+
+            trainer.ema.update = recorded
+
+    def _d_input(self, module: nn.Module, args: tuple) -> None:
+        if self.steps["d"] == 0:
+            self.d_inputs.append(tuple(a.detach().clone() for a in args))
+
+    def _first_grads(self, name: str, optimizer: torch.optim.Optimizer, names: dict[int, str]) -> None:
+        if name not in self.first_grads:
+            self.first_grads[name] = {names[id(p)]: p.grad.detach().clone() for group in optimizer.param_groups
+                                      for p in group["params"] if p.grad is not None}
+
+
+def train_watched(cfg: Config, resume: Optional[str] = None) -> tuple[Trainer, dict[str, dict[str, torch.Tensor]],
+                                                                     Recorder]:
+    """Fit a Trainer for ``cfg``; returns it with G's and D's parameters from before the first step and what the
+    run was seen doing."""
     trainer = Trainer(cfg, resume=resume)
     before = parameters(trainer)
+    recorder = Recorder(trainer)
     trainer.fit()
+    return trainer, before, recorder
+
+
+def train(cfg: Config, resume: Optional[str] = None) -> tuple[Trainer, dict[str, dict[str, torch.Tensor]]]:
+    """Fit a Trainer for ``cfg``; returns it with G's and D's parameters from before the first step."""
+    trainer, before, _ = train_watched(cfg, resume)
     return trainer, before
 
 
@@ -281,14 +333,70 @@ def check_run(trainer: Trainer, before: dict[str, dict[str, torch.Tensor]], firs
         assert moved <= (t.steps - first_step) * cfg.g_optim.lr * t.max_grad_norm * (1 + 1e-3), "G steps not clipped"
 
 
+def check_effects(trainer: Trainer, before: dict[str, dict[str, torch.Tensor]], rec: Recorder) -> None:
+    """What each option changed, from the hooks' record of a run started from scratch."""
+    cfg, t, g = trainer.cfg, trainer.cfg.train, trainer.cfg.generator
+    assert rec.steps == {"d": t.steps * t.d_steps, "g": t.steps}, "optimizer steps per train.d_steps"
+    size = trainer.source.resolution + 2 * cfg.data.pad
+    assert {tuple(x[0].shape[-2:]) for x in rec.d_inputs} == {(size, size)}, "D sees data.pad's padded images"
+    if cfg.data.pad:
+        real = rec.d_inputs[0][0]
+        assert torch.all(real[..., :cfg.data.pad, :] == BACKGROUND) and torch.all(real[..., -cfg.data.pad:] == BACKGROUND)
+    if g.arch != "tf_dcgan":  # tf_dcgan keeps Keras' LeakyReLU whatever the slope (distgan/nn/tf_dcgan.py)
+        slopes = {m.negative_slope for m in trainer.G_plain.modules() if isinstance(m, nn.LeakyReLU)}
+        assert slopes == ({g.leaky_slope} if g.leaky_slope > 0 else set()), "generator.leaky_slope"
+    if g.arch == "dcgan":
+        modes = {m.mode for m in trainer.G_plain.modules() if isinstance(m, nn.Upsample)}
+        assert modes == (set() if g.upsample == "transposed" else {g.upsample}), "generator.upsample"
+    if cfg.ema.enabled:  # G_ema = the EMA of G's trajectory with the betas used, from G's initial weights
+        ema = {k: v.double() for k, v in before["G"].items()}
+        for beta, params in rec.trajectory:
+            ema = {k: beta * v + (1 - beta) * params[k].double() for k, v in ema.items()}
+        saved = load_file(str(trainer.run_dir / "checkpoints" / f"step-{t.steps:08d}" / "G_ema.safetensors"))
+        for k, v in ema.items():  # float32 lerps of numbers of size |v|: a few roundings of 6e-8 |v| each
+            assert (saved[k].double() - v).abs().max() <= 1e-6 * max(1.0, v.abs().max().item()), f"G_ema {k}"
+        assert len(rec.trajectory) == t.steps
+    check_first_d_gradient(trainer, rec)
+
+
+def check_first_d_gradient(trainer: Trainer, rec: Recorder) -> None:
+    """D's first gradient is grad(adversarial loss of loss.kind + weight x factor x interval x penalty), computed
+    again from D's initial weights and the batches D was given (tests/objective_reference.py).
+
+    float32: both sides sum at most ~10^3 products of each gradient's terms, so they agree to 1e-4 of the larger
+    term's size (10^3 x 6e-8, a worst-case bound); the penalty's share must be 100x that bound to be seen.
+    Skipped where the gradient is not that formula's: augmentation (random), dropout, clipping."""
+    cfg, loss = trainer.cfg, trainer.cfg.loss
+    if cfg.augment.policy or cfg.discriminator.dropout or cfg.train.max_grad_norm or cfg.discriminator.conditional:
+        return
+    real, fake = rec.d_inputs[0][0], rec.d_inputs[1][0]
+    D0 = copy.deepcopy(rec.d_start)  # a fresh copy per use: a forward moves spectral norm's power iteration
+    g_adv = ref.parameter_gradients(ref.adversarial(loss.kind, D0, real, fake), D0)
+    recorded = rec.first_grads["d"]
+    recorded = {k: recorded.get(k, torch.zeros_like(v)) for k, v in g_adv.items()}
+    scale = ref.flat(g_adv).abs().max()
+    expected = ref.flat(g_adv)
+    if loss.penalty != "none":  # D's first phase is a regularization step at any interval
+        x_hat = rec.d_inputs[2][0] if loss.penalty == "wgan-gp" else None
+        D0 = copy.deepcopy(rec.d_start)
+        weighted = ref.flat(ref.parameter_gradients(ref.penalty(loss.penalty, D0, real, fake, x_hat), D0))
+        weighted = weighted * loss.penalty_weight * ref.FACTOR[loss.penalty] * loss.penalty_interval
+        scale = scale + weighted.abs().max()
+        assert weighted.abs().max() > 1e-2 * scale, "the penalty's share of D's gradient is too small to be seen"
+        expected = expected + weighted
+    error = (ref.flat(recorded) - expected).abs().max()
+    assert error <= 1e-4 * scale, f"D's first gradient is not the {loss.kind} + {loss.penalty} one: {error:.3g} off"
+
+
 # ---------------------------------------------------------------- the matrix
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("case", MATRIX, ids=lambda c: c.id)
 def test_option_trains(case: Case, datasets, tmp_path, fast):
-    trainer, before = train(case.load(str(datasets[case.data]), str(tmp_path / "run")))
+    trainer, before, recorder = train_watched(case.load(str(datasets[case.data]), str(tmp_path / "run")))
     check_run(trainer, before)
+    check_effects(trainer, before, recorder)
 
 
 @pytest.mark.parametrize("overrides, message", REFUSED, ids=["+".join(o) for o, _ in REFUSED])
@@ -305,15 +413,16 @@ def test_dropout_run_resumes_where_it_stopped(datasets, tmp_path, fast):
         return load_config(None, [*TINY, "discriminator.dropout=0.3", f"train.steps={steps}", "checkpoint.every=1000",
                                   f"data.path={datasets['fashion']}", f"run.dir={run}"])
 
-    first, before = train(load(tmp_path / "split", 2), resume="auto")
+    first, before, recorder = train_watched(load(tmp_path / "split", 2), resume="auto")
     check_run(first, before)
+    check_effects(first, before, recorder)
     second = Trainer(load(tmp_path / "split", 4), resume="auto")
     assert second.resumed_from.name == "step-00000002" and second.state.step == 2
     before = parameters(second)
     second.fit()
     check_run(second, before, first_step=2)
     assert [line["step"] for line in metrics(tmp_path / "split")] == [1, 2, 3, 4]
-    straight, _ = train(load(tmp_path / "straight", 4))
+    train(load(tmp_path / "straight", 4))
     for name in ("D", "G", "G_ema"):
         assert_same_tensors(load_file(str(tmp_path / "straight" / "checkpoints" / "step-00000004" / f"{name}.safetensors")),
                             load_file(str(tmp_path / "split" / "checkpoints" / "step-00000004" / f"{name}.safetensors")),
