@@ -19,6 +19,14 @@ D_LOSS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "wasserstein": lambda r, f: f.mean() - r.mean(),
     "least-squares": lambda r, f: 0.5 * ((r - 1) ** 2).mean() + 0.5 * (f ** 2).mean(),
 }
+# G's loss on D's logits for its samples: the saturating log(1 - D) of the paper, or one of the alternatives
+G_LOSS: dict[str, Callable[[Tensor], Tensor]] = {
+    "minimax": lambda f: -F.softplus(f).mean(),
+    "non-saturating": lambda f: F.softplus(-f).mean(),
+    "hinge": lambda f: -f.mean(),
+    "wasserstein": lambda f: -f.mean(),
+    "least-squares": lambda f: 0.5 * ((f - 1) ** 2).mean(),
+}
 # R1/R2 are gamma/2 E|grad|^2 (Mescheder et al. 2018); WGAN-GP is lambda E(|grad| - 1)^2 (Gulrajani et al. 2017)
 FACTOR = {"r1": 0.5, "r2": 0.5, "wgan-gp": 1.0}
 
