@@ -19,6 +19,7 @@ from distgan.config import ConfigError, load_config
 from distgan.export import ExportError
 from distgan.metrics.features import CLASSIFIER_FILE, FeatureClassifier, save_classifier
 from distgan.trainer import Trainer
+from compare import assert_same_files
 from tests.conftest import REPO, run_cli
 from tests.distributed.support import MemorySource
 
@@ -111,7 +112,7 @@ def test_a_run_stopped_before_its_end_samples_and_evaluates(fashion_shards, tmp_
     run_cli("distgan.sample", "--export", str(run / "checkpoints" / "step-00000004"), "--n", "2", "--out",
             str(tmp_path / "pngs4"))
     assert (tmp_path / "grid" / "grid.png").is_file()
-    assert (tmp_path / "pngs" / "000001.png").read_bytes() == (tmp_path / "pngs4" / "000001.png").read_bytes()
+    assert_same_files(tmp_path / "pngs" / "000001.png", tmp_path / "pngs4" / "000001.png")
     data = _shards_with_classifier(fashion_shards, tmp_path)
     record = json.loads(run_cli("distgan.eval", "--run", str(run), "--data", str(data), "--metrics", "fd", "--n",
                                 "64", "--batch", "32").stdout)

@@ -113,7 +113,7 @@ LR = 0.05
 def float64_trainer(monkeypatch):
     """Trainer runs in float64 (as tests/distributed/equivalence_run.py does) on one intra-op thread,
     without the end-of-run plots."""
-    monkeypatch.setattr("distgan.trainer.set_cpu_threads", lambda *args: torch.get_num_threads())
+    monkeypatch.setattr("distgan.build.set_cpu_threads", lambda *args: torch.get_num_threads())
     monkeypatch.setattr("distgan.plots.plot_run", lambda run_dir: None)
     dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
     torch.set_default_dtype(torch.float64)
