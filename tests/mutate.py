@@ -112,6 +112,15 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, 
         return 124, f"timed out after {timeout:.0f} s", time.perf_counter() - started
 
 
+def first_failure(output: str) -> str:
+    """The message of the first failed test in pytest's short summary (cut to 90 characters), for the table."""
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            message = line.split(" - ", 1)[1] if " - " in line else line
+            return message.replace("|", "/")[:90]
+    return ""
+
+
 def check_snippets(mutations: list[Mutation]) -> list[str]:
     """A line per mutation whose original text is not in its file exactly once."""
     problems = []
@@ -151,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"the guarding tests fail WITHOUT any mutation ({seconds:.0f} s); fix that first:\n{out}", file=sys.stderr)
             return 2
         print(f"unmutated: {len(guards)} guarding tests pass ({seconds:.0f} s)\n")
-        print("| mutation | file | result | s | guarding tests |\n|---|---|---|---|---|")
+        print("| mutation | file | result | s | guarding tests | first failure |\n|---|---|---|---|---|---|")
         survived = []
         for m in chosen:
             target = root / m.path
@@ -170,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             if code == 0:
                 survived.append(m.name)
             tests = ", ".join(t.replace("tests/", "") for t in m.tests)
-            print(f"| {m.name} | {m.path} | {result} | {seconds:.0f} | {tests} |", flush=True)
+            print(f"| {m.name} | {m.path} | {result} | {seconds:.0f} | {tests} | {first_failure(out)} |", flush=True)
     print(f"\n{len(chosen) - len(survived)} of {len(chosen)} mutations caught" +
           (f"; SURVIVED: {', '.join(survived)}" if survived else ""))
     return 1 if survived else 0
