@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,18 +108,15 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, 
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=root,
                               env=env, capture_output=True, text=True, timeout=timeout)
-        return proc.returncode, (proc.stdout + proc.stderr)[-3000:], time.perf_counter() - started
+        return proc.returncode, (proc.stdout + proc.stderr)[-20000:], time.perf_counter() - started
     except subprocess.TimeoutExpired:
         return 124, f"timed out after {timeout:.0f} s", time.perf_counter() - started
 
 
 def first_failure(output: str) -> str:
-    """The message of the first failed test in pytest's short summary (cut to 90 characters), for the table."""
-    for line in output.splitlines():
-        if line.startswith(("FAILED ", "ERROR ")):
-            message = line.split(" - ", 1)[1] if " - " in line else line
-            return message.replace("|", "/")[:90]
-    return ""
+    """The first exception line of pytest's report (``E   AssertionError: ...``), cut to 100 characters."""
+    found = re.search(r"^E +(\w*(?:Error|Exception|Failed)\b.*)$", output, re.M)
+    return found.group(1).replace("|", "/")[:100] if found else ""
 
 
 def check_snippets(mutations: list[Mutation]) -> list[str]:
@@ -157,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         copy_tree(root)
         code, out, seconds = run_tests(root, guards, args.timeout * 2)
         if code != 0:
-            print(f"the guarding tests fail WITHOUT any mutation ({seconds:.0f} s); fix that first:\n{out}", file=sys.stderr)
+            print(f"the guarding tests fail WITHOUT any mutation ({seconds:.0f} s); fix that first:\n{out[-3000:]}",
+                  file=sys.stderr)
             return 2
         print(f"unmutated: {len(guards)} guarding tests pass ({seconds:.0f} s)\n")
         print("| mutation | file | result | s | guarding tests | first failure |\n|---|---|---|---|---|---|")
@@ -171,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 target.write_text(original)
             if code in (2, 3, 4, 5):  # interrupted, internal error, usage error, no tests collected: not a catch
-                print(f"{m.name}: pytest exit {code} (a test id or the run is broken, not a catch):\n{out}", file=sys.stderr)
+                print(f"{m.name}: pytest exit {code} (a test id or the run is broken, not a catch):\n{out[-3000:]}",
+                      file=sys.stderr)
                 return 2
             result = "caught" if code != 0 else "SURVIVED"
             if code == 124:

@@ -83,7 +83,8 @@ def test_d_loss_and_gradient_carry_the_weighted_penalty(kind, penalty, interval,
 
     factor = ref.FACTOR[penalty] * interval
     expected = adversarial + 10.0 * factor * value
-    assert close(totals[10.0], expected, expected.abs().item()), (totals[10.0].item(), expected.item())
+    assert close(totals[10.0], expected, expected.abs().item()), \
+        f"D loss {totals[10.0].item():.6g} != adversarial + weight x factor x interval x penalty = {expected.item():.6g}"
     assert close(totals[0.0], adversarial, 1.0)
     for name in params:
         step = 10.0 * factor * g_pen[name]
