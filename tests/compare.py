@@ -76,7 +76,8 @@ def assert_same_tensors(a: Tensors, b: Tensors, what: str = "tensors") -> None:
     """Bit-identical tensor dicts, else the first differing tensor by name with its max abs difference."""
     diffs = tensor_differences(a, b)
     if diffs:
-        more = f" (and {len(diffs) - 1} more: {', '.join(d.split(':')[0] for d in diffs[1:6])})" if len(diffs) > 1 else ""
+        names = ", ".join(d.split(":")[0] for d in diffs[1:6])
+        more = f" (and {len(diffs) - 1} more: {names})" if len(diffs) > 1 else ""
         raise AssertionError(f"{what} differ: {diffs[0]}{more}")
 
 

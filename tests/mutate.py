@@ -46,7 +46,8 @@ MUTATIONS = [
              "return loss + 0 * self.penalty_weight * value, figures",
              (f"{OBJ}::test_one_trainer_step_moves_d_by_the_weighted_penalty_gradient",)),
     Mutation("penalty-times-zero-every-option", "distgan/objective.py",
-             "return loss + self.penalty_weight * value, figures", "return loss + 0 * self.penalty_weight * value, figures",
+             "return loss + self.penalty_weight * value, figures",
+             "return loss + 0 * self.penalty_weight * value, figures",
              (f"{EVERY}::test_option_trains[hinge-r1]",)),
     Mutation("lazy-interval-factor-dropped", "distgan/losses.py", "return weight * PENALTIES[kind].factor * interval",
              "return weight * PENALTIES[kind].factor",
@@ -82,9 +83,10 @@ MUTATIONS = [
              (f"{EVERY}::test_option_trains[minimax-none]",)),
     Mutation("conditional-d-ignores-labels", "distgan/nn/conditional.py",
              "return self.linear(h)[:, 0] + (self.embed(y).to(h.dtype) * h).sum(dim=1)",
-             "return self.linear(h)[:, 0]", ("tests/test_conditional.py::test_projection_head_and_embedding_in_float64",)),
-    Mutation("padding-not-applied", "distgan/trainer.py", "real = pad_images(real, self.pad)", "real = real",
-             (f"{EVERY}::test_option_trains[pad-28-to-32]",)),
+             "return self.linear(h)[:, 0]",
+             ("tests/test_conditional.py::test_projection_head_and_embedding_in_float64",)),
+    Mutation("pad-value-not-background", "distgan/data/stream.py", "(pad, pad, pad, pad), value=BACKGROUND)",
+             "(pad, pad, pad, pad), value=0.0)", (f"{EVERY}::test_option_trains[pad-28-to-32]",)),
 ]
 
 
@@ -116,6 +118,7 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, 
 def first_failure(output: str) -> str:
     """The first exception line of pytest's report (``E   AssertionError: ...``), cut to 100 characters."""
     found = re.search(r"^E +(\w*(?:Error|Exception|Failed)\b.*)$", output, re.M)
+    found = found or re.search(r"^E +(.+)$", output, re.M)
     return found.group(1).replace("|", "/")[:100] if found else ""
 
 
@@ -126,7 +129,8 @@ def check_snippets(mutations: list[Mutation]) -> list[str]:
         path = REPO / m.path
         count = path.read_text().count(m.original) if path.is_file() else 0
         if count != 1:
-            problems.append(f"{m.name}: {m.path} holds the original snippet {count} times (must be once): {m.original!r}")
+            problems.append(f"{m.name}: {m.path} holds the original snippet {count} times (must be once): "
+                            f"{m.original!r}")
     return problems
 
 

@@ -34,6 +34,7 @@ from distgan.errors import UserError, shown
 from distgan.export import export_generator
 from distgan.nn import build_generator
 from distgan.rundir import claim_run_dir, RunDirLock
+from compare import assert_same_text
 
 REPO = Path(__file__).resolve().parents[1]
 BIG = str(10**12)
@@ -337,7 +338,8 @@ def test_resume_auto_never_moves_a_users_own_folder(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(ConfigError, match="samples there holds files distgan did not write"):
         claim_run_dir(RunDirLock(run), "auto", "{}")
-    assert (run / "samples" / "holiday.jpg").read_text() == "mine" and not list(run.glob("previous-*"))
+    assert_same_text((run / "samples" / "holiday.jpg").read_text(), "mine", "the user's file")
+    assert not list(run.glob("previous-*"))
 
 
 # ---------------------------------------------------------------- the one error handler

@@ -40,7 +40,8 @@ def test_tensors_name_the_first_differing_tensor_and_its_difference(tmp_path):
     a = {"conv.weight": torch.zeros(64, 64, 3, 3), "bias": torch.zeros(3), "steps": torch.tensor([4])}
     b = {k: v.clone() for k, v in a.items()}
     b["conv.weight"][5, 5, 1, 1] = 0.25
-    with pytest.raises(AssertionError, match=r"^D differ: conv\.weight: max abs difference 0\.25 \(1 of 36864 values\)$"):
+    one = r"^D differ: conv\.weight: max abs difference 0\.25 \(1 of 36864 values\)$"
+    with pytest.raises(AssertionError, match=one):
         assert_same_tensors(a, b, "D")
     b["steps"] += 1
     del b["bias"]

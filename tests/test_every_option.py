@@ -231,8 +231,9 @@ class Recorder:
         trainer.G_plain.register_forward_pre_hook(self._g_input)
         for name, model, opt in (("d", trainer.D_plain, trainer.opt_d), ("g", trainer.G_plain, trainer.opt_g)):
             names = {id(p): k for k, p in model.named_parameters()}
-            opt.optimizer.register_step_pre_hook(lambda o, *_, name=name, names=names: self._first_grads(name, o, names))
-            opt.optimizer.register_step_post_hook(lambda *_, name=name, model=trainer.D_plain: self._stepped(name, model))
+            opt.optimizer.register_step_pre_hook(
+                lambda o, *_, name=name, names=names: self._first_grads(name, o, names))
+            opt.optimizer.register_step_post_hook(lambda *_, name=name, D=trainer.D_plain: self._stepped(name, D))
         if trainer.ema is not None:
             update = trainer.ema.update
 
@@ -328,7 +329,7 @@ def check_run(trainer: Trainer, before: dict[str, dict[str, torch.Tensor]], firs
         frozen = [k for k, v in start.items() if v.dim() > 1 and torch.equal(saved[k], v)]
         assert not frozen, f"{name} weights did not move in {t.steps} steps: {frozen}"
     sampled = "G_ema" if cfg.ema.enabled else "G"
-    assert (ckpt / "G_ema.safetensors").is_file() == cfg.ema.enabled
+    assert (ckpt / "G_ema.safetensors").is_file() == cfg.ema.enabled, "the checkpoint holds G_ema iff ema.enabled"
     export = load_file(str(run / "generator_ema.safetensors"))
     reference = load_file(str(ckpt / f"{sampled}.safetensors"))
     assert_same_tensors(export, reference, f"the exported generator and the checkpoint's {sampled}")
@@ -355,7 +356,9 @@ def check_effects(trainer: Trainer, before: dict[str, dict[str, torch.Tensor]], 
     assert {tuple(x[0].shape[-2:]) for x in rec.d_inputs} == {(size, size)}, "D sees data.pad's padded images"
     if cfg.data.pad:
         real = rec.d_inputs[0][0]
-        assert torch.all(real[..., :cfg.data.pad, :] == BACKGROUND) and torch.all(real[..., -cfg.data.pad:] == BACKGROUND)
+        pad = cfg.data.pad
+        assert torch.all(real[..., :pad, :] == BACKGROUND) and torch.all(real[..., -pad:] == BACKGROUND), \
+            "data.pad's border is not the background"
     if g.arch != "tf_dcgan":  # tf_dcgan keeps Keras' LeakyReLU whatever the slope (distgan/nn/tf_dcgan.py)
         slopes = {m.negative_slope for m in trainer.G_plain.modules() if isinstance(m, nn.LeakyReLU)}
         assert slopes == ({g.leaky_slope} if g.leaky_slope > 0 else set()), "generator.leaky_slope"
@@ -458,8 +461,9 @@ def test_dropout_run_resumes_where_it_stopped(datasets, tmp_path, fast):
     assert [line["step"] for line in metrics(tmp_path / "split")] == [1, 2, 3, 4]
     train(load(tmp_path / "straight", 4))
     for name in ("D", "G", "G_ema"):
-        assert_same_tensors(load_file(str(tmp_path / "straight" / "checkpoints" / "step-00000004" / f"{name}.safetensors")),
-                            load_file(str(tmp_path / "split" / "checkpoints" / "step-00000004" / f"{name}.safetensors")),
+        straight, split = (tmp_path / run / "checkpoints" / "step-00000004" / f"{name}.safetensors"
+                           for run in ("straight", "split"))
+        assert_same_tensors(load_file(str(straight)), load_file(str(split)),
                             f"{name} after 4 straight steps and after 2 + resume + 2")
 
 

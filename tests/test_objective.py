@@ -77,19 +77,23 @@ def test_d_loss_and_gradient_carry_the_weighted_penalty(kind, penalty, interval,
         assert objective.reg_interval == interval
         loss, figures = objective.discriminator(D, real, fake, regularize=True, alpha=alpha, autocast=nullcontext,
                                                 grad_scale=grad_scale)
-        assert close(figures["loss_d"], adversarial, 1.0) and close(figures["penalty"], value, value.item())
+        assert close(figures["loss_d"], adversarial, 1.0), "logged loss_d is not the adversarial loss"
+        assert close(figures["penalty"], value, value.item()), \
+            f"logged penalty {figures['penalty'].item():.6g} != the {penalty} formula's {value.item():.6g}"
         totals[weight] = loss
         grads[weight] = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
 
     factor = ref.FACTOR[penalty] * interval
     expected = adversarial + 10.0 * factor * value
     assert close(totals[10.0], expected, expected.abs().item()), \
-        f"D loss {totals[10.0].item():.6g} != adversarial + weight x factor x interval x penalty = {expected.item():.6g}"
+        f"D loss {totals[10.0].item():.6g} != adversarial + weight x factor x interval x penalty " \
+        f"= {expected.item():.6g}"
     assert close(totals[0.0], adversarial, 1.0)
     for name in params:
         step = 10.0 * factor * g_pen[name]
-        assert close(grads[0.0][name], g_adv[name], 1.0), name
-        assert close(grads[10.0][name] - grads[0.0][name], step, step.abs().max().item()), name
+        assert close(grads[0.0][name], g_adv[name], 1.0), f"{name}: weight 0 must leave the adversarial gradient"
+        assert close(grads[10.0][name] - grads[0.0][name], step, step.abs().max().item()), \
+            f"{name}: grad(w=10) - grad(w=0) != 10 x factor x interval x grad(penalty)"
 
 
 @pytest.mark.parametrize("penalty", PENALTIES)
@@ -162,6 +166,7 @@ def test_one_trainer_step_moves_d_by_the_weighted_penalty_gradient(penalty, inte
         expected = -LR * 10.0 * factor * grad
         difference = on[name].double() - off[name].double()
         bound = 1e-12 * max(1.0, off[name].abs().max().item(), expected.abs().max().item())
-        assert (difference - expected).abs().max() <= bound, (name, (difference - expected).abs().max().item())
+        error = (difference - expected).abs().max().item()
+        assert error <= bound, f"D's {name} after one step is {error:.3g} from p0 - lr (g_adv + w factor interval g_pen)"
         moved = max(moved, difference.abs().max().item())
     assert moved > 1e-4, "the penalty did not change D's weights"
