@@ -1,6 +1,6 @@
 """A mutation pass: break the code in known ways, one at a time, and check that the tests that guard each break fail.
 
-    python tests/mutate.py            # every mutation (a few minutes on 2 cores)
+    python tests/mutate.py            # every mutation (a few minutes on 2 cores); or python -m tests.mutate
     python tests/mutate.py --only resume-from-batch-0 --only penalty-times-zero
     python tests/mutate.py --list
 
