@@ -119,22 +119,23 @@ class Augmented(nn.Module):
         self.register_buffer("signs", torch.zeros(2, dtype=torch.int64))
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
         self._calls = 0  # host copy of ``calls`` (no sync to decide an update); refreshed when a state is loaded
-        self._expect_real = False
+        self._expect_real = 0  # the next trainable forward's leading real images (0: none expected)
         self.register_load_state_dict_post_hook(lambda module, keys: module._refresh_host_calls())
 
     def _refresh_host_calls(self) -> None:
         self._calls = int(self.calls)  # once at load time, never inside a step
 
-    def expect_real(self) -> None:
-        """The next trainable D forward is on real images (see :class:`RealBatchMarker`)."""
-        self._expect_real = True
+    def expect_real(self, count: int) -> None:
+        """The next trainable D forward starts with ``count`` real images (see :class:`RealBatchMarker`); the rest of
+        its batch, if any, is fake (distgan.objective judges real and fake in one forward where it can)."""
+        self._expect_real = count
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         logits = self.inner(augment(x, self.policy, self.p), *args, **kwargs)
         trainable = any(p.requires_grad for p in self.inner.parameters())
         if self._expect_real and trainable and self.training:
-            self._expect_real = False
-            self._observe(logits.detach())
+            real_logits, self._expect_real = logits[:self._expect_real].detach(), 0
+            self._observe(real_logits)
         return logits
 
     @torch.no_grad()
@@ -177,7 +178,7 @@ class RealBatchMarker:
         inner = self.source.batches(*args, **kwargs)
         try:
             for batch in inner:
-                self.augmented.expect_real()
+                self.augmented.expect_real(len(batch[0]))
                 yield batch
         finally:
             if hasattr(inner, "close"):

@@ -43,10 +43,10 @@ class EMA:
         """Move G_ema towards ``model`` (the unwrapped generator); returns the beta used."""
         beta = self.beta(step, batch_size, images_seen)
         params = self._match(dict(model.named_parameters()), dict(self.model.named_parameters()), "parameters")
-        targets = [p_ema for _, p_ema in params]
-        # p_ema <- p.lerp(p_ema, beta) for all parameters at once: two multi-tensor kernels, not two per parameter
-        torch._foreach_copy_(targets, torch._foreach_lerp([p.detach().to(p_ema.dtype) for p, p_ema in params],
-                                                          targets, beta))
+        # p_ema <- p_ema.lerp(p, 1 - beta) = beta * p_ema + (1 - beta) * p for all parameters in one multi-tensor
+        # kernel (no per-parameter kernel; exactly p at beta 0 and p_ema at beta 1)
+        sources = [p if p.dtype == p_ema.dtype else p.to(p_ema.dtype) for p, p_ema in params]
+        torch._foreach_lerp_([p_ema for _, p_ema in params], sources, 1.0 - beta)
         self.copy_buffers(model)
         return beta
 

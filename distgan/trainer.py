@@ -296,7 +296,7 @@ class Trainer:
         skip = self.health.record(step, "dg".index(phase.name), loss, grad_norm)  # the total loss, penalty included
         step_unless(optimizer, acc.scaler, skip)
         for key, value in figures.items():
-            window.setdefault(key, []).append((value.detach().float(), skip))
+            window.setdefault(key, []).append((value.float(), skip))  # figures are detached: no kernel in fp32
         phase.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ randomness

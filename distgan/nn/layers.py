@@ -7,7 +7,8 @@ from typing import Callable, Optional
 import torch
 from einops import rearrange
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm
 
 from distgan.nn.syncbn import SyncBatchNorm
 from distgan.registry import Registry
@@ -65,11 +66,41 @@ def block(layer: nn.Module, norm: str, features: int, spatial: bool, act: nn.Mod
     return modules
 
 
+class SpectralNorm(_SpectralNorm):
+    """Spectral normalisation W / sigma(W) with one power iteration per update of W (Miyato et al. 2018, Algorithm 1).
+
+    torch's parametrization runs its power iteration on every training-mode forward, so a GAN step that calls D
+    five times refines u and v five times (about 20 small kernels per layer each time). This one iterates only in
+    a forward that trains the weight (training mode, gradients enabled, the weight requiring grad): once per D
+    phase, as in the paper. Every other forward (G's phase, where D is frozen; G's no-grad forward in D's phase;
+    eval) takes sigma = u^T W v from the current u, v: three kernels. What changes numerically against torch's:
+    a forward that does not train W uses u, v from the last training forward instead of refining them once more
+    (in the G phase, u and v from before D's last update), i.e. a sigma one iteration less converged; the first
+    training forward is identical. sigma is computed in fp32 with autocast off (fp16/bf16 ``mv`` would round sigma
+    and u, v themselves). The buffers (``_u``, ``_v``) and state-dict keys are torch's: old checkpoints load.
+
+    u and v change in place in a training forward: the graph of an earlier forward must be backwarded first (the
+    trainer's phases always are; autograd raises otherwise, never silently).
+    """
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if weight.ndim == 1:
+            return super().forward(weight)
+        with torch.autocast(weight.device.type, enabled=False):
+            weight = weight if weight.dtype == torch.float64 else weight.float()
+            matrix = self._reshape_weight_to_matrix(weight)
+            if self.training and weight.requires_grad and torch.is_grad_enabled():
+                self._power_method(matrix, self.n_power_iterations)
+            sigma = torch.vdot(self._u, torch.mv(matrix, self._v))
+            return weight / sigma
+
+
 def apply_spectral_norm(module: nn.Module) -> nn.Module:
-    """Spectral-normalise the weight of every conv, transposed conv and linear layer in ``module``."""
+    """Spectral-normalise the weight of every conv, transposed conv and linear layer in ``module`` (:class:`SpectralNorm`)."""
     for child in list(module.modules()):
         if isinstance(child, _WEIGHTED):
-            spectral_norm(child)
+            dim = 1 if isinstance(child, nn.ConvTranspose2d) else 0  # the output channels, as torch's spectral_norm
+            parametrize.register_parametrization(child, "weight", SpectralNorm(child.weight, dim=dim))
     return module
 
 
