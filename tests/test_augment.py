@@ -167,7 +167,7 @@ def test_the_penalty_gradient_is_taken_through_the_augmentation_on_the_input_giv
 def feed(D: Augmented, calls: int, batch: int = 8, real: bool = True) -> None:
     for _ in range(calls):
         if real:
-            D.expect_real()
+            D.expect_real(batch)
         D(images(b=batch, c=1))
 
 
@@ -189,7 +189,7 @@ def test_ada_moves_p_by_the_papers_speed(logit, start, direction):
 def test_ada_counts_the_share_of_positive_real_logits():
     D = wrapper(Sum(), p=0.0, adaptive=True, interval=1, target=0.6)
     x = torch.tensor([1.0, 1.0, 1.0, -1.0], dtype=torch.float64).view(4, 1, 1, 1).expand(4, 1, 2, 2)
-    D.expect_real()
+    D.expect_real(4)
     D.eval()  # evaluation-mode calls are not counted
     D(x)
     assert math.isnan(D.figures()["augment_rt"])
@@ -197,6 +197,15 @@ def test_ada_counts_the_share_of_positive_real_logits():
     D(x)
     assert D.rt.item() == 0.5  # (3 - 1) / 4 < 0.6: p stays at its floor
     assert D.p.item() == 0.0
+
+
+def test_ada_counts_only_the_real_head_of_a_joint_batch():
+    """The D phase judges real and fake in one forward (distgan.objective): r_t sees the leading real images only."""
+    D = wrapper(Sum(), p=0.0, interval=1)
+    real = torch.ones(3, 1, 2, 2, dtype=torch.float64)
+    D.expect_real(len(real))
+    D(torch.cat([real, -torch.ones(5, 1, 2, 2, dtype=torch.float64)]))  # 3 real (positive), 5 fake (negative)
+    assert D.rt.item() == 1.0 and D.signs.tolist() == [0, 0]
 
 
 def test_fixed_p_is_kept_and_r_t_still_measured():
@@ -221,7 +230,8 @@ def test_the_marker_flags_each_real_batch_as_it_is_drawn():
         resolution = 4
 
         def batches(self, *args):
-            yield from range(3)
+            for _ in range(3):
+                yield torch.zeros(5, 1, 4, 4), torch.zeros(5)
 
     D = wrapper(Sum(), interval=1)
     source = RealBatchMarker(Source(), D)
@@ -229,7 +239,7 @@ def test_the_marker_flags_each_real_batch_as_it_is_drawn():
     stream = source.batches()
     assert not D._expect_real
     next(stream)
-    assert D._expect_real
+    assert D._expect_real == 5
 
 
 @pytest.mark.parametrize("override, message", [

@@ -42,20 +42,41 @@ def test_an_overflowing_phase_is_skipped_and_the_next_phase_unscales(tmp_path):
         assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
-@pytest.mark.timeout(120)
-def test_a_nan_penalty_stops_the_run(tmp_path, monkeypatch):
+def _nan_penalty_from_fourth_call(monkeypatch) -> None:
     real_r1 = losses.r1_penalty
     calls = []
 
-    def r1_nan_from_third(logits, inputs, grad_scale=1.0):
+    def r1_nan_from_fourth(logits, inputs, grad_scale=1.0):
         calls.append(1)
         value = real_r1(logits, inputs, grad_scale)
         return value * float("nan") if len(calls) > 3 else value
 
-    monkeypatch.setattr(losses, "r1_penalty", r1_nan_from_third)
-    trainer = fp16_trainer(tmp_path, MemorySource(), "train.steps=10", "log.every=5", "loss.penalty=r1")
+    monkeypatch.setattr(losses, "r1_penalty", r1_nan_from_fourth)
+
+
+@pytest.mark.timeout(120)
+def test_a_nan_penalty_stops_an_fp32_run(tmp_path, monkeypatch):
+    """Without a loss scaler a non-finite total loss (penalty included) is an error, not a skipped phase."""
+    _nan_penalty_from_fourth_call(monkeypatch)
+    cfg = load_config("smoke", [f"run.dir={tmp_path}", "log.sample_every=1000", "checkpoint.every=1000", "log.gif=false",
+                                "train.cpu_threads=1", "train.steps=10", "log.every=5", "loss.penalty=r1"])
     with pytest.raises(NonFiniteError, match=r"step 3: the D loss or gradient is not finite. Last good checkpoint"):
-        trainer.fit()
+        Trainer(cfg, source=MemorySource()).fit()
+
+
+@pytest.mark.timeout(120)
+def test_an_overflowing_penalty_lowers_the_scale_and_skips_under_fp16(tmp_path, monkeypatch):
+    """Under fp16 a penalty whose inner backward overflowed (here: NaN from the 4th call on) makes the total loss and
+    the gradients non-finite: an overflow like any other. The D phase is skipped and the scale halves, without
+    train.on_nonfinite=skip; the run stops only once the scale falls below 1 or 20 phases in a row overflow."""
+    _nan_penalty_from_fourth_call(monkeypatch)
+    trainer = fp16_trainer(tmp_path, MemorySource(), "train.steps=8", "log.every=4", "loss.penalty=r1",
+                           "loss.penalty_interval=1")
+    state = trainer.fit()
+    assert state.step == 8 and state.overflow_steps == 5  # the D phases of steps 3..7
+    assert trainer.accelerator.scaler.get_scale() == 2.0**16 / 2**5
+    steps = lambda opt: {int(s["step"]) for s in opt.optimizer.state.values()}  # noqa: E731
+    assert steps(trainer.opt_d) == {3} and steps(trainer.opt_g) == {8}
 
 
 @pytest.mark.timeout(120)
