@@ -168,8 +168,18 @@ def test_every_d_forward_of_a_phase_uses_the_sigma_of_its_start():
     torch.testing.assert_close(sn._u, reference._u, rtol=RTOL, atol=0)  # exactly one iteration in the phase
 
 
-def test_sigma_is_computed_in_fp32_under_autocast():
-    """bf16 autocast (CPU here; fp16/bf16 on a GPU): u, v stay fp32 and the normalised weight is the fp32 one."""
+def test_sigma_is_computed_in_fp32_under_autocast(monkeypatch):
+    """bf16 autocast (CPU here; fp16/bf16 on a GPU): u, v stay fp32 and the normalised weight is the fp32 one.
+
+    CPU autocast leaves ``mv`` in fp32 anyway, CUDA's casts it to fp16/bf16: so the test also checks that every
+    ``mv`` of the power iteration and of sigma runs with autocast off, the mechanism that protects the GPU run."""
+    real_mv, autocast_on = torch.mv, []
+
+    def mv(*args, **kwargs):
+        autocast_on.append(torch.is_autocast_enabled("cpu"))
+        return real_mv(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "mv", mv)
     torch.manual_seed(0)
     layer = apply_spectral_norm(nn.Conv2d(3, 8, 3))
     twin = copy.deepcopy(layer)
@@ -183,3 +193,4 @@ def test_sigma_is_computed_in_fp32_under_autocast():
     torch.testing.assert_close(weight, twin.weight, rtol=0, atol=0)
     torch.testing.assert_close(sn._u, twin.parametrizations.weight[0]._u, rtol=0, atol=0)
     assert out.dtype == torch.bfloat16 and expected.dtype == torch.float32
+    assert len(autocast_on) >= 3 and not any(autocast_on)  # 2 in the iteration, 1 for sigma (per weight access)
