@@ -9,18 +9,21 @@ from __future__ import annotations
 import argparse
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import (
     DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list,
 )
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from distgan.config import ConfigError, LogConfig, RunConfig, TrainConfig
 from distgan.errors import UserError
@@ -201,33 +204,52 @@ def set_cpu_threads(accelerator: Accelerator, requested: int = 0) -> int:
     return torch.get_num_threads()
 
 
-def broadcast_from_main(accelerator: Accelerator, values: list, timeout_s: float) -> list:
-    """Rank 0's VALUES on every rank, waiting up to TIMEOUT_S: a group of its own (the world's backend) for a wait
-    longer than the training collectives' timeout (the default group's) should allow, e.g. rank 0 downloading data."""
+@contextmanager
+def main_process_work(accelerator: Accelerator, timeout_s: float) -> Iterator[Optional[dist.ProcessGroup]]:
+    """A block in which the main process works alone (first-use data, the feature classifier, export, plots) while
+    the others wait up to TIMEOUT_S: on a gloo group made before the work starts, never on the training backend.
+
+    Why gloo, made first: NCCL's watchdog ends a wait on the default group at train.collective_timeout_s, and
+    ``new_group`` makes its NCCL communicator lazily (ranks other than 0 fetch its id under the store's timeout, not
+    the group's), so a group made after rank 0's work would not wait longer. Yields the group (None on one process);
+    every rank leaves through one barrier on it."""
     if accelerator.num_processes == 1:
-        return values
-    group = torch.distributed.new_group(timeout=timedelta(seconds=timeout_s))
+        yield None
+        return
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     try:
-        torch.distributed.broadcast_object_list(values, src=0, group=group)
+        yield group
+        dist.barrier(group=group)
     finally:
-        torch.distributed.destroy_process_group(group)
-    return values
+        dist.destroy_process_group(group)
 
 
-def any_rank(accelerator: Accelerator, *flags: bool) -> list[bool]:
-    """OR of each flag over ranks, with one small all-reduce (no tensor at all on one process)."""
-    if accelerator.num_processes == 1:
-        return [bool(f) for f in flags]
-    t = accelerator.reduce(torch.tensor([float(f) for f in flags], device=accelerator.device), reduction="sum")
-    return [bool(v > 0) for v in t.tolist()]
+def broadcast_from_main(accelerator: Accelerator, produce: Callable[[], Any], timeout_s: float) -> Any:
+    """PRODUCE() run on the main process, its result on every rank, the others waiting up to TIMEOUT_S
+    (:func:`main_process_work`), e.g. while rank 0 downloads data or trains the feature classifier."""
+    result = [None]
+    with main_process_work(accelerator, timeout_s) as group:
+        if accelerator.is_main_process:
+            result[0] = produce()
+        if group is not None:
+            dist.broadcast_object_list(result, src=0, group=group)
+    return result[0]
+
+
+def statistics_buffers(*modules: nn.Module) -> list[torch.Tensor]:
+    """The floating-point buffers of batch-norm layers (running mean and variance): statistics of each rank's samples.
+    Not spectral norm's u and v (every rank iterates them identically; an average of unit vectors is not one) nor
+    augmentation's p and r_t (already reduced over ranks)."""
+    return [b for m in modules for layer in m.modules() if isinstance(layer, _BatchNorm)
+            for b in layer.buffers(recurse=False) if b.is_floating_point()]
 
 
 @torch.no_grad()
 def average_buffers(accelerator: Accelerator, *modules: nn.Module) -> None:
-    """Replace the floating-point buffers (BN running mean/var) of ``modules`` by their mean over ranks, with one
+    """Replace the batch-norm statistics of ``modules`` (:func:`statistics_buffers`) by their mean over ranks, with one
     all-reduce. Plain BN under DDP (broadcast_buffers=False) updates them from each rank's own samples, so
     without this G_ema, evaluation and checkpoints would hold rank-specific statistics."""
-    buffers = [b for m in modules for b in m.buffers() if b.is_floating_point()]
+    buffers = statistics_buffers(*modules)
     if accelerator.num_processes == 1 or not buffers:
         return
     flat = torch.cat([b.reshape(-1) for b in buffers])
@@ -238,16 +260,21 @@ def average_buffers(accelerator: Accelerator, *modules: nn.Module) -> None:
 def on_main_process(accelerator: Accelerator, decide: Callable[[], Any], timeout_s: Optional[float] = None) -> Any:
     """Run ``decide`` on the main process only and give every rank its answer (or its user error): one answer for
     all ranks, even when they see a shared filesystem at different moments. ``timeout_s``: how long the other
-    ranks wait, when longer than train.collective_timeout_s (a download, a first-use classifier)."""
-    decision: list = [None, None]  # [result, error message]
-    if accelerator.is_main_process:
+    ranks wait, on a gloo group made before the work starts, when longer than train.collective_timeout_s (a download,
+    a first-use classifier)."""
+
+    def decision() -> list:  # [result, error message]
         try:
-            decision[0] = decide()
+            return [decide(), None]
         except UserError as err:
-            decision[1] = str(err)
-    if accelerator.num_processes > 1:
-        decision = (broadcast_object_list(decision, from_process=0) if timeout_s is None
-                    else broadcast_from_main(accelerator, decision, timeout_s))
-    if decision[1] is not None:
-        raise ConfigError(decision[1])
-    return decision[0]
+            return [None, str(err)]
+
+    if timeout_s is not None:  # the others wait on gloo, up to timeout_s (main_process_work)
+        result, error = broadcast_from_main(accelerator, decision, timeout_s)
+    else:
+        result, error = decision() if accelerator.is_main_process else [None, None]
+        if accelerator.num_processes > 1:
+            result, error = broadcast_object_list([result, error], from_process=0)
+    if error is not None:
+        raise ConfigError(error)
+    return result

@@ -35,7 +35,7 @@ from distgan.build import Parts, build
 from distgan.config import Config, ConfigError, dump_yaml
 from distgan.console import say
 from distgan.data.stream import DataSource, normalize_images, pad_images
-from distgan.distributed import any_rank, average_buffers, on_main_process
+from distgan.distributed import average_buffers, main_process_work, on_main_process
 from distgan.export import EXPORT_FILE, export_generator, generator_metadata
 from distgan.metrics.registry import is_better
 from distgan.nn import cropped, sample_labels, sample_latent
@@ -43,7 +43,7 @@ from distgan.objective import Figures, call
 from distgan.precision import loss_scale, step_unless, unscale_and_norm
 from distgan.health import StepHealth
 from distgan.rundir import RunDirLock, claim_run_dir, record_config
-from distgan.stop import StopRequest
+from distgan.stop import StopRequest, StopVote
 from distgan.tracking import (
     RunLog, end_lines, init_trackers, sample_grids, save_gif, save_grid, tracker_config, wandb_init_kwargs,
     wandb_mode_for_environment,
@@ -147,6 +147,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         self._start_run_dir()
         data = self.data_stream()
+        self.stop_vote = StopVote(self.accelerator.device, self.world)
         window: dict[str, list[tuple[Tensor, Tensor]]] = {}  # (figure, phase skipped) since the last log line
         stopped = False
         started = time.perf_counter()
@@ -244,9 +245,8 @@ class Trainer:
             self.ema.copy_buffers(self.G_plain)
 
     def stop_requested(self) -> bool:
-        """A stop signal or STOP file on any rank (one small all-reduce)."""
-        (stop,) = any_rank(self.accelerator, self.stop.local())
-        return stop
+        """A stop signal or STOP file on any rank, as of the previous check (StopVote: no blocking copy)."""
+        return self.stop_vote(self.stop.local())
 
     # ------------------------------------------------------------------ phases
 
@@ -465,26 +465,28 @@ class Trainer:
         saved_at_stop = stopped and st.step % self.cfg.checkpoint.every == 0
         path = self._last_checkpoint() if saved_at_stop else self.save()
         lines: list[str] = []
-        if acc.is_main_process:
-            if stopped:
-                lines.append(f"stopped at step {st.step} on request ({self.stop.reason()}); checkpoint {path}; "
-                             "continue with --resume auto")
-                self.stop.clear()
-            else:
-                self._export()
-                from distgan.plots import plot_run  # matplotlib loads only at the end of a run
+        # export, plots, GIF (and the metrics stack for the end lines) on rank 0 alone: the others wait on gloo
+        with main_process_work(acc, self.cfg.data.prepare_timeout_s):
+            if acc.is_main_process:
+                if stopped:
+                    lines.append(f"stopped at step {st.step} on request ({self.stop.reason()}); checkpoint {path}; "
+                                 "continue with --resume auto")
+                    self.stop.clear()
+                else:
+                    self._export()
+                    from distgan.plots import plot_run  # matplotlib loads only at the end of a run
 
-                plot_run(self.run_dir)
-                if self.cfg.log.gif:
-                    save_gif(sample_grids(self.run_dir), self.run_dir / "progress.gif")
-                lines.append(f"done: {st.step} steps, {st.images_seen} images in {seconds:.0f} s; "
-                             f"run dir {self.run_dir}")
-                final = self.last_eval[1] if self.last_eval is not None and self.last_eval[0] == st.step else None
-                from distgan.metrics.features import CLASSIFIER_FILE  # the metrics stack loads only at the end
+                    plot_run(self.run_dir)
+                    if self.cfg.log.gif:
+                        save_gif(sample_grids(self.run_dir), self.run_dir / "progress.gif")
+                    lines.append(f"done: {st.step} steps, {st.images_seen} images in {seconds:.0f} s; "
+                                 f"run dir {self.run_dir}")
+                    final = self.last_eval[1] if self.last_eval is not None and self.last_eval[0] == st.step else None
+                    from distgan.metrics.features import CLASSIFIER_FILE  # the metrics stack loads only at the end
 
-                scorable = (Path(self.cfg.data.path) / CLASSIFIER_FILE).is_file()
-                lines += end_lines(self.run_dir, st.step, final, self.classes, scorable)
-            self.run_log.close()
+                    scorable = (Path(self.cfg.data.path) / CLASSIFIER_FILE).is_file()
+                    lines += end_lines(self.run_dir, st.step, final, self.classes, scorable)
+                self.run_log.close()
         self.stop.restore()
         for tracker in acc.trackers:
             tracker.finish()

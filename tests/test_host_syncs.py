@@ -5,7 +5,7 @@ On a GPU every read of a device value by the host (``.item()``, ``.tolist()``, `
 for the queue to drain. On CPU they cost nothing, so they are counted instead: the calls are instrumented while
 the real Trainer trains, each noted with the step and whether it came from inside a step (the phases, the
 data, the EMA update) or from the loop between steps. The collectives (Accelerate's reduce and gather, and
-distgan's any_rank) are counted the same way.
+distgan's stop vote) are counted the same way.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def instrumented_fit(trainer: Trainer, monkeypatch) -> list[tuple[str, int, bool
         monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
     for name in ("reduce", "gather"):
         monkeypatch.setattr(Accelerator, name, counted(name, getattr(Accelerator, name)))
-    monkeypatch.setattr(trainer_module, "any_rank", counted("any_rank", trainer_module.any_rank))
+    monkeypatch.setattr(trainer_module.StopVote, "__call__", counted("stop_vote", trainer_module.StopVote.__call__))
     trainer._run_phase = inside(trainer._run_phase)
     trainer._next_real = inside(trainer._next_real)
     trainer.ema.update = inside(trainer.ema.update)
@@ -75,9 +75,9 @@ def test_no_host_sync_or_collective_between_log_steps(tmp_path, monkeypatch, ove
     calls = instrumented_fit(trainer, monkeypatch)
     in_step = [c for c in calls if c[2]]
     assert not in_step, f"host syncs inside a training step: {in_step[:10]}"
-    between = [c for c in calls if c[1] % LOG_EVERY and c[0] != "any_rank"]
+    between = [c for c in calls if c[1] % LOG_EVERY and c[0] != "stop_vote"]
     assert not between, f"host syncs or collectives between log steps: {between[:10]}"
-    # the stop check (one all-reduce on N processes) runs every train.stop_check_every steps, nothing else
+    # the stop check (an all-reduce read one check later on N processes) runs every train.stop_check_every steps, nothing else
     every = cfg.train.stop_check_every
-    assert {c[1] for c in calls if c[0] == "any_rank"} == set(range(every, STEPS, every))
+    assert {c[1] for c in calls if c[0] == "stop_vote"} == set(range(every, STEPS, every))
     assert any(c[1] == LOG_EVERY for c in calls), "the instrumentation saw nothing: the test would prove nothing"
