@@ -15,13 +15,18 @@
 #   CONFIG           config name or YAML path                  (fashion_mnist)
 #   RUN_DIR          run folder shared by all nodes             (runs/<job name>-<job id>: the same after requeue;
 #                                                                or a run.dir=... override, which must agree)
-#   GPUS_PER_NODE    GPUs to use per node                       (from the allocation, else nvidia-smi, else 0)
+#   GPUS_PER_NODE    GPUs to use per node                       (the job's: SLURM_GPUS_ON_NODE, else the devices in
+#                                                                CUDA_VISIBLE_DEVICES, else 0; never nvidia-smi -L,
+#                                                                which lists GPUs the job was not given)
 #   PROCS_PER_NODE   training processes per node                (GPUS_PER_NODE, or 1 on CPU)
 #   THREADS_PER_PROC CPU threads per process                    (CPUs of the task / PROCS_PER_NODE)
 #   MASTER_ADDR      address of the main node                   (NodeAddr of the first node)
 #   MASTER_PORT      rendezvous port, 1024-65535                (20000 + job id % 10000: below Linux's ephemeral
 #                                                                range, 32768-60999, where the OS picks client ports)
-#   MIXED_PRECISION  what the launcher asks for: no, fp16, bf16 (no: the config's train.mixed_precision decides)
+#   MIXED_PRECISION  what the launcher asks for: no, fp16, bf16 (bf16 when the config says auto and every node's
+#                                                                GPUs have bf16 units, compute capability 8.0+;
+#                                                                else no: the config's train.mixed_precision decides)
+# On GPU nodes each process is pinned to the cores near its GPU (accelerate --enable_cpu_affinity).
 #
 #SBATCH --job-name=distgan
 #SBATCH --nodes=1
@@ -74,8 +79,7 @@ done
 for name in SLURM_JOB_ID SLURM_JOB_NUM_NODES SLURM_CPUS_PER_TASK SLURM_RESTART_COUNT; do   # Slurm's own
     [[ -z ${!name:-} ]] || check_number "$name" 0 999999
 done
-MIXED_PRECISION=${MIXED_PRECISION:-no}
-case $MIXED_PRECISION in no|fp16|bf16) ;; *) die "MIXED_PRECISION='$MIXED_PRECISION' is not one of no, fp16, bf16: set one of them" ;; esac
+case ${MIXED_PRECISION:-no} in no|fp16|bf16) ;; *) die "MIXED_PRECISION='$MIXED_PRECISION' is not one of no, fp16, bf16: set one of them" ;; esac
 if [[ -n ${MASTER_ADDR:-} && ! $MASTER_ADDR =~ ^[A-Za-z0-9.:_-]+$ ]]; then
     die "MASTER_ADDR='$MASTER_ADDR' is not a host name or IP address: set it to the main node's address"
 fi
@@ -142,9 +146,10 @@ except Exception as err:  # ConfigError, or YAML in an override: the message nam
     sys.exit(print(f"train.sh: CONFIG={config} {' '.join(overrides)}: {err}".replace("\n", " "), file=sys.stderr) or 2)
 print(run_dir)
 print(cfg.data.num_workers)
+print(cfg.train.mixed_precision)
 PY
 RESOLVED=$(python3 -c "$RESOLVE_PY" "$CONFIG" "$SUBMIT_DIR" "runs/$JOB_NAME-$SLURM_JOB_ID" "${RUN_DIR:-}" "$@") || exit $?
-{ read -r RUN_DIR; read -r NUM_WORKERS; } <<< "$RESOLVED"
+{ read -r RUN_DIR; read -r NUM_WORKERS; read -r CONFIG_PRECISION; } <<< "$RESOLVED"
 STOP_FILE="$RUN_DIR/STOP"
 NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 
@@ -152,16 +157,25 @@ NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 # number of processes on every node (accelerate: num_processes // num_machines), so an allocation
 # whose nodes differ is refused rather than half used or oversubscribed.
 # shellcheck disable=SC2016  # expanded by each task, on its node
+# GPUs: the job's own (SLURM_GPUS_ON_NODE; else the devices Slurm's gres plugin or the user left visible), not
+# nvidia-smi -L, which lists every GPU of the node. bf16: 1 when every GPU has compute capability 8.0 or more.
 PROBE=$(srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 bash -c '
     gpus=${SLURM_GPUS_ON_NODE:-}
-    if [[ -z $gpus ]] && command -v nvidia-smi >/dev/null 2>&1; then
-        gpus=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
+    if [[ -z $gpus && -n ${CUDA_VISIBLE_DEVICES:-} && ${CUDA_VISIBLE_DEVICES} != NoDevFiles ]]; then
+        IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
+        gpus=${#visible[@]}
     fi
-    echo "$SLURMD_NODENAME ${gpus:-0} ${SLURM_CPUS_ON_NODE:-1}"')
-NODE_GPUS=() NODE_CPUS=() SUMMARY=""
-while read -r node gpus cpus; do
+    bf16=0
+    if [[ ${gpus:-0} != 0 ]] && command -v nvidia-smi >/dev/null 2>&1; then
+        caps=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null || true)
+        if [[ -n $caps ]] && ! grep -qv "^\([89]\|[1-9][0-9]\)\." <<< "$caps"; then bf16=1; fi
+    fi
+    echo "$SLURMD_NODENAME ${gpus:-0} ${SLURM_CPUS_ON_NODE:-1} $bf16"')
+NODE_GPUS=() NODE_CPUS=() SUMMARY="" ALL_BF16=1
+while read -r node gpus cpus bf16; do
     [[ $gpus =~ ^[0-9]+$ && $cpus =~ ^[0-9]+$ ]] || { log "unexpected node report '$node $gpus $cpus'"; exit 1; }
     NODE_GPUS+=("$gpus") NODE_CPUS+=("$cpus") SUMMARY+="${SUMMARY:+, }$node: $gpus GPU(s) $cpus CPU(s)"
+    [[ ${bf16:-0} == 1 ]] || ALL_BF16=0
 done <<< "$PROBE"
 MIN_GPUS=$(printf '%s\n' "${NODE_GPUS[@]}" | sort -n | head -1)
 MAX_GPUS=$(printf '%s\n' "${NODE_GPUS[@]}" | sort -n | tail -1)
@@ -183,6 +197,11 @@ else
                                                        # when CUDA is absent); harmless, left for other scripts
 fi
 NUM_PROCESSES=$(( NNODES * PROCS_PER_NODE ))
+# Precision from the job: bf16 where the config leaves it to the launcher (auto) and every GPU has bf16 units.
+if [[ -z ${MIXED_PRECISION:-} ]]; then
+    MIXED_PRECISION=no
+    if (( GPUS_PER_NODE > 0 && ALL_BF16 )) && [[ $CONFIG_PRECISION == auto ]]; then MIXED_PRECISION=bf16; fi
+fi
 # CPUs: one per training process, plus one per data worker of each.
 CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-$MIN_CPUS}
 CPUS_WANTED=$(( PROCS_PER_NODE * (1 + NUM_WORKERS) ))
@@ -235,6 +254,9 @@ LAUNCH_ARGS=(--config_file "$LAUNCH_CONFIG" --num_machines "$NNODES" --num_proce
 if (( NNODES > 1 )); then
     # Accelerate's multi-node Slurm pattern: c10d rendezvous at MASTER_ADDR:MASTER_PORT (see slurm/README.md).
     LAUNCH_ARGS+=(--rdzv_backend c10d)
+fi
+if (( GPUS_PER_NODE > 0 )); then
+    LAUNCH_ARGS+=(--enable_cpu_affinity)              # each process on the cores of its GPU's NUMA node
 fi
 if (( NUM_PROCESSES > 1 )); then
     LAUNCH_ARGS+=(--multi_gpu)                         # DDP; on CPU nodes gloo DDP (distgan picks the CPU itself)

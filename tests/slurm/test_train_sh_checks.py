@@ -20,7 +20,12 @@ TRAIN_SH = REPO / "slurm" / "train.sh"
 
 FAKE_SRUN = """\
 #!/bin/bash
-# Stand-in srun: the per-node report (PROBE, one node per line), or the training step (args saved).
+# Stand-in srun: the per-node report (PROBE, one node per line; PROBE=run: train.sh's own probe, run here as on
+# one node), or the training step (args saved).
+if [[ $PROBE == run && " $* " != *" accelerate launch "* ]]; then
+    while [[ $1 != bash ]]; do shift; done
+    exec "$@"
+fi
 if [[ " $* " == *" accelerate launch "* ]]; then
     printf '%s\\n' "$@" > "$STUB_DIR/launch.args"
     last=${@: -1}
@@ -205,3 +210,42 @@ def test_the_log_folder_of_sbatch_output_is_in_the_repository():
     assert tracked.stdout.split() == [f"{folder}/.gitignore"], "train.sh's log folder is not in the repository"
     ignored = subprocess.run(["git", "check-ignore", "-q", f"{folder}/distgan-1.out"], cwd=REPO)
     assert ignored.returncode == 0, "job logs would show up as untracked files"
+
+
+FAKE_NVIDIA_SMI = """\
+#!/bin/bash
+# Stand-in nvidia-smi: a node with 8 GPUs of compute capability $STUB_CAP (train.sh must not count them with -L)
+if [[ $1 == -L ]]; then for i in 0 1 2 3 4 5 6 7; do echo "GPU $i: stand-in"; done; exit 0; fi
+for i in 0 1 2 3 4 5 6 7; do echo "$STUB_CAP"; done
+"""
+
+
+@pytest.mark.parametrize("env, procs, precision, affinity", [
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2", "STUB_CAP": "9.0"}, 3, "bf16", True),  # the job's 3 GPUs of the node's 8; H100
+    ({"SLURM_GPUS_ON_NODE": "2", "STUB_CAP": "7.0"}, 2, "no", True),  # V100: no bf16 units
+    ({"SLURM_GPUS_ON_NODE": "2", "STUB_CAP": "8.0", "MIXED_PRECISION": "fp16"}, 2, "fp16", True),  # the user's choice
+    ({"STUB_CAP": "9.0"}, 1, "no", False),  # a CPU job: nvidia-smi's GPUs are not the job's
+], ids=["visible-devices-bf16", "gres-no-bf16", "asked-fp16", "cpu"])
+def test_gpus_precision_and_affinity_come_from_the_job(run_train_sh, env, procs, precision, affinity):
+    nvidia_smi = run_train_sh.stubs / "nvidia-smi"
+    nvidia_smi.write_text(FAKE_NVIDIA_SMI)
+    nvidia_smi.chmod(0o755)
+    done = run_train_sh("train.steps=3", probe="run", SLURMD_NODENAME="n1", SLURM_CPUS_ON_NODE="4",
+                        SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="n1", **env)
+    assert done.returncode == 0, done.stderr
+    args = launch_args(run_train_sh.stubs)
+    assert args[args.index("--num_processes") + 1] == str(procs)
+    assert args[args.index("--mixed_precision") + 1] == precision
+    assert ("--enable_cpu_affinity" in args) == affinity
+
+
+def test_a_config_that_names_its_precision_keeps_it(run_train_sh):
+    """bf16 GPUs, but the config says train.mixed_precision=no: the launcher asks for nothing (no conflict)."""
+    nvidia_smi = run_train_sh.stubs / "nvidia-smi"
+    nvidia_smi.write_text(FAKE_NVIDIA_SMI)
+    nvidia_smi.chmod(0o755)
+    done = run_train_sh("train.steps=3", "train.mixed_precision=no", probe="run", SLURMD_NODENAME="n1",
+                        SLURM_GPUS_ON_NODE="1", STUB_CAP="9.0", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="n1")
+    assert done.returncode == 0, done.stderr
+    args = launch_args(run_train_sh.stubs)
+    assert args[args.index("--mixed_precision") + 1] == "no"
