@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Optional, Protocol
@@ -181,6 +182,41 @@ def pad_images(images: torch.Tensor, pad: int) -> torch.Tensor:
     return torch.nn.functional.pad(images, (pad, pad, pad, pad), value=BACKGROUND) if pad else images
 
 
+SHM = "/dev/shm"
+
+
+def shm_free_bytes(path: str = SHM) -> Optional[int]:
+    """Free bytes of the shared-memory filesystem DataLoader workers hand their tensors through (None: none here)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def check_shared_memory(plan: StreamPlan, num_workers: int) -> None:
+    """Refuse, naming /dev/shm and the fixes, a stream whose blocks in flight would not fit in shared memory: a worker
+    that runs out dies with "Bus error" mid-run (Docker's default /dev/shm is 64 MB). In flight per process: one
+    prefetched block per worker, plus the one being consumed; the processes of a node share /dev/shm."""
+    free = shm_free_bytes()
+    if free is None or num_workers == 0:
+        return
+    info = plan.info
+    block = plan.batches_per_block * plan.batch_size * (info.channels * info.resolution ** 2 + 8)  # uint8 + int64 label
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    need = block * (num_workers + 1) * local
+    if need > free:
+        raise DataError(
+            f"{SHM} has {free / 2**20:.0f} MiB free, but {local} process(es) x {num_workers} data workers pass blocks of "
+            f"{block / 2**20:.0f} MiB through it (~{need / 2**20:.0f} MiB in flight): enlarge it (docker run --shm-size=2g, "
+            "or a bigger tmpfs), or lower data.num_workers or data.shards_per_block")
+
+
+def worker_context() -> Optional[str]:
+    """forkserver on CUDA: workers must not be forked from a process with CUDA and NCCL state (torch's DDP docs);
+    fork elsewhere, which starts workers fastest."""
+    return "forkserver" if torch.cuda.is_available() else None
+
+
 class BatchStream:
     """Endless iterator of (images float32 [B, C, R, R] in [-1, 1], labels int64 [B], -1 = unknown).
 
@@ -196,8 +232,9 @@ class BatchStream:
         if num_workers > 0:
             # batch_size=None: items are whole blocks; prefetch 1 block per worker bounds memory, and
             # the stream is endless, so workers never need to persist across epochs.
+            check_shared_memory(plan, num_workers)
             loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=1,
-                                worker_init_fn=_yield_to_training)
+                                worker_init_fn=_yield_to_training, multiprocessing_context=worker_context())
             self._blocks = iter(loader)
         else:
             self._blocks = iter(dataset)
