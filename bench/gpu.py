@@ -106,20 +106,20 @@ def peak_mib() -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
 
 
-def busy_share(run: Callable[[], None]) -> Optional[float]:
-    """Device kernel time over wall time while ``run`` runs (profiled); None without CUDA."""
+def busy_share(run: Callable[[], None], steps: int, seconds_per_step: float) -> Optional[float]:
+    """Device kernel time of ``steps`` steps (``run``, profiled) over their UNPROFILED wall time ``seconds_per_step``
+    (from the timed window): the profiler's own host overhead slows the profiled steps, so their wall time would
+    understate how busy the GPU is. None without CUDA."""
     if not torch.cuda.is_available():
         return None
     from torch.profiler import ProfilerActivity, profile
 
     sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
         run()
         sync()
-        wall_us = (time.perf_counter() - start) * 1e6
     kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
-    return min(1.0, kernel_us / wall_us)
+    return min(1.0, kernel_us / (steps * seconds_per_step * 1e6))
 
 
 # ---------------------------------------------------------------- distgan
@@ -143,9 +143,12 @@ def distgan_run(base: Config, s: Setting, warmup: int, steps: int) -> Figures:
             for _ in range(steps):
                 trainer.train_step(data, window)
             sync()
-            rate = steps * trainer.global_batch * trainer.cfg.train.d_steps / (time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            rate = steps * trainer.global_batch * trainer.cfg.train.d_steps / seconds
             memory = peak_mib()
-            busy = busy_share(lambda: [trainer.train_step(data, window) for _ in range(max(2, steps // 4))])
+            profiled = max(2, steps // 4)
+            busy = busy_share(lambda: [trainer.train_step(data, window) for _ in range(profiled)], profiled,
+                              seconds / steps)
             trainer.check_health()  # the measured steps were finite (else NonFiniteError: no figure)
         finally:
             data.close()
@@ -215,9 +218,11 @@ def plain_run(base: Config, s: Setting, warmup: int, steps: int) -> Figures:
     for i in range(steps):
         step(i)
     sync()
-    rate = steps * batch * cfg.train.d_steps / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    rate = steps * batch * cfg.train.d_steps / seconds
     memory = peak_mib()
-    busy = busy_share(lambda: [step(i) for i in range(max(2, steps // 4))])
+    profiled = max(2, steps // 4)
+    busy = busy_share(lambda: [step(i) for i in range(profiled)], profiled, seconds / steps)
     return Figures(rate, memory, busy)
 
 
@@ -246,7 +251,7 @@ def header(args: argparse.Namespace, command: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="cifar10")
-    parser.add_argument("--batches", type=int, nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024])  # 64: the recipe's per-GPU batch
     parser.add_argument("--precisions", nargs="+", choices=sorted(AUTOCAST), default=["no", "bf16", "fp16"])
     parser.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--warmup", type=int, default=20, help="steps before timing (compilation happens here)")
@@ -269,7 +274,9 @@ def main() -> None:
         for precision in args.precisions:
             for compiled in args.compile:
                 s = Setting(batch, precision, compiled == "on")
+                torch._dynamo.reset()  # no setting inherits another's compiled graphs, guards or recompile budget
                 ours = distgan_run(base, s, args.warmup, args.steps)
+                torch._dynamo.reset()
                 plain = plain_run(base, s, args.warmup, args.steps)
                 lines.append(row(s, ours, plain))
                 print(lines[-1], flush=True)

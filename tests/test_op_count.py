@@ -5,7 +5,7 @@ Counted as ops of a 2N-step run minus an N-step run, over N (steady state: the f
 Adam's state, cancels), on ``Trainer.train_step``, fp32, CPU, one process, in-memory batches.
 Before (the main branch at the start of this work, same method): fashion_mnist 493, cifar10 1,001 ops per step
 (through the CLI, an earlier count: 488 and 979). The ceilings are 40% below the CLI figures, 292 and 587; this
-branch counts 272 and 548 (BENCHMARKS.md, "Ops per training step"). Where they went: one spectral-norm power
+branch counts 278 and 564 (BENCHMARKS.md, "Ops per training step"). Where they went: one spectral-norm power
 iteration per D update instead of per forward, one D forward on real and fake together, the health flags in five
 kernels, and no per-parameter or dtype-promotion ops.
 """

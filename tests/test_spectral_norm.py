@@ -194,3 +194,15 @@ def test_sigma_is_computed_in_fp32_under_autocast(monkeypatch):
     torch.testing.assert_close(sn._u, twin.parametrizations.weight[0]._u, rtol=0, atol=0)
     assert out.dtype == torch.bfloat16 and expected.dtype == torch.float32
     assert len(autocast_on) >= 3 and not any(autocast_on)  # 2 in the iteration, 1 for sigma (per weight access)
+
+
+def test_two_training_forwards_then_one_backward_work_as_with_torchs():
+    """A hand-written loop's ``D(real)``, ``D(fake)``, one backward: each training forward iterates once, as torch's."""
+    net, reference = sn_pair()
+    x, y = torch.randn(2, 3, 2, 6, 6, dtype=torch.float64)
+    loss, ref_loss = net(x).mean() - net(y).mean(), reference(x).mean() - reference(y).mean()
+    loss.backward()
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=RTOL, atol=0)
+    for p, q in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=RTOL, atol=0)

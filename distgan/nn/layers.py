@@ -79,8 +79,8 @@ class SpectralNorm(_SpectralNorm):
     training forward is identical. sigma is computed in fp32 with autocast off (fp16/bf16 ``mv`` would round sigma
     and u, v themselves). The buffers (``_u``, ``_v``) and state-dict keys are torch's: old checkpoints load.
 
-    u and v change in place in a training forward: the graph of an earlier forward must be backwarded first (the
-    trainer's phases always are; autograd raises otherwise, never silently).
+    u and v change in place in a training forward, which then uses copies (as torch's), so ``D(real)``, ``D(fake)``,
+    one backward works as with torch's; a forward that does not train W uses u and v themselves.
     """
 
     def forward(self, weight: Tensor) -> Tensor:
@@ -89,9 +89,11 @@ class SpectralNorm(_SpectralNorm):
         with torch.autocast(weight.device.type, enabled=False):
             weight = weight if weight.dtype == torch.float64 else weight.float()
             matrix = self._reshape_weight_to_matrix(weight)
+            u, v = self._u, self._v
             if self.training and weight.requires_grad and torch.is_grad_enabled():
                 self._power_method(matrix, self.n_power_iterations)
-            sigma = torch.vdot(self._u, torch.mv(matrix, self._v))
+                u, v = u.clone(), v.clone()  # as torch's: a later iteration must not change what this graph saved
+            sigma = torch.vdot(u, torch.mv(matrix, v))
             return weight / sigma
 
 
