@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import platform
 import sys
@@ -34,11 +35,24 @@ from distgan.build import make_optimizer  # noqa: E402
 from distgan.trainer import Trainer  # noqa: E402
 
 
-def plain_loop(cfg, source, steps: int) -> float:
+def torch_spectral_discriminator(cfg, resolution: int, channels: int) -> torch.nn.Module:
+    """The config's D with torch's spectral norm on every conv and linear layer, as people write it (its power
+    iteration runs in every training forward) instead of distgan's (one per D update)."""
+    D = build_discriminator(dataclasses.replace(cfg, norm="none"), resolution, channels)  # the same layers, no SN
+    for layer in list(D.modules()):
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.utils.parametrizations.spectral_norm(layer)
+    return D
+
+
+def plain_loop(cfg, source, steps: int, torch_spectral: bool = False) -> float:
     """Images per second of a hand-written loop: D step (real + detached fake), G step, EMA."""
     torch.manual_seed(0)
     G = build_generator(cfg.generator, source.resolution, source.channels)
-    D = build_discriminator(cfg.discriminator, source.resolution, source.channels)
+    if torch_spectral and cfg.discriminator.norm == "spectral":
+        D = torch_spectral_discriminator(cfg.discriminator, source.resolution, source.channels)
+    else:
+        D = build_discriminator(cfg.discriminator, source.resolution, source.channels)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     plan = batch_plan(cfg.train, 1)  # the Trainer's global batch and lrs on one process
     # fused as in the Trainer, which fuses on CPU and CUDA (this loop runs on the CPU)
@@ -104,6 +118,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--config", default="fashion_mnist")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--torch-spectral-norm", action="store_true",
+                        help="the plain loop's D uses torch's spectral_norm (an iteration per forward), as people write it")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -114,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ours, plain = [], []
     for _ in range(args.rounds):
         ours.append(distgan_loop(cfg, args.steps))
-        plain.append(plain_loop(cfg, source, args.steps))
+        plain.append(plain_loop(cfg, source, args.steps, args.torch_spectral_norm))
         print(f"  round: distgan {ours[-1]:.0f} img/s, plain loop {plain[-1]:.0f} img/s")
     best_ours, best_plain = max(ours), max(plain)
     print(f"distgan {best_ours:.0f} img/s, plain PyTorch loop {best_plain:.0f} img/s, ratio {best_ours / best_plain:.2f}")
