@@ -34,6 +34,8 @@ CONFIG_CASES: list[Case] = [
          "fashion_mnist_cond"),
     Case("mnist", (*SHRINK, "generator.width=8", "discriminator.width=8"), "mnist", "mnist"),
     Case("cifar10", (*SHRINK, "generator.width=8", "discriminator.width=8"), "cifar10", "cifar10"),
+    Case("cifar10_8gpu", (*SHRINK, "generator.width=8", "discriminator.width=8", "train.batch_per_process=4"),
+         "cifar10", "cifar10_8gpu"),
     Case("cifar10_long", (*SHRINK, "generator.width=8", "discriminator.width=8", "eval.metrics=[]"), "cifar10",
          "cifar10_long"),
     Case("smoke", SHRINK, "fashion", "smoke"),
