@@ -1,6 +1,7 @@
 """Building blocks shared by the architectures: norms, activations, spectral norm, initialisation."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -86,7 +87,8 @@ class SpectralNorm(_SpectralNorm):
     def forward(self, weight: Tensor) -> Tensor:
         if weight.ndim == 1:
             return super().forward(weight)
-        with torch.autocast(weight.device.type, enabled=False):
+        device = weight.device.type  # the meta device (size estimates) has no autocast to turn off
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             weight = weight if weight.dtype == torch.float64 else weight.float()
             matrix = self._reshape_weight_to_matrix(weight)
             u, v = self._u, self._v
