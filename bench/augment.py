@@ -24,6 +24,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this working tree's distgan, not an installed one
 
 from distgan import eval as distgan_eval, prepare, train  # noqa: E402
+from distgan.metrics.cache import find_classifier  # noqa: E402
 from distgan.tracking import read_metrics  # noqa: E402
 
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -47,7 +48,7 @@ def quiet_call(main, argv: list[str]) -> str:
 
 
 def prepare_data(work: Path, subset: int, full_limit: Optional[int], classifier_steps: Optional[int]) -> tuple[Path, Path]:
-    """The full training split (with the feature classifier beside it, tested on the test split) and the
+    """The full training split (with its feature classifier, tested on the test split) and the
     SUBSET-image training slice."""
     full, small = work / "data" / "fashion_mnist", work / "data" / f"fashion_mnist_{subset}"
     limit = ["--limit", str(full_limit)] if full_limit else []
@@ -55,7 +56,7 @@ def prepare_data(work: Path, subset: int, full_limit: Optional[int], classifier_
                        (small, ["--limit", str(subset)])):
         if not (out / "dataset.json").is_file():
             quiet_call(prepare.main, ["fashion-mnist", "--out", str(out), "--no-progress", *extra])
-    if not (full / "feature_classifier.safetensors").is_file():
+    if find_classifier(full) is None:
         steps = ["--steps", str(classifier_steps)] if classifier_steps else []
         quiet_call(distgan_eval.main, ["train-features", "--data", str(full), *steps])
     return full, small

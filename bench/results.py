@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))  # this working tree's distgan and bench/, not an 
 from bench import blocks  # noqa: E402
 from distgan.cli import one_line  # noqa: E402
 from distgan.errors import UserError  # noqa: E402
+from distgan.metrics.cache import find_classifier  # noqa: E402
 from distgan.metrics import registry  # noqa: E402
 from distgan.tracking import read_metrics  # noqa: E402
 
@@ -175,7 +176,7 @@ def prepare_data(work: Path, quick: bool) -> tuple[Path, dict]:
     if not (test / "dataset.json").is_file():
         call(py + ["distgan.prepare", "fashion-mnist", "--split", "test", "--out", str(test)] + test_limit)
     record_file = work / "classifier.json"
-    if not (data / "feature_classifier.safetensors").is_file() or not record_file.is_file():
+    if find_classifier(data) is None or not record_file.is_file():
         cmd = py + ["distgan.eval", "train-features", "--data", str(data)]
         cmd += ["--steps", QUICK["classifier_steps"]] if quick else []
         out = json.loads(call(cmd, work / "classifier.log").stdout.strip().splitlines()[-1])

@@ -64,6 +64,7 @@ from bench.search_table import (TABLE_COMMAND, budget_label, budget_text, mean_s
 from distgan.cli import one_line  # noqa: E402
 from distgan.config import Config, load_config  # noqa: E402
 from distgan.errors import UserError  # noqa: E402
+from distgan.metrics.cache import find_classifier  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "search.jsonl"
 MARKDOWN = REPO / "BENCHMARKS.md"
@@ -167,7 +168,7 @@ def in_process(main: Callable[[list[str]], int], argv: list[str]) -> None:
 
 
 def prepare_data(work: Path, dry: bool, threads: int) -> Path:
-    """Fashion-MNIST train and test shards under WORK/data and the feature classifier beside the train shards
+    """Fashion-MNIST train and test shards under WORK/data and the train shards' feature classifier
     (in this process: done once, before any run)."""
     import torch  # loads only here, once the points are valid
 
@@ -179,7 +180,7 @@ def prepare_data(work: Path, dry: bool, threads: int) -> Path:
         if not (out / "dataset.json").is_file():
             tiny = ["--limit", str(limit), "--shard-size", str(DRY["shard_size"])] if dry else []
             in_process(prepare.main, ["fashion-mnist", "--split", split, "--out", str(out), "--no-progress", *tiny])
-    if not (data / "feature_classifier.safetensors").is_file():
+    if find_classifier(data) is None:
         steps = ["--steps", str(DRY["classifier_steps"])] if dry else []
         in_process(distgan_eval.main, ["train-features", "--data", str(data), *steps])
     return data

@@ -168,7 +168,7 @@ class EvalConfig:
     every: int = 0  # steps between evaluations during training (0 = only at the end, if metrics is set)
     n: int = 10000  # generated images per evaluation
     metrics: list[str] = field(default_factory=list)  # e.g. [fd, kid, pr, dc, is, classes_covered, parzen] (distgan.metrics.registry)
-    features: Literal["auto", "classifier", "inception"] = "auto"  # auto: classifier beside the shards, else inception
+    features: Literal["auto", "classifier", "inception"] = "auto"  # auto: the data set's classifier (distgan's cache folder, or beside the shards), else inception
     inception_weights: Optional[str] = None  # local FID Inception file: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or NVlabs' TorchScript inception-2015-12-05.pt
     best_metric: Optional[str] = None  # keep the best checkpoint by this figure (e.g. fd: lower is better)
     test_path: Optional[str] = None  # test-split shards for real-vs-real references and Parzen (default: DATA_test)

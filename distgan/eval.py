@@ -154,8 +154,9 @@ def evaluate_command(args: argparse.Namespace) -> dict:
 
 def train_features_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distgan.eval train-features",
-                                description="Train the feature classifier on labeled shards and save it beside them.")
-    p.add_argument("--data", required=True, help="folder of labeled shards (the classifier is saved into it)")
+                                description="Train the feature classifier on labeled shards and keep it in distgan's cache folder "
+                                            "($DISTGAN_CACHE, else ~/.cache/distgan), keyed by the data set.")
+    p.add_argument("--data", required=True, help="folder of labeled shards")
     p.add_argument("--test-data", help="test-split shards for the accuracy (default: DATA_test when it exists, "
                                        "else the last train shard is held out)")
     p.add_argument("--steps", type=int, default=TRAIN_FEATURES_DEFAULTS["steps"])

@@ -482,9 +482,9 @@ class Trainer:
                     lines.append(f"done: {st.step} steps, {st.images_seen} images in {seconds:.0f} s; "
                                  f"run dir {self.run_dir}")
                     final = self.last_eval[1] if self.last_eval is not None and self.last_eval[0] == st.step else None
-                    from distgan.metrics.features import CLASSIFIER_FILE  # the metrics stack loads only at the end
+                    from distgan.metrics.cache import find_classifier  # the metrics stack loads only at the end
 
-                    scorable = (Path(self.cfg.data.path) / CLASSIFIER_FILE).is_file()
+                    scorable = find_classifier(self.cfg.data.path) is not None
                     lines += end_lines(self.run_dir, st.step, final, self.classes, scorable)
                 self.run_log.close()
         self.stop.restore()

@@ -56,6 +56,16 @@ def require_fashion_mnist() -> None:
                    ".ci/run must install the Debian package dataset-fashion-mnist (launch/setup.sh does)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def distgan_cache(tmp_path_factory) -> Path:
+    """distgan's cache folder (feature classifiers, real statistics) for this session: a temporary one, never the
+    real ~/.cache; tests' subprocesses inherit it. A test wanting a cold cache sets DISTGAN_CACHE itself."""
+    folder = tmp_path_factory.mktemp("distgan_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DISTGAN_CACHE", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def fashion_shards(tmp_path_factory) -> Path:
     require_fashion_mnist()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
+from distgan.metrics.cache import find_classifier
 from distgan.metrics.feature_net import train_feature_classifier
 from distgan.metrics.features import CLASSIFIER_FILE
 from distgan.tracking import final_figures
@@ -37,12 +38,13 @@ def assert_where_to_look(lines: list[str], run: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_end_message_says_where_to_look_and_how_to_score(fashion_shards, tmp_path):
-    """With a feature classifier beside the shards and no end-of-run evaluation: the one command that scores it."""
+def test_end_message_says_where_to_look_and_how_to_score(fashion_shards, tmp_path, monkeypatch):
+    """With a feature classifier for the data and no end-of-run evaluation: the one command that scores it."""
+    monkeypatch.setenv("DISTGAN_CACHE", str(tmp_path / "cache"))  # a classifier for this test's copy alone
     data = tmp_path / "shards"
     shutil.copytree(fashion_shards, data)
     train_feature_classifier(str(data), steps=2)
-    assert (data / CLASSIFIER_FILE).is_file()
+    assert find_classifier(data) is not None and not (data / CLASSIFIER_FILE).exists()
     run = tmp_path / "run"
     out = run_cli("distgan.train", "--config", "smoke", f"data.path={data}", f"run.dir={run}", *SMOKE).stdout
 
@@ -55,7 +57,7 @@ def test_end_message_says_where_to_look_and_how_to_score(fashion_shards, tmp_pat
 @pytest.mark.timeout(120)
 def test_end_message_without_a_classifier(fashion_shards, tmp_path):
     """No classifier beside the shards and no evaluation: where to look, nothing more."""
-    assert not (fashion_shards / CLASSIFIER_FILE).exists()
+    assert find_classifier(fashion_shards) is None
     run = tmp_path / "run"
     lines = end_lines(run_cli("distgan.train", "--config", "smoke", f"data.path={fashion_shards}", f"run.dir={run}",
                               *SMOKE).stdout)

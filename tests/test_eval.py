@@ -19,6 +19,7 @@ from distgan.export import load_generator_export
 from distgan.config import ConfigError, DataConfig, EvalConfig
 from distgan.data.shards import read_dataset_info, read_images, to_float, write_shards
 from distgan.eval import main as eval_main
+from distgan.metrics.cache import data_cache
 from distgan.metrics.evaluator import CACHE_DIR, Evaluator
 from distgan.metrics.features import CLASSIFIER_FILE
 from tests.distributed.launching import launch
@@ -108,7 +109,9 @@ def test_train_features_cli_reaches_stated_accuracy(shards, classifier_report):
     assert classifier_report["accuracy_on"].startswith("test split") and classifier_report["accuracy_images"] == 500
     # measured 0.77 (150 steps of 64 on 2,000 images, 500 test images)
     assert classifier_report["accuracy"] >= 0.65 and classifier_report["num_classes"] == 10
-    assert (shards / CLASSIFIER_FILE).is_file() and (shards / CLASSIFIER_FILE).with_suffix(".json").is_file()
+    kept = data_cache(shards) / CLASSIFIER_FILE  # in distgan's cache folder, keyed by the data set
+    assert classifier_report["path"] == str(kept) and kept.is_file() and kept.with_suffix(".json").is_file()
+    assert not (shards / CLASSIFIER_FILE).exists()
 
 
 def test_real_images_beat_noise_and_one_class_collapses(shards, classifier_report, caplog):
@@ -146,8 +149,8 @@ def test_same_seed_same_figures_and_disk_cache(smoke_run, shards, monkeypatch):
     first = make_evaluator(shards, n=200, metrics=ALL, seed=5)
     a = first.evaluate(model, 0, 1, identity)
     assert first.evaluate(model, 0, 1, identity) == a and set(a) == FIGURES
-    cached = list((shards / CACHE_DIR).glob("real-classifier-n200-*.safetensors"))
-    assert len(cached) == 1
+    cached = list((data_cache(shards) / CACHE_DIR).glob("real-classifier-n200-*.safetensors"))
+    assert len(cached) == 1 and not (shards / CACHE_DIR).exists()
     import distgan.metrics.evaluator as evaluator_module
 
     def no_reading(*args, **kwargs):
@@ -227,15 +230,18 @@ def test_plot_cli_draws_losses_and_eval_figures(smoke_run, tmp_path):
             assert pixels.std() > 5  # axes, lines and labels were drawn
 
 
-def test_missing_feature_net_and_test_split_are_named(shards, classifier_report, tmp_path, caplog):
+def test_missing_feature_net_and_test_split_are_named(shards, classifier_report, tmp_path, caplog, monkeypatch):
+    """No classifier for the data: named; one beside the shards (where an older distgan kept it) is read."""
+    monkeypatch.setenv("DISTGAN_CACHE", str(tmp_path / "cache"))  # cold: the shared one has this data's classifier
     bare = tmp_path / "bare"
     bare.mkdir()
     for f in list(shards.glob("*.tar")) + [shards / "dataset.json"]:
         shutil.copy(f, bare / f.name)
     with pytest.raises(ConfigError, match="python -m distgan.eval train-features --data"):
         make_evaluator(bare)
-    for f in (CLASSIFIER_FILE, CLASSIFIER_FILE.replace(".safetensors", ".json")):
-        shutil.copy(shards / f, bare / f)
+    kept = Path(classifier_report["path"])
+    for f in (kept, kept.with_suffix(".json")):
+        shutil.copy(f, bare / f.name)
     with caplog.at_level(logging.WARNING, logger="distgan.metrics.evaluator"):
         evaluator = make_evaluator(bare, n=100, metrics=["fd", "parzen"])
         figures = evaluator.evaluate(Noise(), 0, 1, identity)
@@ -291,16 +297,23 @@ def test_training_evaluates_with_each_feature_network(shards, classifier_report,
     assert json.loads((run / "checkpoints" / "best" / "best.json").read_text())["metric"] == "fd"
 
 
-def test_eval_trains_the_feature_classifier_on_first_use(smoke_run, shards, tmp_path):
-    """Right after a run, on data with labels but no classifier yet: evaluation trains it once, then evaluates."""
+def test_eval_trains_the_feature_classifier_on_first_use(smoke_run, shards, tmp_path, monkeypatch):
+    """Right after a run, on data with labels but no classifier yet: evaluation trains it once, then evaluates;
+    the classifier and the real statistics go to $DISTGAN_CACHE, nothing into the data folder."""
+    monkeypatch.setenv("DISTGAN_CACHE", str(tmp_path / "cache"))
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     for f in list(shards.glob("*.tar")) + [shards / "dataset.json"]:
         shutil.copy(f, fresh / f.name)
+    before = sorted(p.name for p in fresh.iterdir())
     out = json.loads(run_cli("distgan.eval", "--export", str(smoke_run / "generator_ema.safetensors"), "--data",
                              str(fresh), "--n", "100", "--metrics", "fd", "classes_covered", "--classifier-steps", "150").stdout)
     trained = out["meta"]["feature_classifier_trained"]
-    assert trained["steps"] == 150 and trained["accuracy"] > 0.6 and (fresh / CLASSIFIER_FILE).is_file()
+    cache = data_cache(fresh)
+    assert cache.parent.parent == tmp_path / "cache" and trained["path"] == str(cache / CLASSIFIER_FILE)
+    assert trained["steps"] == 150 and trained["accuracy"] > 0.6 and (cache / CLASSIFIER_FILE).is_file()
+    assert list((cache / CACHE_DIR).glob("real-classifier-n100-*.safetensors"))
+    assert sorted(p.name for p in fresh.iterdir()) == before  # the user's data folder is left as it was
     assert out["meta"]["features"] == "classifier" and out["fd"] > 0 and 1 <= out["modes_covered"] <= 10
 
 

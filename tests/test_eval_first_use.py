@@ -57,11 +57,14 @@ def _run_in(cwd, module: str, *args: str, check: bool = True):
 
 
 @pytest.mark.timeout(900)
-def test_eval_of_a_run_on_one_shard_from_another_folder(one_shard, tmp_path):
+def test_eval_of_a_run_on_one_shard_from_another_folder(one_shard, tmp_path, monkeypatch):
     """Trained with a relative data.path; scored from elsewhere: the path resolves against the folder training
-    started in (RUN/workdir.txt); the classifier is trained on first use with a held-out fifth."""
+    started in (RUN/workdir.txt); the classifier is trained on first use with a held-out fifth, and kept in
+    distgan's cache folder, not the data folder."""
+    monkeypatch.setenv("DISTGAN_CACHE", str(tmp_path / "cache"))  # cold: no classifier for these shards yet
     work = tmp_path / "work"
     shutil.copytree(one_shard, work / "data" / "fm2k")
+    data_files = sorted(p.name for p in (work / "data" / "fm2k").iterdir())
     _run_in(work, "distgan.train", "--config", "smoke", "data.path=data/fm2k", "run.dir=runs/r", "train.steps=4",
             "log.every=2", "log.sample_every=2", "checkpoint.every=2", "log.wandb=false")
     run = work / "runs" / "r"
@@ -73,6 +76,8 @@ def test_eval_of_a_run_on_one_shard_from_another_folder(one_shard, tmp_path):
     assert out["meta"]["data"] == str(work / "data" / "fm2k")
     assert "held out of training" in out["meta"]["feature_classifier_trained"]["accuracy_on"]
     assert {"fd", "density", "coverage", "is_classifier", "modes_covered"} <= set(out)
+    assert sorted(p.name for p in (work / "data" / "fm2k").iterdir()) == data_files  # nothing written there
+    assert out["meta"]["feature_classifier_trained"]["path"].startswith(str(tmp_path / "cache" / "data"))
     (run / "workdir.txt").unlink()  # an older run: relative to the current folder, and --data is the way out
     failed = _run_in(elsewhere, "distgan.eval", "--run", str(run), "--n", "200", check=False)
     assert failed.returncode == 2 and "--data DIR" in failed.stderr and "data/fm2k" in failed.stderr

@@ -43,8 +43,8 @@ FORMAT_VERSION = 1
 SHARD_PATTERN = "shard-%06d.tar"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "npy")  # preference order when a record has several
 SHARD_IMAGE_FORMATS = ["PNG", "JPEG", "WEBP"]  # the Pillow plugins allowed on shard bytes
-# what distgan's evaluation writes beside the shards (distgan.metrics: CACHE_DIR, CLASSIFIER_FILE and its .json):
-# a shard folder holding them is still one distgan wrote
+# what an older distgan's evaluation wrote beside the shards (now in distgan.metrics.cache's folder: CACHE_DIR,
+# CLASSIFIER_FILE and its .json): a shard folder holding them is still one distgan wrote
 WRITTEN_BESIDE_SHARDS = ("eval_cache", "feature_classifier.safetensors", "feature_classifier.json")
 TAR_MTIME = 1_700_000_000  # fixed member mtime: reproducible shards, and no pax header per member
 
@@ -124,7 +124,8 @@ def check_output_dir(out: str | os.PathLike, force: bool, protect: Iterable[str 
 
     ``--out`` must be a local path (a ``pipe:`` or other URL would reach webdataset's writer). An existing
     ``out`` is replaced only with ``force``, and only when it is a folder of distgan shards (dataset.json and
-    shard-*.tar, nothing else) that neither is nor holds a path in ``protect`` (the source being read).
+    shard-*.tar, and what an older distgan's evaluation kept beside them, nothing else) that neither is nor holds a
+    path in ``protect`` (the source being read).
     """
     text = os.fspath(out)
     if url_scheme(text):
@@ -146,11 +147,21 @@ def check_output_dir(out: str | os.PathLike, force: bool, protect: Iterable[str 
     if not (out / DATASET_JSON).is_file():
         raise DataError(f"{refuse} it has no {DATASET_JSON}, so distgan did not write it; "
                         "remove it yourself or choose another --out")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in (DATASET_JSON, *WRITTEN_BESIDE_SHARDS)
-                     and not _is_shard_name(p.name))
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name != DATASET_JSON and not _is_shard_name(p.name) and not _left_by_evaluation(p))
     if foreign:
         raise DataError(f"{refuse} it holds {foreign[0]!r}, which distgan did not write; "
                         "move it away or choose another --out")
+
+
+def _left_by_evaluation(path: Path) -> bool:
+    """One of WRITTEN_BESIDE_SHARDS, and (eval_cache) holding only real statistics files."""
+    if path.name not in WRITTEN_BESIDE_SHARDS or path.is_symlink():
+        return False
+    if path.name.startswith("feature_classifier"):
+        return path.is_file()
+    return (path.is_dir()
+            and all(p.is_file() and p.name.startswith("real-") and ".safetensors" in p.name for p in path.iterdir()))
 
 
 def _is_shard_name(name: str) -> bool:

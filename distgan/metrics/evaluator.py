@@ -2,7 +2,7 @@
 
 Each rank generates its share of ``eval.n`` images from one global set of latents, computes features, and
 the features are gathered; rank 0 computes the registered metrics (distgan.metrics.registry) against real
-statistics that are read once (and cached beside the shards). Every figure has a real-vs-real reference
+statistics that are read once (and cached in the data set's cache folder, distgan.metrics.cache). Every figure has a real-vs-real reference
 (train split vs test split), the floor a generator can reach on that figure.
 
 Choices that make figures comparable and reproducible:
@@ -37,7 +37,7 @@ from distgan.console import batches, progress
 
 from distgan.data.shards import DatasetInfo, read_dataset_info, read_images, to_float
 from distgan.metrics.feature_net import TRAIN_FEATURES_HINT, ensure_feature_net, load_feature_net
-from distgan.metrics.features import CLASSIFIER_FILE
+from distgan.metrics.cache import data_cache
 from distgan.metrics.frechet import load_reference_stats, save_reference_stats
 from distgan.metrics.parzen import PARZEN_SAMPLES, PARZEN_TEST, PARZEN_VALIDATION
 from distgan.metrics.registry import METRICS, Metric, MetricContext, names
@@ -46,7 +46,7 @@ from distgan.nn import sample_latent
 log = logging.getLogger(__name__)
 
 REAL_SEED = 0  # the real sample does not depend on the run seed
-CACHE_DIR = "eval_cache"  # beside the shards
+CACHE_DIR = "eval_cache"  # in the data set's cache folder (distgan.metrics.cache.data_cache)
 CACHE_VERSION = 4  # 2: the test split's own labels; 3: the train images' own labels (per-class fd); 4: class logits
 
 
@@ -95,7 +95,7 @@ class Evaluator:
         for metric in self._metrics():
             title = metric.title or metric.name
             if metric.needs_labels and self.net.classifier is None:
-                self._skip(metric.name, f"{title} needs the classifier {Path(self.data_cfg.path) / CLASSIFIER_FILE}: "
+                self._skip(metric.name, f"{title} needs a feature classifier trained on {self.data_cfg.path}: "
                            + TRAIN_FEATURES_HINT.format(path=self.data_cfg.path))
             if metric.needs_conditional and not self.num_classes:
                 self._skip(metric.name, f"{title} skipped: the generator is not class-conditional "
@@ -124,7 +124,8 @@ class Evaluator:
     # ------------------------------------------------------------------ real data (rank 0, once)
 
     def _cache_path(self) -> Optional[Path]:
-        if not os.path.isdir(self.data_cfg.path):
+        folder = data_cache(self.data_cfg.path)
+        if folder is None:
             return None
         parts = [f"v{CACHE_VERSION}", self.net.kind, self.net.digest, f"n{self.cfg.n}", f"seed{REAL_SEED}",
                  f"parzen{PARZEN_SAMPLES}-{PARZEN_TEST}-{PARZEN_VALIDATION}"]
@@ -132,7 +133,7 @@ class Evaluator:
             stat = os.stat(shard) if os.path.isfile(shard) else None
             parts.append(f"{shard}:{stat.st_size}:{stat.st_mtime_ns}" if stat else shard)
         key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
-        return Path(self.data_cfg.path) / CACHE_DIR / f"real-{self.net.kind}-n{self.cfg.n}-{key}.safetensors"
+        return folder / CACHE_DIR / f"real-{self.net.kind}-n{self.cfg.n}-{key}.safetensors"
 
     def real_data(self) -> dict[str, Tensor]:
         """Features, classifier labels and the Parzen image sets of the real train (and test) images."""
@@ -182,11 +183,10 @@ class Evaluator:
     def _save_cache(path: Path, real: dict[str, Tensor]) -> None:
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in real.items()}, str(tmp))
-            tmp.chmod(0o644)  # a shared data folder: other users may read it
             os.replace(tmp, path)
-        except OSError as err:  # a read-only data folder: the cache only saves time
+        except OSError as err:  # a read-only cache folder: the cache only saves time
             log.info("real statistics not cached at %s: %s", path, err)
             tmp.unlink(missing_ok=True)
 

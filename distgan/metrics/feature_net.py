@@ -1,4 +1,4 @@
-"""The feature network of a dataset: the classifier distgan trains and keeps beside the shards, or Inception-v3.
+"""The feature network of a dataset: the classifier distgan trains (kept in its cache folder), or Inception-v3.
 
 ``load_feature_net`` resolves eval.features for the Evaluator; ``train_feature_classifier`` is the body of
 ``python -m distgan.eval train-features``.
@@ -21,6 +21,7 @@ from distgan.config import ConfigError, DataConfig, EvalConfig
 from distgan.data.errors import DataError
 from distgan.data.shards import DatasetInfo, read_dataset_info, read_images, to_float
 from distgan.data.stream import make_batch_iterator
+from distgan.metrics.cache import classifier_target, data_cache, find_classifier
 from distgan.metrics.features import (
     CLASSIFIER_FILE, FeatureClassifier, evaluate_classifier, load_classifier, save_classifier, train_classifier,
 )
@@ -54,23 +55,22 @@ class FeatureNet:
 
 
 def load_feature_net(cfg: EvalConfig, data_path: str, info: DatasetInfo) -> FeatureNet:
-    """Resolve eval.features (auto: the classifier beside the shards, else Inception when configured)."""
-    classifier_path = Path(data_path) / CLASSIFIER_FILE
-    have_classifier = os.path.isdir(data_path) and classifier_path.is_file()
+    """Resolve eval.features (auto: the data set's classifier, else Inception when configured)."""
+    classifier_path = find_classifier(data_path)
     kind = cfg.features
     if kind == "auto":
-        kind = "classifier" if have_classifier else "inception" if cfg.inception_weights else None
+        kind = "classifier" if classifier_path else "inception" if cfg.inception_weights else None
         if kind is None:
             raise ConfigError(
-                f"eval.features=auto: no feature network for '{data_path}' (no {classifier_path} and no "
-                f"eval.inception_weights). Train one: {TRAIN_FEATURES_HINT.format(path=data_path)}"
+                f"eval.features=auto: no feature network for '{data_path}' (no feature classifier trained on it and "
+                f"no eval.inception_weights). Train one: {TRAIN_FEATURES_HINT.format(path=data_path)}"
             )
-    if kind == "classifier" and not have_classifier:
-        raise ConfigError(f"eval.features=classifier: {classifier_path} not found. Train it: "
+    if kind == "classifier" and classifier_path is None:
+        raise ConfigError(f"eval.features=classifier: no feature classifier trained on '{data_path}' yet. Train it: "
                           + TRAIN_FEATURES_HINT.format(path=data_path))
     if kind == "inception" and not cfg.inception_weights:
         raise ConfigError("eval.features=inception needs eval.inception_weights (a local FID Inception-v3 file)")
-    classifier = load_classifier(classifier_path) if have_classifier else None
+    classifier = load_classifier(classifier_path) if classifier_path is not None else None
     if classifier is not None:
         expected = (info.channels, info.resolution)
         if (classifier.hparams["channels"], classifier.hparams["resolution"]) != expected:
@@ -78,6 +78,7 @@ def load_feature_net(cfg: EvalConfig, data_path: str, info: DatasetInfo) -> Feat
                 f"{classifier_path} was trained on {classifier.hparams['channels']}x{classifier.hparams['resolution']}"
                 f" images but '{data_path}' holds {expected[0]}x{expected[1]}: retrain it with "
                 + TRAIN_FEATURES_HINT.format(path=data_path))
+        log.info("feature classifier %s", classifier_path)
     if kind == "classifier":
         return FeatureNet("classifier", classifier.feature_extractor(), classifier, file_digest(classifier_path))
     weights = Path(cfg.inception_weights)
@@ -87,25 +88,24 @@ def load_feature_net(cfg: EvalConfig, data_path: str, info: DatasetInfo) -> Feat
 
 
 def ensure_feature_net(cfg: EvalConfig, data_path: str, info: DatasetInfo) -> Optional[dict]:
-    """Train the classifier beside the shards on first use, when eval.features wants it and none is there yet
-    (call on one process). Returns train-features' report, or None when nothing had to be trained."""
-    classifier_path = Path(data_path) / CLASSIFIER_FILE
+    """Train the data set's classifier (kept in its cache folder) on first use, when eval.features wants it and
+    there is none yet (call on one process). Returns train-features' report, or None when nothing was trained."""
     wanted = cfg.features == "classifier" or (cfg.features == "auto" and not cfg.inception_weights)
-    if not wanted or classifier_path.is_file() or not os.path.isdir(data_path):
+    if not wanted or data_cache(data_path) is None or find_classifier(data_path) is not None:
         return None
     if not info.classes:
         raise ConfigError(
             f"eval.features={cfg.features}: '{data_path}' has no labels to train a feature classifier on; pass "
             f"eval.inception_weights (--inception-weights) a local copy of {INCEPTION_FILE} (pytorch-fid's FID "
             "Inception weights)")
-    log.info("no feature classifier beside %s yet: training it once (%d steps; kept at %s)", data_path,
-             cfg.classifier_steps, classifier_path)
+    log.info("no feature classifier for %s yet: training it once (%d steps; kept at %s)", data_path,
+             cfg.classifier_steps, classifier_target(data_path))
     report = train_feature_classifier(data_path, cfg.test_path, steps=cfg.classifier_steps, progress=True)
     log.info("feature classifier accuracy %.4f on %s", report["accuracy"], report["accuracy_on"])
     return report
 
 
-# ---------------------------------------------------------------- train the classifier beside the shards
+# ---------------------------------------------------------------- train the classifier of a data set
 
 
 def _labeled(stream: Iterator, where: str) -> Iterator[tuple[Tensor, Tensor]]:
@@ -134,13 +134,15 @@ class _InMemoryBatches:
 def train_feature_classifier(data: str, test_data: Optional[str] = None, steps: int = TRAIN_FEATURES_DEFAULTS["steps"],
                              batch: int = TRAIN_FEATURES_DEFAULTS["batch"], lr: float = TRAIN_FEATURES_DEFAULTS["lr"],
                              seed: int = 0, progress: bool = False) -> dict:
-    """Train the feature classifier on the labeled shards in ``data``, save it there, and report its accuracy.
+    """Train the feature classifier on the labeled shards in ``data``, save it in the data set's cache folder
+    (``distgan.metrics.cache``), and report its accuracy.
 
     The accuracy is measured on ``test_data``, else ``DATA_test`` when it exists, else the last train shard
     (held out of training), else (one shard) a seeded fifth of its images, held out of training.
     """
     if not os.path.isdir(data):
-        raise DataError(f"--data {data}: not a folder; train-features saves the classifier beside the shards")
+        raise DataError(f"--data {data}: not a folder; train-features takes the folder python -m distgan.prepare "
+                        "wrote")
     if steps < 1:
         raise ConfigError(f"--steps {steps}: must be at least 1")
     data_cfg = DataConfig(path=data, num_workers=1)
@@ -177,8 +179,12 @@ def train_feature_classifier(data: str, test_data: Optional[str] = None, steps: 
         stream.close()
     images = to_float(torch.from_numpy(held_images))
     accuracy = evaluate_classifier(model, images, torch.from_numpy(held_labels))
-    path = Path(data) / CLASSIFIER_FILE
+    path = classifier_target(data)
     save_classifier(model, path, accuracy=accuracy)
+    beside = Path(data) / CLASSIFIER_FILE
+    if beside.is_file():
+        log.warning("%s is read before the classifier just trained (%s): remove it to evaluate with the new one",
+                    beside, path)
     log.info("feature classifier: accuracy %.4f on %d images of the %s; saved %s", accuracy, len(images),
              measured_on, path)
     return {"path": str(path), "accuracy": accuracy, "accuracy_on": measured_on, "accuracy_images": len(images),

@@ -1,5 +1,5 @@
-"""The default feature network: a small classifier distgan trains on the labeled real data and keeps beside
-the shards. Its penultimate layer gives features, its logits give labels for mode coverage. Images are float
+"""The default feature network: a small classifier distgan trains on the labeled real data and keeps in the data
+set's cache folder (distgan.metrics.cache). Its penultimate layer gives features, its logits give labels for mode coverage. Images are float
 tensors [N, C, R, R] in [-1, 1]. (FID's Inception-v3 is in inception.py.)
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from distgan.errors import UserError
 logger = logging.getLogger(__name__)
 
 ARCH_VERSION = 1  # bump when FeatureClassifier's layers change; load_classifier refuses other versions
-CLASSIFIER_FILE = "feature_classifier.safetensors"  # suggested name beside the shards (+ .json beside it)
+CLASSIFIER_FILE = "feature_classifier.safetensors"  # its file name in the data set's cache folder (+ .json beside it)
 
 
 def extract_features(net: nn.Module, images: Tensor, batch: int = 256) -> Tensor:
