@@ -1,6 +1,6 @@
 """``python -m distgan.eval``: judge a trained generator, train the feature network, plot a run.
 
-    python -m distgan.eval --run DIR [--step N] | --export FILE --data DIR [--n N]
+    python -m distgan.eval --run DIR [--step N | --all-checkpoints] | --export FILE --data DIR [--n N]
                            [--metrics fd kid pr dc is classes_covered parzen]
                            [--features auto|classifier|inception] [--inception-weights FILE] [--seed S]
     python -m distgan.eval train-features --data DIR [--steps N] [--seed S]
@@ -8,7 +8,8 @@
     python -m distgan.eval plot --run DIR
 
 The first form prints one JSON object (figures, the real-vs-real "reference", and "meta") on stdout and,
-with --run, writes it to DIR/eval.json. Logs go to stderr.
+with --run, writes it to DIR/eval.json; with --all-checkpoints it scores each checkpoint not scored yet
+(DIR/eval/checkpoints.jsonl, .md, .png) and prints every checkpoint's figures and the best. Logs go to stderr.
 """
 from __future__ import annotations
 
@@ -77,6 +78,9 @@ def eval_parser() -> argparse.ArgumentParser:
     src.add_argument("--export", type=Path, help="an exported generator .safetensors, a checkpoint's G_ema file or a "
                                                  "checkpoint folder (needs --data)")
     p.add_argument("--step", type=int, help="with --run: score the checkpoint of this step")
+    p.add_argument("--all-checkpoints", action="store_true",
+                   help="with --run: score every intact checkpoint (each once: kept in DIR/eval/checkpoints.jsonl), "
+                        "write DIR/eval/checkpoints.md and .png and name the best")
     p.add_argument("--data", help="real shards (default with --run: the run's data.path)")
     p.add_argument("--test-data", help="test-split shards (default: eval.test_path, else DATA_test when it exists)")
     p.add_argument("--n", type=int, help="generated images (default: the run's eval.n, else 10000)")
@@ -117,7 +121,7 @@ def _resolved_run_paths(run: Path, data_cfg: DataConfig, eval_cfg: EvalConfig) -
 def evaluate_command(args: argparse.Namespace) -> dict:
     """The run's (or the default) eval and data sections with the flags on top, evaluated by evaluate_export."""
     from distgan.loading import load_generator
-    from distgan.metrics.evaluator import evaluate_export
+    from distgan.metrics.generator_eval import evaluate_export
 
     _check_numbers(args, {"n": 2, "batch": 1, "classifier_steps": 1, "seed": 0})
     device = _device(args.device)
@@ -142,6 +146,12 @@ def evaluate_command(args: argparse.Namespace) -> dict:
     seed = args.seed if args.seed is not None else seed
     if args.step is not None and args.run is None:
         raise UserError("--step goes with --run DIR (a run's checkpoint of that step)")
+    if args.all_checkpoints:
+        if args.run is None or args.step is not None:
+            raise UserError("--all-checkpoints goes with --run DIR and without --step (it scores every checkpoint)")
+        from distgan.checkpoint_scores import score_checkpoints
+
+        return score_checkpoints(args.run, data_cfg, eval_cfg, seed, device)
     generator = load_generator(args.run or args.export, step=args.step, device=device)
     record = evaluate_export(generator, generator.meta, generator.source, data_cfg, eval_cfg, seed, device)
     if args.run is not None:
@@ -204,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run(argv: list[str]) -> int:
     command = argv[0] if argv and argv[0] in ("train-features", "plot", "stats") else "evaluate"
     if command == "stats":
-        from distgan.metrics.evaluator import write_reference_stats
+        from distgan.metrics.generator_eval import write_reference_stats
 
         args = stats_parser().parse_args(argv[1:])
         _check_numbers(args, {"n": 2})

@@ -77,7 +77,7 @@ def _line_plot(records: list[dict], keys: tuple[str, ...], title: str, path: Pat
     return _save(figure, path)
 
 
-def _eval_plot(records: list[dict], path: Path) -> Path | None:
+def eval_plot(records: list[dict], path: Path) -> Path | None:
     """One small panel per eval/<name> figure, with the eval_ref/<name> reference when logged."""
     from matplotlib.figure import Figure
 
@@ -109,7 +109,7 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
     written = [_line_plot(records, keys, title, out / f"{name}.png") for name, title, keys in PANELS]
-    written.append(_eval_plot(records, out / "eval.png"))
+    written.append(eval_plot(records, out / "eval.png"))
     written = [p for p in written if p is not None]
     log.info("plots: %s", ", ".join(str(p) for p in written) or "nothing to plot")
     return written

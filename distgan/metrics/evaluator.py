@@ -17,7 +17,6 @@ Choices that make figures comparable and reproducible:
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
@@ -36,9 +35,9 @@ from distgan.config import ConfigError, DataConfig, EvalConfig, validate_eval
 from distgan.console import batches, progress
 
 from distgan.data.shards import DatasetInfo, read_dataset_info, read_images, to_float
-from distgan.metrics.feature_net import TRAIN_FEATURES_HINT, ensure_feature_net, load_feature_net
+from distgan.metrics.feature_net import TRAIN_FEATURES_HINT, load_feature_net
 from distgan.metrics.cache import data_cache
-from distgan.metrics.frechet import load_reference_stats, save_reference_stats
+from distgan.metrics.frechet import load_reference_stats
 from distgan.metrics.parzen import PARZEN_SAMPLES, PARZEN_TEST, PARZEN_VALIDATION
 from distgan.metrics.registry import METRICS, Metric, MetricContext, names
 from distgan.nn import sample_latent
@@ -355,45 +354,3 @@ class _Lazy(Mapping):
 
     def __len__(self) -> int:
         return len(self._get())
-
-
-def write_reference_stats(data_cfg: DataConfig, eval_cfg: EvalConfig, out: Path, device: torch.device) -> dict:
-    """``python -m distgan.eval stats``: mu and sigma of eval.n real train images' features, pytorch-fid's layout."""
-    info = read_dataset_info(data_cfg.path, allow_pipe=data_cfg.allow_pipe)
-    ensure_feature_net(eval_cfg, data_cfg.path, info)
-    evaluator = Evaluator(dataclasses.replace(eval_cfg, metrics=["fd"], reference_stats=None), data_cfg, info, device,
-                          seed=0)
-    features = evaluator.real_data()["train_features"]
-    save_reference_stats(out, features)
-    return {"stats": str(out), "images": len(features), "dim": int(features.shape[1]), "features": evaluator.net.kind,
-            "data": data_cfg.path}
-
-
-def evaluate_export(model: nn.Module, meta: dict, export: Path, data_cfg: DataConfig, eval_cfg: EvalConfig, seed: int,
-                    device: torch.device) -> dict:
-    """The figures of an exported generator (``model``, ``meta`` as load_generator_export gives them), the
-    real-vs-real "reference" and a "meta" record: what ``python -m distgan.eval`` prints."""
-    if not eval_cfg.metrics:
-        eval_cfg = dataclasses.replace(eval_cfg, metrics=names())
-    info = read_dataset_info(data_cfg.path, allow_pipe=data_cfg.allow_pipe)
-    resolution = meta["resolution"] - 2 * meta.get("pad", 0)  # ``model`` comes cropped (load_generator_export)
-    if (meta["channels"], resolution) != (info.channels, info.resolution):
-        raise ConfigError(f"{export} makes {meta['channels']}x{resolution} images but {data_cfg.path} holds "
-                          f"{info.channels}x{info.resolution}: pass --data with the run's data")
-    trained = ensure_feature_net(eval_cfg, data_cfg.path, info)
-    num_classes = len(meta["classes"]) if meta["generator"].get("conditional") else None
-    evaluator = Evaluator(eval_cfg, data_cfg, info, device, seed, z_dist=meta["generator"]["z_dist"],
-                          num_classes=num_classes)
-    start = time.perf_counter()
-    figures = evaluator.evaluate(model, rank=0, world_size=1, gather=lambda t: t)
-    record: dict = dict(figures)
-    reference = evaluator.reference()
-    if reference:
-        record["reference"] = reference
-    record["meta"] = {"export": str(export), "step": meta.get("step"), "n": eval_cfg.n, "seed": seed,
-                      "metrics": eval_cfg.metrics, "features": evaluator.net.kind, "data": data_cfg.path,
-                      "test_data": evaluator.test_path, "reference_stats": eval_cfg.reference_stats,
-                      "seconds": round(time.perf_counter() - start, 2)}
-    if trained is not None:
-        record["meta"]["feature_classifier_trained"] = trained
-    return record
