@@ -55,8 +55,9 @@ def test_end_message_says_where_to_look_and_how_to_score(fashion_shards, tmp_pat
 
 
 @pytest.mark.timeout(120)
-def test_end_message_without_a_classifier(fashion_shards, tmp_path):
-    """No classifier beside the shards and no evaluation: where to look, nothing more."""
+def test_end_message_without_a_classifier(fashion_shards, tmp_path, monkeypatch):
+    """No classifier for the data and no evaluation: where to look, nothing more."""
+    monkeypatch.setenv("DISTGAN_CACHE", str(tmp_path / "cache"))  # whatever other tests trained for these shards
     assert find_classifier(fashion_shards) is None
     run = tmp_path / "run"
     lines = end_lines(run_cli("distgan.train", "--config", "smoke", f"data.path={fashion_shards}", f"run.dir={run}",

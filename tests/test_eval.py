@@ -175,7 +175,7 @@ DISTRIBUTED_SCRIPT = textwrap.dedent("""
     export, data, out = sys.argv[1:4]
     acc = Accelerator(cpu=True)
     model, meta = load_generator_export(Path(export))
-    cfg = EvalConfig(n=200, batch=64, metrics=["fd", "kid", "pr", "classes_covered", "parzen"])
+    cfg = EvalConfig(n=200, batch=64, metrics=["fd", "kid", "pr", "classes_covered", "parzen", "dc", "is_classifier"])
     evaluator = Evaluator(cfg, DataConfig(path=data, num_workers=0), read_dataset_info(data), acc.device, seed=3,
                           z_dist=meta["generator"]["z_dist"])
     figures = evaluator.evaluate(model, acc.process_index, acc.num_processes, acc.gather)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -18,7 +19,9 @@ from distgan.config import Config, ConfigError, DiscriminatorConfig, GeneratorCo
 from distgan.data.stream import make_batch_iterator
 from distgan.eval import main as eval_main
 from distgan.export import ExportError, export_generator, load_generator_export
+from distgan.data.shards import read_dataset_info
 from distgan.metrics.evaluator import Evaluator
+from distgan.metrics.feature_net import ensure_feature_net
 from distgan.nn import (
     DISCRIMINATORS, GENERATORS, RESOLUTIONS, CenterCrop, build_discriminator, build_generator,
 )
@@ -56,13 +59,15 @@ def test_padded_batches_have_a_background_border_around_the_data(fashion_shards,
 
 
 @pytest.fixture(scope="module")
-def padded_run(fashion_shards, tmp_path_factory) -> tuple[Path, Path]:
-    """(run dir, data) of a 2-step data.pad=2 run on a copy of the Fashion-MNIST shards (its feature classifier,
-    trained on first use, stays in the copy), evaluated at its end."""
+def padded_run(fashion_shards, tmp_path_factory) -> Iterator[tuple[Path, Path]]:
+    """(run dir, data) of a 2-step data.pad=2 run on a copy of the Fashion-MNIST shards, evaluated at its end (its
+    feature classifier, trained on first use, stays in a cache folder of this module's)."""
     root = tmp_path_factory.mktemp("pad")
     data = root / "fm"
-    shutil.copytree(fashion_shards, data, ignore=shutil.ignore_patterns("eval_cache", "*.safetensors"))
-    return root / "run", data
+    shutil.copytree(fashion_shards, data)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DISTGAN_CACHE", str(root / "cache"))
+        yield root / "run", data
 
 
 def test_a_padded_run_trains_at_32_and_scores_and_shows_28(padded_run, monkeypatch, fast):
@@ -72,6 +77,7 @@ def test_a_padded_run_trains_at_32_and_scores_and_shows_28(padded_run, monkeypat
     monkeypatch.setattr(Evaluator, "_batch_features", lambda self, x: seen.append(tuple(x.shape[1:]))
                         or batch_features(self, x))
     cfg = tiny(run, data, "eval.metrics=[fd]", "eval.n=8", "eval.batch=8", "eval.classifier_steps=5")
+    ensure_feature_net(cfg.eval, str(data), read_dataset_info(str(data)))  # first use's work (distgan.fit does it)
     trainer = Trainer(cfg)
     trainer.fit()
     with torch.no_grad():

@@ -2,8 +2,8 @@
 
 Each rank generates its share of ``eval.n`` images from one global set of latents, computes features, and
 the features are gathered; rank 0 computes the registered metrics (distgan.metrics.registry) against real
-statistics that are read once (and cached in the data set's cache folder, distgan.metrics.cache). Every figure has a real-vs-real reference
-(train split vs test split), the floor a generator can reach on that figure.
+statistics that are read once (and cached in the data set's cache folder, distgan.metrics.cache). Every
+figure has a real-vs-real reference (train split vs test split), the floor a generator can reach on it.
 
 Choices that make figures comparable and reproducible:
 - The real images are a fixed sample (seed REAL_SEED, whatever the run seed): runs compare on the same set.
