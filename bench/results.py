@@ -270,9 +270,18 @@ def load_results(results: Path = RESULTS) -> tuple[dict[str, dict], Optional[dic
         folder = results / run.name
         if (folder / "run.json").is_file() and (folder / "eval.json").is_file():
             found[run.name] = {"run": json.loads((folder / "run.json").read_text()),
-                               "eval": json.loads((folder / "eval.json").read_text())}
+                               "eval": _renamed(json.loads((folder / "eval.json").read_text()))}
     classifier = results / "classifier.json"
     return found, json.loads(classifier.read_text()) if classifier.is_file() else None
+
+
+def _renamed(evaluation: dict) -> dict:
+    """An eval.json written before KID was reported x1e3 (``kid``, ``kid_std``: raw MMD^2) in today's names."""
+    for record in (evaluation, evaluation.get("reference", {})):
+        for old, new in registry.RENAMED_FIGURES.items():
+            if old in record and new not in record:
+                record[new] = record[old] * 1e3
+    return evaluation
 
 
 # the table's figure columns: (header, template) of every registered metric, in registration order
