@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm import tqdm
+
+from distgan import console
 from distgan.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def _train(batches: Iterable[tuple[Tensor, Tensor]], model: FeatureClassifier, s
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / steps)))
     model.train()
     stream = iter(batches)
-    for step in tqdm(range(steps), desc="feature classifier", unit="step", disable=not progress, mininterval=1.0):
+    for step in console.progress(range(steps), desc="feature classifier", unit="step", show=progress, mininterval=1.0):
         try:
             images, labels = next(stream)
         except StopIteration:
