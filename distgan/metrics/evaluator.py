@@ -42,6 +42,7 @@ from distgan.metrics.frechet import load_reference_stats, save_reference_stats
 from distgan.metrics.parzen import PARZEN_SAMPLES, PARZEN_TEST, PARZEN_VALIDATION
 from distgan.metrics.registry import METRICS, Metric, MetricContext, names
 from distgan.nn import sample_latent
+from distgan.output import Output, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +358,18 @@ class _Lazy(Mapping):
         return len(self._get())
 
 
+def _reference_stats_only(path: Path) -> None:
+    """An existing --out is replaced only when it is reference statistics (an .npz with mu and sigma)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            ours = {"mu", "sigma"} <= set(data.files)
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise OutputError(f"--out {path} exists and is not reference statistics (an .npz with mu and sigma); it was "
+                          "kept: move it away or choose another --out")
+
+
 def write_reference_stats(data_cfg: DataConfig, eval_cfg: EvalConfig, out: Path, device: torch.device) -> dict:
     """``python -m distgan.eval stats``: mu and sigma of eval.n real train images' features, pytorch-fid's layout."""
     info = read_dataset_info(data_cfg.path, allow_pipe=data_cfg.allow_pipe)
@@ -364,7 +377,8 @@ def write_reference_stats(data_cfg: DataConfig, eval_cfg: EvalConfig, out: Path,
     evaluator = Evaluator(dataclasses.replace(eval_cfg, metrics=["fd"], reference_stats=None), data_cfg, info, device,
                           seed=0)
     features = evaluator.real_data()["train_features"]
-    save_reference_stats(out, features)
+    with Output(out, check=_reference_stats_only) as partial:  # distgan.output: never over another file
+        save_reference_stats(partial, features)
     return {"stats": str(out), "images": len(features), "dim": int(features.shape[1]), "features": evaluator.net.kind,
             "data": data_cfg.path}
 
