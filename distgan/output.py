@@ -190,7 +190,8 @@ class Output:
         self.check = check or refuse_existing(flag)
         self.lock = TargetLock(self.target, self.given, flag)
         self.tmp: Optional[Path] = None
-        self._found: Optional[tuple[int, int]] = None  # (device, inode) of the target accepted at the start
+        self._found: Optional[tuple[int, int, int]] = None  # (device, inode, ctime) of the target accepted at the start
+        self._was_empty = False  # that target was an empty folder, taken over (empty_folder_ok)
 
     # ---------------------------------------------------------------- start
 
@@ -216,15 +217,16 @@ class Output:
             self.abort()
             raise
 
-    def _accept(self) -> Optional[tuple[int, int]]:
+    def _accept(self) -> Optional[tuple[int, int, int]]:
         """The identity of an existing target this write may replace (None: there is none); refuses otherwise."""
         try:
             found = os.lstat(self.target)
         except FileNotFoundError:
             return None
-        if not (self.empty_folder_ok and self._is_empty_folder()):
+        self._was_empty = self.empty_folder_ok and self._is_empty_folder()
+        if not self._was_empty:
             self.check(self.given)
-        return found.st_dev, found.st_ino
+        return found.st_dev, found.st_ino, found.st_ctime_ns
 
     def _is_empty_folder(self) -> bool:
         return self.target.is_dir() and not self.target.is_symlink() and not any(self.target.iterdir())
@@ -254,11 +256,10 @@ class Output:
         except FileNotFoundError:
             now = None
         if now is not None:
-            if self._found != (now.st_dev, now.st_ino):
-                raise OutputError(f"{self.flag} {self.given} appeared while distgan was writing it; it was kept "
-                                  f"and nothing was written: move it away or choose another {self.flag}")
-            if self.empty_folder_ok and self._is_empty_folder():
-                self._take_empty_folder()
+            if self._was_empty and self._found is not None and self._found[:2] == (now.st_dev, now.st_ino):
+                self._take_empty_folder()  # still the folder found empty, unless a file came meanwhile
+            elif self._found != (now.st_dev, now.st_ino, now.st_ctime_ns):  # a new inode may reuse the number
+                raise self._kept("changed" if self._found is not None else "appeared")
             else:
                 self.check(self.given)  # changed meanwhile into something the check refuses: kept
                 aside = self.tmp / ".replaced"
@@ -272,15 +273,15 @@ class Output:
                 return
         try:
             rename_noreplace(new, self.target)
-        except FileExistsError:
-            raise OutputError(f"{self.flag} {self.given} appeared while distgan was writing it; it was kept and "
-                              f"nothing was written: move it away or choose another {self.flag}") from None
-        except OSError as err:
+        except OSError as err:  # FileExistsError, or ENOTEMPTY from a folder renamed onto one
             if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-            raise OutputError(f"{self.flag} {self.given} appeared while distgan was writing it; it was kept and "
-                              f"nothing was written: move it away or choose another {self.flag}") from None
+            raise self._kept("appeared") from None
         self._fsync_parent()
+
+    def _kept(self, what: str) -> OutputError:
+        return OutputError(f"{self.flag} {self.given} {what} while distgan was writing it; it was kept and nothing "
+                           f"was written: move it away or choose another {self.flag}")
 
     def _take_empty_folder(self) -> None:
         try:

@@ -185,7 +185,10 @@ def test_killed_rank_fails_the_job_quickly_without_requeue(slurm_cluster, fashio
     assert info["Restarts"] == "0" and info["ExitCode"] != "0:0", info
     assert "srun: error: n2: task 1: Exited with exit code" in log, log
     assert "Signal 9 (SIGKILL) received by PID" in log  # the launcher on n2 names the dead rank
-    assert "training FAILED (srun exit status 1)" in log and "Not requeued" in log
+    # srun's status is the highest of its tasks': 1 when rank 0 noticed the dead peer and exited first, 143 when
+    # --kill-on-bad-exit's SIGTERM reached rank 0's launcher first (the usual order on a loaded machine)
+    failed = re.search(r"training FAILED \(srun exit status (\d+)\)", log)
+    assert failed and failed.group(1) in ("1", "143") and "Not requeued" in log, log
     assert "requeueing" not in log and "got SIG" not in log
     assert_ended_cleanly(slurm_cluster, job, tmp_path)
 
