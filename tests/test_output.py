@@ -112,3 +112,20 @@ def test_stale_partials_of_dead_writers_are_removed_at_the_next_start(tmp_path):
         path.write_text("done")
     assert hidden(tmp_path) == [".out.partial-alive", ".out.partial-elsewhere", ".out.partial-unmarked"]
     assert remove_stale_partials(tmp_path) == []
+
+
+@pytest.mark.parametrize("existing", ["file", "empty folder", "folder"])
+def test_the_rename_itself_never_replaces_anything(tmp_path, existing):
+    from distgan.output import rename_noreplace
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir() if existing != "file" else src.write_text("new")
+    if existing == "file":
+        dst.write_text("theirs")
+    else:
+        dst.mkdir()
+        if existing == "folder":
+            (dst / "theirs").write_text("theirs")
+    with pytest.raises(OSError):
+        rename_noreplace(src, dst)
+    assert src.exists() and (dst.read_text() == "theirs" if existing == "file" else dst.is_dir())
