@@ -148,8 +148,12 @@ try:
     lock.acquire()
 except ConfigError as err:
     print("refused:", err)
+    (run_dir / (me + ".decided")).touch()
     sys.exit(0)
-time.sleep(1)  # hold it while the other one decides
+(run_dir / (me + ".decided")).touch()
+deadline = time.time() + 120
+while not (run_dir / (other + ".decided")).exists() and time.time() < deadline:
+    time.sleep(0.01)  # hold it until the other one has decided (not a fixed time: a loaded machine is slow)
 print("held", json.loads((run_dir / ".lock").read_text())["pid"] == os.getpid())
 """
 
