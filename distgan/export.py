@@ -53,11 +53,14 @@ def export_generator(path: Path, model: torch.nn.Module, generator_cfg: Generato
 
 
 def _own_export(path: Path) -> None:
-    """Only an earlier export (a file with distgan metadata) is replaced by a new one: never anything else."""
+    """Only an earlier export (a safetensors file with distgan metadata, of any version) is replaced by a new one."""
     try:
-        read_export_metadata(path)
-    except ExportError as err:
-        raise OutputError(f"{path} exists and is not a distgan export ({err}); it was kept: move it away") from None
+        with safe_open(str(path), framework="pt") as fh:
+            ours = "distgan" in (fh.metadata() or {})
+    except (SafetensorError, OSError):
+        ours = False
+    if path.is_symlink() or not ours:
+        raise OutputError(f"{path} exists and is not a distgan export; it was kept: move it away")
 
 
 def _own_export_json(path: Path) -> None:

@@ -3,6 +3,7 @@ folder that appeared during its write, two writers of one --out never both succe
 training run writes its checkpoint and export before anything that may fail."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -152,3 +153,15 @@ def test_the_final_checkpoint_and_export_come_before_what_may_fail(tmp_path, mon
     assert (f"trained 2 steps; checkpoint {run / 'checkpoints' / 'step-00000002'} and export "
             f"{run / 'generator_ema.safetensors'} written; the end of the run failed: the {failing} failed"
             in said.out + said.err)
+
+
+def test_an_export_replaces_only_an_earlier_export(tmp_path):
+    cfg = GeneratorConfig(arch="mlp", z_dim=8, hidden=[16])
+    model = build_generator(cfg, 8, 1)
+    path = export_generator(tmp_path / "g.safetensors", model, cfg, 8, 1, None, 1, ema=True)
+    export_generator(path, model, cfg, 8, 1, None, 2, ema=True)  # the run's own, replaced
+    assert json.loads(path.with_suffix(".json").read_text())["step"] == 2
+    path.write_bytes(b"the user's file")
+    with pytest.raises(OutputError, match="is not a distgan export; it was kept"):
+        export_generator(path, model, cfg, 8, 1, None, 3, ema=True)
+    assert path.read_bytes() == b"the user's file"
