@@ -59,18 +59,23 @@ def test_sample_force_replaces_only_what_sample_writes(export, tmp_path, capsys)
 
 
 def test_sample_streams_in_blocks_and_bounds_a_grid_by_its_size(export, tmp_path, capsys, monkeypatch):
+    import distgan.generation as generation
+
     drawn = []
-    real = distgan.sample.sample_latent
-    monkeypatch.setattr(distgan.sample, "sample_latent", lambda n, *a: drawn.append(n) or real(n, *a))
+    real = generation.sample_latent
+    monkeypatch.setattr(generation, "sample_latent", lambda n, *a: drawn.append(n) or real(n, *a))
     model = build_generator(GeneratorConfig(arch="mlp", z_dim=8, hidden=[16]), 8, 1).eval()
-    batches = distgan.sample.generate_batches(model, 5_000_000, 8, "normal", 0, 64)
-    first = next(batches)  # generated on demand: nothing else is drawn or held
-    assert first.shape == (64, 1, 8, 8) and drawn == [distgan.sample.LATENT_BLOCK]
-    # the latents (so the images) do not depend on --batch
-    latents = torch.nn.Identity()
-    a = torch.cat(list(distgan.sample.generate_batches(latents, 5000, 8, "normal", 0, 7, truncation=1.0)))
-    b = torch.cat(list(distgan.sample.generate_batches(latents, 5000, 8, "normal", 0, 512, truncation=1.0)))
-    assert torch.equal(a, b) and a.shape == (5000, 8) and a.abs().max() <= 1.0
+    images = distgan.sample.stream(model, 5_000_000, 8, "normal", 0, 64)
+    first = next(images)  # generated on demand: one block of latents drawn, nothing else held
+    assert first.shape == (64, 1, 8, 8) and drawn == [generation.LATENT_BLOCK]
+    monkeypatch.undo()
+    # the streamed latents are generate()'s (the same images as the Python API), across a block boundary and for
+    # any --batch
+    n = generation.LATENT_BLOCK + 100
+    same = torch.nn.Identity()
+    streamed = torch.cat(list(distgan.sample.stream(same, n, 8, "normal", 0, 7_000, truncation=1.0)))
+    assert torch.equal(streamed, generation.latents(n, 8, "normal", 0, truncation=1.0)) and streamed.abs().max() <= 1
+    assert torch.equal(streamed, torch.cat(list(distgan.sample.stream(same, n, 8, "normal", 0, 512, truncation=1.0))))
     assert sample_main(["--export", str(export), "--n", "5000000", "--grid", "--out", str(tmp_path / "g")]) == 2
     err = capsys.readouterr().err
     assert "--n with --grid: a grid of 5000000 images" in err and "at most 1048576 images" in err
