@@ -79,13 +79,14 @@ def conditioning(args: argparse.Namespace, meta: dict) -> Optional[int]:
 
 
 def check_sample_size(args: argparse.Namespace, meta: dict) -> None:
-    """--n and --batch against the machine's memory before a latent is drawn: a grid holds the latents and images of
-    all --n images (single images and shards stream, see :func:`stream`), each batch its own."""
+    """--n and --batch against the machine's memory before a latent is drawn: the latents of all --n images (held at
+    once by a grid; single images and shards hold one block of them, see :func:`stream`), a grid's images, and each
+    batch's own."""
     g, resolution, channels = meta["generator"], meta["resolution"], meta["channels"]
     rows = len(meta["classes"]) if args.per_class and meta.get("classes") else 1
     fix = "ask for fewer images (--n), or run the command several times with other --seed values"
+    check_count("--n", args.n, rows * g["z_dim"] * FLOAT_BYTES, fix)
     if args.grid or args.interpolate or args.per_class:
-        check_count("--n", args.n, rows * g["z_dim"] * FLOAT_BYTES, fix)
         check_images("--n", args.n, rows * args.n, resolution, channels, fix)
     check_images("--batch", args.batch, min(args.batch, args.n), resolution, channels, "use a smaller --batch")
 
