@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from distgan.data.untrusted import read_regular_file
 from distgan.errors import UserError
 from distgan.errors import shown as _shown
+from distgan.output import Output, remove_stale_partials
 
 log = logging.getLogger(__name__)
 
@@ -89,35 +90,29 @@ def save_checkpoint(
     config_yaml: str = "",
     metadata: Optional[dict[str, dict]] = None,
 ) -> Path:
-    """Write ``directory/step-XXXXXXXX`` atomically (temp folder, fsync, rename); keep the last ``keep``.
+    """Write ``directory/step-XXXXXXXX`` through distgan.output (temp sibling, fsync, lock, rename that replaces only
+    an earlier checkpoint of the same step, partial removed on any error); keep the last ``keep``.
     ``metadata``: per module name, a JSON-able dict stored as the weights file's ``distgan`` metadata (a
     generator's export metadata, so the checkpoint's G_ema samples like an export)."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{state.step:08d}"
-    tmp = directory / f".tmp-step-{state.step:08d}-{os.getpid()}"  # this process's own: another's is left alone
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        _write_files(tmp, state, modules, optim_state, config_yaml, metadata or {})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replaced = None
-    if final.exists():  # a re-run of the same step: move the old one aside first, delete it only after the rename
-        replaced = directory / f".replaced-{final.name}-{os.getpid()}"
-        os.rename(final, replaced)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if replaced is not None:
-            os.rename(replaced, final)
-        raise
-    fsync_dir(directory)
-    if replaced is not None:
-        shutil.rmtree(replaced, ignore_errors=True)
+    with Output(final, folder=True, check=_earlier_checkpoint, flag="checkpoint") as partial:
+        _write_files(partial, state, modules, optim_state, config_yaml, metadata or {})
     _prune(directory, keep)
     return final
+
+
+CHECKPOINT_FILES = {"G.safetensors", "D.safetensors", "G_ema.safetensors", "optim.pt", "config.yaml", "state.json"}
+
+
+def _earlier_checkpoint(path: Path) -> None:
+    """A re-run of a step replaces that step's checkpoint (complete or not), never a folder holding anything else."""
+    if path.is_symlink() or not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a checkpoint folder; it was kept: move it away")
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in CHECKPOINT_FILES)
+    if foreign:
+        raise CheckpointError(f"{path} holds {foreign[0]}, which is not a checkpoint's file; it was kept: move it "
+                              "away, then resume")
 
 
 def _write_files(folder: Path, state: TrainState, modules: dict[str, torch.nn.Module], optim_state: dict,
@@ -147,10 +142,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _prune(directory: Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints; remove temp folders whose writer (a pid on this host) is gone."""
+    """Keep the newest ``keep`` checkpoints; remove temp folders whose writer (a pid on this host) is gone: distgan's
+    marked partials, and the ``.tmp-step-N-PID`` folders of versions before distgan.output."""
     complete = list_checkpoints(directory)
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    remove_stale_partials(directory)
     for stale in list(directory.glob(".tmp-step-*")) + list(directory.glob(".replaced-step-*")):
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):  # left by a crash mid-write

@@ -31,12 +31,22 @@ from distgan.errors import UserError
 from distgan.limits import FLOAT_BYTES, check_count, check_seed
 from distgan.metrics import registry
 from distgan.metrics.feature_net import TRAIN_FEATURES_DEFAULTS, train_feature_classifier
+from distgan.output import Output, OutputError
 
 
 def _write_json_atomic(path: Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Through distgan.output: an existing file is replaced only when it is an earlier evaluation's record."""
+    def earlier_record(target: Path) -> None:
+        try:
+            ours = isinstance(json.loads(target.read_text()), dict) and target.is_file() and not target.is_symlink()
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise OutputError(f"{target} exists and is not an evaluation record distgan wrote; it was kept: move it "
+                              "away")
+
+    with Output(path, check=earlier_record, flag="eval.json") as partial:
+        partial.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _device(name: Optional[str]) -> torch.device:

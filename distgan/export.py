@@ -10,7 +10,6 @@ generator cropped. An export written before ``pad`` existed has none: 0.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -28,6 +27,7 @@ from distgan.data.untrusted import require_regular_file
 from distgan.errors import UserError, shown
 from distgan.limits import FLOAT_BYTES, MAX_RESOLUTION, LimitError, check_count, check_hidden
 from distgan.nn import build_generator, cropped
+from distgan.output import Output, OutputError, replace_file_with_force
 
 EXPORT_VERSION = 1
 EXPORT_FILE = "generator_ema.safetensors"  # what a finished run exports into its run dir
@@ -45,11 +45,31 @@ def export_generator(path: Path, model: torch.nn.Module, generator_cfg: Generato
     """Write the weights (metadata inside) atomically, then the readable ``.json`` beside them; ``resolution``: the
     generator's, ``pad``: pixels cropped from each side of its images (the run's data.pad)."""
     meta = generator_metadata(generator_cfg, resolution, channels, classes, step, ema, pad)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(module_tensors(model), str(tmp), metadata={"distgan": json.dumps(meta)})
-    os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    with Output(path, check=_own_export, flag="export") as partial:
+        save_file(module_tensors(model), str(partial), metadata={"distgan": json.dumps(meta)})
+    with Output(path.with_suffix(".json"), check=_own_export_json, flag="export") as partial:
+        partial.write_text(json.dumps(meta, indent=2))
     return path
+
+
+def _own_export(path: Path) -> None:
+    """Only an earlier export (a safetensors file with distgan metadata, of any version) is replaced by a new one."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            ours = "distgan" in (fh.metadata() or {})
+    except (SafetensorError, OSError):
+        ours = False
+    if path.is_symlink() or not ours:
+        raise OutputError(f"{path} exists and is not a distgan export; it was kept: move it away")
+
+
+def _own_export_json(path: Path) -> None:
+    try:
+        record = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError):
+        record = None
+    if not (isinstance(record, dict) and "format_version" in record and "generator" in record):
+        raise OutputError(f"{path} exists and is not the metadata of a distgan export; it was kept: move it away")
 
 
 class ExportError(UserError):
@@ -172,11 +192,12 @@ def load_generator_export(path: str | Path, device: str | torch.device = "cpu") 
     return cropped(model, meta["pad"]).to(device).eval(), meta
 
 
-def export_onnx(model: torch.nn.Module, meta: dict, path: Path, check_batch: int = 8, seed: int = 0) -> dict:
+def export_onnx(model: torch.nn.Module, meta: dict, path: Path, check_batch: int = 8, seed: int = 0,
+                force: bool = False) -> dict:
     """The generator as ONNX (input ``z`` [batch, z_dim], and ``y`` [batch] int64 class indices for a conditional
     one; output ``images`` [batch, C, R, R] in [-1, 1], any batch, R the data's: a padded run's ``model`` comes
     cropped), its metadata (the class names included) in the model's metadata_props, then run by onnxruntime
-    against PyTorch on the same latents and classes."""
+    against PyTorch on the same latents and classes. An existing ``path`` is replaced only with ``force``."""
     try:
         import onnx
         import onnxruntime
@@ -191,20 +212,19 @@ def export_onnx(model: torch.nn.Module, meta: dict, path: Path, check_batch: int
     if g.get("conditional"):  # every class in turn, so the check sees each class's parameters
         inputs["y"] = torch.arange(check_batch, dtype=torch.int64) % len(meta["classes"])
     batch = torch.export.Dim("batch", min=1)
-    tmp = path.with_name(path.name + ".tmp")
-    model = model.cpu().eval()
-    torch.onnx.export(model, tuple(inputs.values()), str(tmp), input_names=list(inputs), output_names=["images"],
-                      dynamo=True, dynamic_shapes={name: {0: batch} for name in inputs}, verbose=False)
-    proto = onnx.load(str(tmp))
-    onnx.helper.set_model_props(proto, {"distgan": json.dumps(meta)})
-    onnx.save(proto, str(tmp))
-    session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    (images,) = session.run(["images"], {name: value.numpy() for name, value in inputs.items()})
-    with torch.no_grad():
-        expected = model(*inputs.values()).numpy()
-    difference = float(abs(images - expected).max())
-    if images.shape != expected.shape or not difference < 1e-4:  # float32 kernels differ by rounding only
-        raise ExportError(f"{path}: onnxruntime's images differ from PyTorch's by {difference} (shape {images.shape} vs "
-                          f"{expected.shape}); the model was not written")
-    os.replace(tmp, path)
+    with Output(path, check=replace_file_with_force("--onnx", force), flag="--onnx") as tmp:
+        model = model.cpu().eval()
+        torch.onnx.export(model, tuple(inputs.values()), str(tmp), input_names=list(inputs), output_names=["images"],
+                          dynamo=True, dynamic_shapes={name: {0: batch} for name in inputs}, verbose=False)
+        proto = onnx.load(str(tmp))
+        onnx.helper.set_model_props(proto, {"distgan": json.dumps(meta)})
+        onnx.save(proto, str(tmp))
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        (images,) = session.run(["images"], {name: value.numpy() for name, value in inputs.items()})
+        with torch.no_grad():
+            expected = model(*inputs.values()).numpy()
+        difference = float(abs(images - expected).max())
+        if images.shape != expected.shape or not difference < 1e-4:  # float32 kernels differ by rounding only
+            raise ExportError(f"{path}: onnxruntime's images differ from PyTorch's by {difference} (shape "
+                              f"{images.shape} vs {expected.shape}); the model was not written")
     return {"onnx": str(path), "checked_batch": check_batch, "max_abs_difference": difference}

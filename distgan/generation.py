@@ -45,16 +45,27 @@ def truncate(z: Tensor, value: float, mode: str, gen: torch.Generator, flag: str
     return z
 
 
+LATENT_BLOCK = 1 << 16  # latents are drawn this many at a time: a stream of any length holds one block
+
+
+def latent_blocks(n: int, z_dim: int, z_dist: str, seed: int, truncation: Optional[float] = None,
+                  mode: str = "resample") -> Iterator[Tensor]:
+    """The latents of :func:`latents`, LATENT_BLOCK at a time, drawn as they are consumed."""
+    if truncation is not None and z_dist != "normal":
+        raise UserError(f"--truncation: the generator draws {z_dist} latents; truncation is for normal ones")
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, n, LATENT_BLOCK):
+        z = sample_latent(min(LATENT_BLOCK, n - start), z_dim, z_dist, gen)
+        yield z if truncation is None else truncate(z, truncation, mode, gen)
+
+
 def latents(n: int, z_dim: int, z_dist: str, seed: int, truncation: Optional[float] = None,
             mode: str = "resample") -> Tensor:
     """``n`` latent vectors drawn from ``seed`` on the CPU (the same numbers on any device), truncated if asked."""
-    gen = torch.Generator().manual_seed(seed)
-    z = sample_latent(n, z_dim, z_dist, gen)
-    if truncation is not None:
-        if z_dist != "normal":
-            raise UserError(f"--truncation: the generator draws {z_dist} latents; truncation is for normal ones")
-        z = truncate(z, truncation, mode, gen)
-    return z
+    blocks = list(latent_blocks(n, z_dim, z_dist, seed, truncation, mode))
+    if not blocks:
+        return sample_latent(0, z_dim, z_dist)
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
 def class_index(value: Union[str, int], classes: Sequence[str], flag: str = "class") -> int:

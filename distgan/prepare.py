@@ -17,6 +17,7 @@ from distgan.data.errors import DataError
 from distgan.data.raw import SOURCES, SPLITS, open_source
 from distgan.data.shards import check_output_dir, write_shards
 from distgan.limits import FLOAT_BYTES, check_images, check_resolution
+from distgan.stop import stop_cleanly
 
 log = logging.getLogger("distgan.prepare")
 
@@ -88,7 +89,9 @@ def prepare(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    return run_command("distgan.prepare", lambda: prepare(args), debug=args.debug, args=args)
+    # Ctrl-C and SIGTERM end it cleanly: the partial shards are removed, exit 130 / 143
+    return run_command("distgan.prepare", lambda: stop_cleanly("distgan.prepare", lambda: prepare(args)),
+                       debug=args.debug, args=args)
 
 
 if __name__ == "__main__":

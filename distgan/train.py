@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -32,6 +33,7 @@ def build_parser(described: Optional[Config] = None,
     add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=1000 run.dir=runs/a")
     return parser
+from distgan.stop import Interrupted, exit_status
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,6 +80,14 @@ def train(args: argparse.Namespace) -> int:
     except NonFiniteError as err:  # the run diverged: not the user's typo, but not a bug either
         print(f"distgan.train: error: {err}", file=sys.stderr)
         return 3
+    except Interrupted:  # Ctrl-C: training stopped after the step, with a checkpoint (SIGTERM/SIGUSR1 exit 0)
+        print(f"distgan.train: stopped on Ctrl-C after a checkpoint; --resume auto continues ({cfg.run.dir})",
+              file=sys.stderr)
+        return exit_status(signal.SIGINT)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one while starting
+        print(f"distgan.train: interrupted: stopped at once, without a checkpoint; --resume auto continues from the "
+              f"last one in {cfg.run.dir}/checkpoints", file=sys.stderr)
+        return exit_status(signal.SIGINT)
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from distgan.objective import Figures, call
 from distgan.precision import loss_scale, step_unless, unscale_and_norm
 from distgan.health import StepHealth
 from distgan.rundir import RunDirLock, claim_run_dir, record_config
-from distgan.stop import StopRequest, StopVote
+from distgan.stop import Interrupted, StopRequest, StopVote
 from distgan.tracking import (
     RunLog, end_lines, init_trackers, sample_grids, save_gif, save_grid, tracker_config, wandb_init_kwargs,
     wandb_mode_for_environment,
@@ -144,6 +145,16 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> TrainState:
+        """Train to train.steps, or until a stop request (then a checkpoint); a second Ctrl-C aborts at once,
+        releasing the run dir's lock (KeyboardInterrupt goes on to the caller)."""
+        try:
+            return self._fit()
+        except KeyboardInterrupt:
+            self.lock.release()
+            self.stop.restore()
+            raise
+
+    def _fit(self) -> TrainState:
         cfg, st = self.cfg, self.state
         self._start_run_dir()
         data = self.data_stream()
@@ -159,7 +170,9 @@ class Trainer:
             self.train_step(data, window)
             # --- sync points: health check (and BN buffers); log, samples, evaluation, checkpoint; stop request
             log_due, sample_due = every(cfg.log.every), every(cfg.log.sample_every)
-            eval_due = self.evaluator is not None and (every(cfg.eval.every) if cfg.eval.every else st.step == cfg.train.steps)
+            # the last step's evaluation runs in _finish, after the final checkpoint and the export
+            eval_due = (self.evaluator is not None and st.step < cfg.train.steps
+                        and bool(cfg.eval.every) and every(cfg.eval.every))
             save_due = st.step % cfg.checkpoint.every == 0 and st.step < cfg.train.steps
             if log_due or sample_due or eval_due or save_due:
                 self.check_health()
@@ -181,6 +194,8 @@ class Trainer:
         self.check_health()
         self.sync_buffers()
         self._finish(stopped, time.perf_counter() - started)
+        if stopped and self.stop.interrupted():
+            raise Interrupted(signal.SIGINT)  # Ctrl-C, after the checkpoint: the caller's KeyboardInterrupt
         return st
 
     def data_stream(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -458,35 +473,42 @@ class Trainer:
         acc.wait_for_everyone()
 
     def _finish(self, stopped: bool, seconds: float) -> None:
-        """The last checkpoint (unless the stop came right after one), the export, plots and GIF; trackers finish
-        (wandb prints its summary) before the last lines say where to look."""
+        """The last checkpoint (unless the stop came right after one) and, for a finished run, the export; only then
+        what may fail without costing them: the last evaluation, the plots and the GIF (their error is raised once
+        the run is closed). Trackers finish (wandb prints its summary) before the last lines say where to look."""
         acc, st = self.accelerator, self.state
         # a stop is checked after the step's checkpoint: at a multiple of checkpoint.every it is already written
         saved_at_stop = stopped and st.step % self.cfg.checkpoint.every == 0
         path = self._last_checkpoint() if saved_at_stop else self.save()
+        failure: Optional[Exception] = None
+        if not stopped:
+            failure = self._on_main_process_alone(self._export)
+            if failure is None:
+                try:
+                    if self.evaluator is not None:
+                        self.evaluate(st.step)  # every rank: a collective
+                except Exception as err:  # reported after the run is closed: the checkpoint and export are written
+                    failure = err
+                failure = failure or self._on_main_process_alone(self._plots)
         lines: list[str] = []
-        # export, plots, GIF (and the metrics stack for the end lines) on rank 0 alone: the others wait on gloo
-        with main_process_work(acc, self.cfg.data.prepare_timeout_s):
-            if acc.is_main_process:
-                if stopped:
-                    lines.append(f"stopped at step {st.step} on request ({self.stop.reason()}); checkpoint {path}; "
-                                 "continue with --resume auto")
-                    self.stop.clear()
-                else:
-                    self._export()
-                    from distgan.plots import plot_run  # matplotlib loads only at the end of a run
+        if acc.is_main_process:
+            if stopped:
+                lines.append(f"stopped at step {st.step} on request ({self.stop.reason()}); checkpoint {path}; "
+                             "continue with --resume auto")
+                self.stop.clear()
+            elif failure is not None:
+                lines.append(f"trained {st.step} steps; checkpoint {path} and export {self.run_dir / EXPORT_FILE} "
+                             "written; the end of the run failed: "
+                             f"{(str(failure).strip().splitlines() or [type(failure).__name__])[-1]}")
+            else:
+                lines.append(f"done: {st.step} steps, {st.images_seen} images in {seconds:.0f} s; "
+                             f"run dir {self.run_dir}")
+                final = self.last_eval[1] if self.last_eval is not None and self.last_eval[0] == st.step else None
+                from distgan.metrics.cache import find_classifier  # the metrics stack loads only at the end
 
-                    plot_run(self.run_dir)
-                    if self.cfg.log.gif:
-                        save_gif(sample_grids(self.run_dir), self.run_dir / "progress.gif")
-                    lines.append(f"done: {st.step} steps, {st.images_seen} images in {seconds:.0f} s; "
-                                 f"run dir {self.run_dir}")
-                    final = self.last_eval[1] if self.last_eval is not None and self.last_eval[0] == st.step else None
-                    from distgan.metrics.cache import find_classifier  # the metrics stack loads only at the end
-
-                    scorable = find_classifier(self.cfg.data.path) is not None
-                    lines += end_lines(self.run_dir, st.step, final, self.classes, scorable)
-                self.run_log.close()
+                scorable = find_classifier(self.cfg.data.path) is not None
+                lines += end_lines(self.run_dir, st.step, final, self.classes, scorable)
+            self.run_log.close()
         self.stop.restore()
         for tracker in acc.trackers:
             tracker.finish()
@@ -495,6 +517,27 @@ class Trainer:
                 say(line)
             self.lock.release()
         acc.wait_for_everyone()
+        if failure is not None:
+            raise failure
+
+    def _on_main_process_alone(self, work: Callable[[], object]) -> Optional[Exception]:
+        """WORK (export, plots, GIF) on the main process while the others wait on gloo up to data.prepare_timeout_s
+        (distributed.main_process_work); its error is returned, not raised, so every rank leaves the wait together."""
+        error: Optional[Exception] = None
+        with main_process_work(self.accelerator, self.cfg.data.prepare_timeout_s):
+            if self.accelerator.is_main_process:
+                try:
+                    work()
+                except Exception as err:
+                    error = err
+        return error
+
+    def _plots(self) -> None:
+        from distgan.plots import plot_run  # matplotlib loads only at the end of a run
+
+        plot_run(self.run_dir)
+        if self.cfg.log.gif:
+            save_gif(sample_grids(self.run_dir), self.run_dir / "progress.gif")
 
     def close(self) -> None:
         """End the process group; call once, after the last fit() of this process."""

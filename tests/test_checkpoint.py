@@ -114,10 +114,14 @@ def test_a_version_1_checkpoint_without_later_counters_still_loads(tmp_path):
 
 def test_every_file_and_the_folder_are_fsynced_before_the_rename(tmp_path, monkeypatch):
     events = []
-    real_fsync, real_rename = os.fsync, os.rename
+    real_fsync = os.fsync
     monkeypatch.setattr(ck.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
                                                     real_fsync(fd))[1])
-    monkeypatch.setattr(ck.os, "rename", lambda a, b: (events.append(("rename", str(a), str(b))), real_rename(a, b))[1])
+    import distgan.output
+
+    real_rename = distgan.output.rename_noreplace  # the rename into place (distgan.output)
+    monkeypatch.setattr(distgan.output, "rename_noreplace",
+                        lambda a, b: (events.append(("rename", str(a), str(b))), real_rename(a, b))[1])
     monkeypatch.setattr(ck.os, "replace", lambda a, b: events.append(("replace", str(a), str(b))))
     final = save_checkpoint(tmp_path, TrainState(step=3), {"G": _model()}, {"g": {}}, keep=2, config_yaml="a: 1\n")
     monkeypatch.undo()

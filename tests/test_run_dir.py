@@ -149,8 +149,12 @@ try:
     lock.acquire()
 except ConfigError as err:
     print("refused:", err)
+    (run_dir / (me + ".decided")).touch()
     sys.exit(0)
-time.sleep(1)  # hold it while the other one decides
+(run_dir / (me + ".decided")).touch()
+deadline = time.time() + 120
+while not (run_dir / (other + ".decided")).exists() and time.time() < deadline:
+    time.sleep(0.01)  # hold it until the other one has decided (not a fixed time: a loaded machine is slow)
 print("held", json.loads((run_dir / ".lock").read_text())["pid"] == os.getpid())
 """
 
@@ -199,19 +203,24 @@ def test_resume_auto_skips_a_corrupt_or_truncated_checkpoint_and_says_why(tmp_pa
 
 def test_resaving_a_step_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path, monkeypatch):
     _save(tmp_path, 5, value=1.0)
-    real_rename = os.rename
 
-    def failing_rename(src, dst):
-        if str(src).endswith(f"-{os.getpid()}") and ".tmp-step" in str(src):
-            raise OSError("disk gone")
-        return real_rename(src, dst)
+    def failing_rename(src, dst):  # the new checkpoint's rename into place, after the old one was moved aside
+        raise OSError("disk gone")
 
-    monkeypatch.setattr(ck.os, "rename", failing_rename)
+    monkeypatch.setattr("distgan.output.rename_noreplace", failing_rename)
     with pytest.raises(OSError):
         _save(tmp_path, 5, value=2.0)
     monkeypatch.undo()
-    assert _steps_in(tmp_path) == ["step-00000005"]
+    assert _steps_in(tmp_path) == ["step-00000005"] and sorted(p.name for p in tmp_path.iterdir()) == ["step-00000005"]
     assert load_file(str(tmp_path / "step-00000005" / "G.safetensors"))["weight"][0, 0] == 1.0
+
+
+def test_a_step_folder_holding_the_users_files_is_never_replaced(tmp_path):
+    (tmp_path / "step-00000005").mkdir()
+    (tmp_path / "step-00000005" / "notes.txt").write_text("mine")
+    with pytest.raises(ck.CheckpointError, match="holds notes.txt, which is not a checkpoint's file; it was kept"):
+        _save(tmp_path, 5)
+    assert [p.name for p in (tmp_path / "step-00000005").iterdir()] == ["notes.txt"]
 
 
 def _steps_in(directory):

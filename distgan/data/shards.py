@@ -12,9 +12,7 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
@@ -28,6 +26,7 @@ from distgan.config import DataConfig
 from distgan.data.download import REMOTES
 from distgan.data.errors import CorruptShardError, DataError
 from distgan.data.raw import SOURCES
+from distgan.output import Output
 from distgan.data.tar import check_url, load_shard_bytes, tar_samples, url_scheme
 from distgan.data.untrusted import parse_npy, read_regular_file
 from distgan.errors import shown
@@ -108,17 +107,6 @@ def write_dataset_json(out_dir: Path, info: DatasetInfo) -> None:
     (out_dir / DATASET_JSON).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; an existing ``out`` is swapped aside first, then removed."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def check_output_dir(out: str | os.PathLike, force: bool, protect: Iterable[str | os.PathLike] = ()) -> None:
     """Refuse an output that writing shards would damage (DataError naming the path and the fix).
 
@@ -185,23 +173,19 @@ def write_shards(
 ) -> DatasetInfo:
     """Write uint8 images (HxW, HxWxC or CxHxW arrays or CPU tensors, one square size) as shards + dataset.json.
 
-    Everything is written into a temporary folder beside ``out_dir`` and renamed into place at the end,
-    so a failure never leaves a partial dataset. A label < 0 means unknown (no .cls is written). An existing
+    Everything is written into a temporary folder beside ``out_dir`` and renamed into place at the end
+    (distgan.output.Output), so a failure, Ctrl-C or SIGTERM never leaves a partial dataset. A label < 0 means unknown (no .cls is written). An existing
     ``out_dir`` is replaced only as ``check_output_dir(out_dir, force, protect)`` allows.
     """
     if shard_size < 1:
         raise DataError(f"shard_size = {shard_size}: must be at least 1")
     check_output_dir(out_dir, force, protect)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # an absolute folder: the shard writer (webdataset's gopen) never sees something it could take for a URL
-    tmp = Path(tempfile.mkdtemp(dir=out.absolute().parent, prefix=f".{out.name}.partial-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset should get the usual permissions
     label_iter = iter(labels) if labels is not None else None
     count, shape = 0, None
-    try:
+    # written beside out_dir and renamed into place under a lock, with out_dir checked again then (distgan.output)
+    with Output(out, folder=True, check=lambda target: check_output_dir(target, force, protect)) as tmp:
+        # an absolute folder: the shard writer (webdataset's gopen) never sees something it could take for a URL
         pattern = str(tmp).replace("%", "%%") + os.sep + SHARD_PATTERN  # the writer %-formats the whole path
         writer = wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=TAR_MTIME)
         bar = tqdm(total=total, desc=f"writing {out.name}", unit="img", file=sys.stderr, disable=not progress)
@@ -228,10 +212,6 @@ def write_shards(
         shard_names = sorted(p.name for p in tmp.glob("shard-*.tar"))
         info = DatasetInfo(count, shape[0], shape[2], classes, shard_names, source, split)
         write_dataset_json(tmp, info)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     info.shards = [str(out / name) for name in shard_names]
     log.info("wrote %d images (%dx%dx%d) in %d shards to %s", count, *shape, len(shard_names), out)
     return info

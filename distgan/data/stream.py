@@ -20,6 +20,7 @@ import itertools
 import logging
 import os
 import shutil
+import signal
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Optional, Protocol
@@ -156,11 +157,18 @@ WORKER_NICENESS = 19  # the lowest priority: a data worker runs on the cores tra
 
 
 def _yield_to_training(worker_id: int) -> None:
-    """Lower a data worker's CPU priority. When training's threads take every core (train.cpu_threads = cores, the
+    """Ignore SIGINT and SIGTERM: a terminal, ``timeout`` and ``scancel`` signal the whole process group, and a
+    worker that dies of it makes the main process fail ("DataLoader worker ... killed by signal") before it can
+    checkpoint; the main process decides, and its workers end with it (PyTorch's worker loop exits when its parent
+    has gone).
+
+    Lower a data worker's CPU priority. When training's threads take every core (train.cpu_threads = cores, the
     CPU demo), a worker decoding shards at equal priority preempts one of them and every intra-op barrier waits for
     it (seen in the 2-core demo: 50 steps in 12-17 s instead of 1.9 s during the first epoch, while the worker
     decoded shards). At the lowest priority the worker decodes in the gaps, or while training waits for its block,
     which costs at most the decode itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         os.nice(WORKER_NICENESS)
     except (AttributeError, OSError):  # no nice() on this platform, or not permitted: run at equal priority

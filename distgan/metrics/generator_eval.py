@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,6 +19,19 @@ from distgan.metrics.evaluator import Evaluator
 from distgan.metrics.feature_net import ensure_feature_net
 from distgan.metrics.frechet import save_reference_stats
 from distgan.metrics.registry import names
+from distgan.output import Output, OutputError
+
+
+def _reference_stats_only(path: Path) -> None:
+    """An existing --out is replaced only when it is reference statistics (an .npz with mu and sigma)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            ours = {"mu", "sigma"} <= set(data.files)
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise OutputError(f"--out {path} exists and is not reference statistics (an .npz with mu and sigma); it was "
+                          "kept: move it away or choose another --out")
 
 
 def write_reference_stats(data_cfg: DataConfig, eval_cfg: EvalConfig, out: Path, device: torch.device) -> dict:
@@ -27,7 +41,8 @@ def write_reference_stats(data_cfg: DataConfig, eval_cfg: EvalConfig, out: Path,
     evaluator = Evaluator(dataclasses.replace(eval_cfg, metrics=["fd"], reference_stats=None), data_cfg, info, device,
                           seed=0)
     features = evaluator.real_data()["train_features"]
-    save_reference_stats(out, features)
+    with Output(out, check=_reference_stats_only) as partial:  # distgan.output: never over another file
+        save_reference_stats(partial, features)
     return {"stats": str(out), "images": len(features), "dim": int(features.shape[1]), "features": evaluator.net.kind,
             "data": data_cfg.path}
 
