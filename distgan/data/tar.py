@@ -10,7 +10,7 @@ import gzip
 import io
 import os
 import zlib
-from typing import BinaryIO, Iterator
+from typing import Iterator
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
