@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
@@ -20,8 +19,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Optional
 import numpy as np
 import webdataset as wds
 from PIL import Image
-from tqdm import tqdm
 
+from distgan import console
 from distgan.config import DataConfig
 from distgan.data.download import REMOTES
 from distgan.data.errors import CorruptShardError, DataError
@@ -188,7 +187,7 @@ def write_shards(
         # an absolute folder: the shard writer (webdataset's gopen) never sees something it could take for a URL
         pattern = str(tmp).replace("%", "%%") + os.sep + SHARD_PATTERN  # the writer %-formats the whole path
         writer = wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=TAR_MTIME)
-        bar = tqdm(total=total, desc=f"writing {out.name}", unit="img", file=sys.stderr, disable=not progress)
+        bar = console.progress(total=total, desc=f"writing {out.name}", unit="img", show=progress, leave=True)
         with bar:
             for index, image in enumerate(images):
                 image = _as_hwc(image, index)
