@@ -54,8 +54,13 @@ def penalty(kind: str, D: nn.Module, real: Tensor, fake: Tensor, x_hat: Optional
 
 
 def adversarial(kind: str, D: nn.Module, real: Tensor, fake: Tensor, real_labels: Optional[Tensor] = None,
-                fake_labels: Optional[Tensor] = None) -> Tensor:
-    """D's adversarial loss, calling D on the reals first and the fakes second (as a D phase does)."""
+                fake_labels: Optional[Tensor] = None, joint: bool = False) -> Tensor:
+    """D's adversarial loss, calling D on the reals first and the fakes second (as a D phase does with batch norm in
+    D), or (``joint``) once on both, reals first (as it does without: one forward, one spectral-norm iteration)."""
+    if joint:
+        labels = None if real_labels is None else torch.cat([real_labels, fake_labels])
+        real_logits, fake_logits = _call(D, torch.cat([real, fake]), labels).split(len(real))
+        return D_LOSS[kind](real_logits, fake_logits)
     return D_LOSS[kind](_call(D, real, real_labels), _call(D, fake, fake_labels))
 
 

@@ -388,6 +388,7 @@ def check_first_g_gradient(trainer: Trainer, rec: Recorder) -> None:
     if cfg.augment.policy or cfg.discriminator.dropout or cfg.train.max_grad_norm:
         return
     G, D = copy.deepcopy(rec.g_start), copy.deepcopy(rec.d_at_g)
+    D.requires_grad_(False)  # as the G phase holds it: frozen (spectral norm then does not iterate)
     z, labels = rec.g_inputs[0], rec.g_inputs[1:]
     logits = D(G(z, *labels), *labels)
     expected = ref.flat(ref.parameter_gradients(ref.G_LOSS[cfg.loss.kind](logits), G))
@@ -406,15 +407,20 @@ def check_first_d_gradient(trainer: Trainer, rec: Recorder) -> None:
     cfg, loss = trainer.cfg, trainer.cfg.loss
     if cfg.augment.policy or cfg.discriminator.dropout or cfg.train.max_grad_norm or cfg.discriminator.conditional:
         return
-    real, fake = rec.d_inputs[0][0], rec.d_inputs[1][0]
+    first, batch = rec.d_inputs[0][0], trainer.local_batch
+    joint = first.shape[0] == 2 * batch  # one D forward on real and fake together (a D without batch statistics)
+    if joint:
+        (real, fake), later = first.split(batch), rec.d_inputs[1:]
+    else:
+        real, fake, later = first, rec.d_inputs[1][0], rec.d_inputs[2:]
     D0 = copy.deepcopy(rec.d_start)  # a fresh copy per use: a forward moves spectral norm's power iteration
-    g_adv = ref.parameter_gradients(ref.adversarial(loss.kind, D0, real, fake), D0)
+    g_adv = ref.parameter_gradients(ref.adversarial(loss.kind, D0, real, fake, joint=joint), D0)
     recorded = rec.first_grads["d"]
     recorded = {k: recorded.get(k, torch.zeros_like(v)) for k, v in g_adv.items()}
     scale = ref.flat(g_adv).abs().max()
     expected = ref.flat(g_adv)
     if loss.penalty != "none":  # D's first phase is a regularization step at any interval
-        x_hat = rec.d_inputs[2][0] if loss.penalty == "wgan-gp" else None
+        x_hat = later[0][0] if loss.penalty == "wgan-gp" else None
         D0 = copy.deepcopy(rec.d_start)
         weighted = ref.flat(ref.parameter_gradients(ref.penalty(loss.penalty, D0, real, fake, x_hat), D0))
         weighted = weighted * loss.penalty_weight * ref.FACTOR[loss.penalty] * loss.penalty_interval

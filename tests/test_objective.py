@@ -128,6 +128,9 @@ def float64_trainer(monkeypatch):
     torch.set_num_threads(threads)
 
 
+BATCH = 8  # one process: D's real and fake batches
+
+
 def _one_step(run_dir, penalty: str, interval: int, weight: float):
     """One training step (plain SGD on D); returns D before it, D's saved weights after it and D's inputs in the
     first D phase (real, fake and for WGAN-GP the interpolates, in call order)."""
@@ -135,7 +138,7 @@ def _one_step(run_dir, penalty: str, interval: int, weight: float):
 
     norm = "layer" if penalty == "wgan-gp" else "batch"
     cfg = load_config("smoke", [
-        f"run.dir={run_dir}", "train.steps=1", "train.batch_size=8", "log.every=1", "log.sample_every=1000",
+        f"run.dir={run_dir}", "train.steps=1", f"train.batch_size={BATCH}", "log.every=1", "log.sample_every=1000",
         "checkpoint.every=1000", "log.gif=false", "d_optim.name=sgd", f"d_optim.lr={LR}", "d_optim.momentum=0",
         f"loss.penalty={penalty}", f"loss.penalty_weight={weight}", f"loss.penalty_interval={interval}",
         f"discriminator.norm={norm}", "generator.width=4", "discriminator.width=4",
@@ -156,8 +159,11 @@ def test_one_trainer_step_moves_d_by_the_weighted_penalty_gradient(penalty, inte
     D0, off, inputs = _one_step(tmp_path / "w0", penalty, interval, 0.0)
     _, on, inputs_on = _one_step(tmp_path / "w10", penalty, interval, 10.0)
     assert all(torch.equal(a, b) for a, b in zip(inputs, inputs_on)), "both runs must see the same batches"
-    real, fake = inputs[0], inputs[1]
-    x_hat = inputs[2] if penalty == "wgan-gp" else None
+    if inputs[0].shape[0] == 2 * BATCH:  # one D forward on real and fake together (a D without batch statistics)
+        (real, fake), later = inputs[0].split(BATCH), inputs[1:]
+    else:
+        real, fake, later = inputs[0], inputs[1], inputs[2:]
+    x_hat = later[0] if penalty == "wgan-gp" else None
     g_pen = ref.parameter_gradients(ref.penalty(penalty, D0, real, fake, x_hat), D0)
     factor = ref.FACTOR[penalty] * interval
     moved = 0.0

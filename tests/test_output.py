@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from compare import assert_same_bytes
 from distgan.output import MARKER, Output, OutputError, remove_stale_partials, replace_file_with_force
 
 
@@ -21,7 +22,8 @@ def test_a_file_is_renamed_into_place_and_nothing_is_left_beside_it(tmp_path):
     with Output(tmp_path / "out.bin") as partial:
         assert partial.parent.name.startswith(".out.bin.partial-") and not (tmp_path / "out.bin").exists()
         partial.write_bytes(b"data")
-    assert (tmp_path / "out.bin").read_bytes() == b"data" and hidden(tmp_path) == []
+    assert_same_bytes((tmp_path / "out.bin").read_bytes(), b"data", "the output")
+    assert hidden(tmp_path) == []
 
 
 @pytest.mark.parametrize("folder", [False, True])
@@ -56,10 +58,11 @@ def test_an_existing_target_is_replaced_only_when_the_check_accepts_it(tmp_path)
     with pytest.raises(OutputError, match="already exists; pass --force"):
         with Output(target, check=replace_file_with_force("--out", False)):
             pytest.fail("never reached: refused before writing")
-    assert target.read_bytes() == b"the user's"
+    assert_same_bytes(target.read_bytes(), b"the user's", "the user's file")
     with Output(target, check=replace_file_with_force("--out", True)) as partial:
         partial.write_bytes(b"new")
-    assert target.read_bytes() == b"new" and hidden(tmp_path) == []
+    assert_same_bytes(target.read_bytes(), b"new", "the output")
+    assert hidden(tmp_path) == []
 
 
 def test_a_target_replaced_by_the_user_during_the_write_is_kept(tmp_path):
@@ -70,7 +73,7 @@ def test_a_target_replaced_by_the_user_during_the_write_is_kept(tmp_path):
             partial.write_bytes(b"new")
             target.unlink()
             target.write_bytes(b"the user's new file")  # another inode than the one --force accepted
-    assert target.read_bytes() == b"the user's new file"
+    assert_same_bytes(target.read_bytes(), b"the user's new file", "the user's file")
 
 
 def test_an_error_removes_the_partial_output_and_releases_the_lock(tmp_path):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from compare import assert_same_bytes, assert_same_text
 import distgan.sample
 from distgan.config import ConfigError, GeneratorConfig, load_config
 from distgan.data.shards import write_shards
@@ -41,7 +42,8 @@ def test_sample_refuses_to_write_over_the_users_file(export, tmp_path, capsys, m
     assert sample_main(["--export", str(export), "--n", "4", "--out", str(out), *mode]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("distgan.sample: error: ") and name in err and "\n" not in err, err
-    assert (out / name).read_bytes() == b"the user's picture" and [p.name for p in out.iterdir()] == [name]
+    assert_same_bytes((out / name).read_bytes(), b"the user's picture", name)
+    assert [p.name for p in out.iterdir()] == [name]
 
 
 def test_sample_force_replaces_only_what_sample_writes(export, tmp_path, capsys):
@@ -54,7 +56,7 @@ def test_sample_force_replaces_only_what_sample_writes(export, tmp_path, capsys)
     (out / "notes.txt").write_text("mine")
     assert sample_main(["--export", str(export), "--n", "2", "--out", str(out), "--force"]) == 2
     assert "notes.txt, which is not a sampled image" in capsys.readouterr().err
-    assert (out / "notes.txt").read_text() == "mine"
+    assert_same_text((out / "notes.txt").read_text(), "mine", "notes.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.json", "g.safetensors", "out"]  # nothing hidden left
 
 
@@ -169,4 +171,4 @@ def test_an_export_replaces_only_an_earlier_export(tmp_path):
     path.write_bytes(b"the user's file")
     with pytest.raises(OutputError, match="is not a distgan export; it was kept"):
         export_generator(path, model, cfg, 8, 1, None, 3, ema=True)
-    assert path.read_bytes() == b"the user's file"
+    assert_same_bytes(path.read_bytes(), b"the user's file", str(path))

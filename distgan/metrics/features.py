@@ -148,7 +148,7 @@ def _train(batches: Iterable[tuple[Tensor, Tensor]], model: FeatureClassifier, s
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / steps)))
     model.train()
     stream = iter(batches)
-    for step in console.progress(range(steps), desc="feature classifier", unit="step", show=progress, mininterval=1.0):
+    for step in console.progress(range(steps), desc="feature classifier", unit="step", show=progress):
         try:
             images, labels = next(stream)
         except StopIteration:

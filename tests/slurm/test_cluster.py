@@ -89,13 +89,16 @@ def gone(pid: int) -> bool:
 
 
 FAKE_CONFIG = '''\
-"""Stand-in for distgan.config: train.sh loads the config (with the overrides) to learn run.dir and data.num_workers."""
+"""Stand-in for distgan.config: train.sh loads the config (with the overrides) to learn run.dir, data.num_workers
+and train.mixed_precision."""
 from types import SimpleNamespace
 
 def load_config(name, overrides=()):
-    values = {"run.dir": "runs/default", "data.num_workers": 0, **dict(o.split("=", 1) for o in overrides)}
+    values = {"run.dir": "runs/default", "data.num_workers": 0, "train.mixed_precision": "auto",
+              **dict(o.split("=", 1) for o in overrides)}
     return SimpleNamespace(run=SimpleNamespace(dir=values["run.dir"]),
-                           data=SimpleNamespace(num_workers=int(values["data.num_workers"])))
+                           data=SimpleNamespace(num_workers=int(values["data.num_workers"])),
+                           train=SimpleNamespace(mixed_precision=values["train.mixed_precision"]))
 '''
 
 
