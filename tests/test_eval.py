@@ -339,7 +339,11 @@ def test_reference_stats_file_round_trip(smoke_run, shards, tmp_path):
     with_file = json.loads(run_cli("distgan.eval", "--export", export, "--data", str(shards), "--n", "300",
                                    "--metrics", "fd", "--reference-stats", str(ref)).stdout)
     assert with_file["meta"]["reference_stats"] == str(ref)
-    assert with_file["fd"] == pytest.approx(plain["fd"], rel=1e-9)
+    # the two processes compute the 300 real images' float32 features separately (kernels may sum in another order
+    # under another load), each value to ~6e-8 relative; fd, a sum of squares and a trace over the statistics of
+    # them, agrees to about 1e-7 (seen: 6e-8 on a loaded machine): 1e-5 holds on any CPU, and a file that is not
+    # used (the shifted one below) moves fd by far more
+    assert with_file["fd"] == pytest.approx(plain["fd"], rel=1e-5)
     moved = tmp_path / "moved.npz"
     np.savez(moved, mu=np.load(ref)["mu"] + 1.0, sigma=np.load(ref)["sigma"])  # shifted by 1 in every dimension
     shifted = json.loads(run_cli("distgan.eval", "--export", export, "--data", str(shards), "--n", "300",
