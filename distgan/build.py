@@ -20,7 +20,7 @@ from torch import nn
 from distgan.augment import Augmented, RealBatchMarker
 from distgan.config import Config, ConfigError, OptimizerConfig
 from distgan.data.stream import DataSource, ShardSource
-from distgan.distributed import (BatchPlan, batch_plan, make_accelerator, on_main_process, set_cpu_threads)
+from distgan.distributed import BatchPlan, batch_plan, make_accelerator, on_main_process, set_cpu_threads
 from distgan.ema import EMA
 from distgan.first_use import needs_preparing, prepare_command, prepare_if_missing
 from distgan.limits import check_training
@@ -120,7 +120,7 @@ def build(cfg: Config, accelerator: Optional[Accelerator] = None, source: Option
                  batch.global_batch, batch.local_batch, world, cfg.g_optim.lr * batch.lr_factor,
                  cfg.d_optim.lr * batch.lr_factor, cfg.train.lr_batch_scaling)
         warn_small_bn_batch(cfg, batch.local_batch, world, batch.global_batch)
-    source = source or build_source(cfg, acc)
+    source = source if source is not None else build_source(cfg, acc)
     # G and D work at the padded resolution; what is scored or shown is cropped back (Trainer.shown)
     resolution = padded_resolution(source.resolution, cfg.data.pad, cfg.generator, cfg.discriminator)
     num_classes = len(source.classes) if cfg.generator.conditional and source.classes else None

@@ -64,10 +64,6 @@ class Registry(dict, Generic[T]):
     def names(self) -> tuple[str, ...]:
         return tuple(self)
 
-    def check(self, value: str) -> None:
-        """Refuse a value that is neither a registered name nor (where allowed) an importable import path."""
-        self.resolve(value)
-
     def resolve(self, value: str) -> T:
         """The implementation ``value`` names (imported when it is an import path)."""
         if value in self:
