@@ -135,7 +135,8 @@ def point_configs(base: str, points: dict[str, tuple[str, ...]], extra: tuple[st
 
 
 def images_per_step(cfg: Config) -> int:
-    return cfg.train.batch_size * cfg.train.d_steps
+    """Real images D sees per generator step in one process (the search's runs): the global batch x d_steps."""
+    return (cfg.train.batch_per_process or cfg.train.batch_size) * cfg.train.d_steps
 
 
 # ---------------------------------------------------------------- running commands

@@ -74,6 +74,11 @@ POINTS: dict[str, tuple[str, ...]] = {
         "r1_g10": ("loss.penalty=r1", "loss.penalty_weight=10.0"),
         "d_norm_none": ("discriminator.norm=none",),
     }.items()},
+    # issue 23's batch-size table: the shipped default at global batch 128 and 512, the lrs kept (none) or scaled by
+    # sqrt(B / 32) or B / 32 (train.lr_batch_scaling, the rule a multi-GPU recipe uses; batch_per_process x 1 process)
+    **{f"shipped_batch_{b}_lr_{rule}": (*RECIPE, *BETAS_0_09, f"train.batch_per_process={b}",
+                                        f"train.lr_batch_scaling={rule}")
+       for b in (128, 512) for rule in ("none", "sqrt", "linear")},
     "width_g96": ("generator.width=96",),
     "width_d32": ("discriminator.width=32",),
     # resize then convolve instead of transposed convs: Odena et al. 2016 ("Deconvolution and checkerboard artifacts")

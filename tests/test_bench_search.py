@@ -200,3 +200,13 @@ def test_probe_threads_budget_is_its_own_budget():
     two = {**old, "budget": {"kind": "default-time", "value": None, "probe_threads": 2}}
     assert bench.run_key(old) == bench.run_key(new) != bench.run_key(two)
     assert bench.budget_label(old) == "default-time" and bench.budget_label(two) == "default-time@2threads"
+
+
+def test_images_budget_counts_the_global_batch_of_batch_per_process():
+    """A batch-size point (train.batch_per_process=512 on a reference batch of 32) trains 16x fewer steps than the
+    default at the same images: the budget divides by the batch D really sees, not by train.batch_size."""
+    bench = load_bench()
+    configs = bench.point_configs("fashion_mnist_baseline", {n: bench.POINTS[n] for n in (
+        bench.DEFAULT_POINT, "shipped_batch_512_lr_sqrt")}, ())
+    assert bench.images_per_step(configs[bench.DEFAULT_POINT]) == 32
+    assert bench.images_per_step(configs["shipped_batch_512_lr_sqrt"]) == 512
