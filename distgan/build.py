@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from distgan.augment import Augmented, RealBatchMarker
-from distgan.config import Config, ConfigError, OptimizerConfig
+from distgan.config import Config, ConfigError, DiscriminatorConfig, GeneratorConfig, OptimizerConfig
 from distgan.data.stream import DataSource, ShardSource
 from distgan.distributed import BatchPlan, batch_plan, make_accelerator, on_main_process, set_cpu_threads
 from distgan.ema import EMA
@@ -29,7 +29,7 @@ from distgan.objective import GANObjective
 
 log = logging.getLogger(__name__)
 
-MIN_BN_SAMPLES = 32  # plain batch norm on fewer samples per rank than this gets a warning
+MIN_BN_SAMPLES = 32  # plain batch norm on fewer samples per rank: train.small_bn_batch decides
 
 
 @dataclass
@@ -62,16 +62,35 @@ def make_optimizer(cfg: OptimizerConfig, params, fused: bool = False, lr_factor:
     return cls(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
 
 
-def warn_small_bn_batch(cfg: Config, local_batch: int, world: int, global_batch: int) -> None:
-    """Plain batch norm normalises each rank's own samples: too few of them make noisy statistics."""
-    plain = [name for name, norm in (("generator", cfg.generator.norm), ("discriminator", cfg.discriminator.norm))
-             if norm == "batch"]
-    if plain and local_batch < MIN_BN_SAMPLES and world > 1:
-        log.warning(
-            "per-rank batch %d (global batch %d over %d processes) with plain batch norm in %s: statistics of "
-            "fewer than %d samples are noisy. Raise train.batch_size to at least %d, or set train.batch_per_process="
-            "%d (and train.lr_batch_scaling, see the README), or use norm=sync-batch", local_batch, global_batch, world,
-            " and ".join(plain), MIN_BN_SAMPLES, MIN_BN_SAMPLES * world, MIN_BN_SAMPLES)
+def norms_for_ranks(cfg: Config, batch: BatchPlan, world: int,
+                    announce: bool = True) -> tuple[GeneratorConfig, DiscriminatorConfig]:
+    """G's and D's sections as built on ``world`` processes. Plain batch norm normalises each rank's own samples:
+    on fewer than MIN_BN_SAMPLES per rank its statistics are noise, and the run is no longer the one-process run on
+    the global batch. train.small_bn_batch decides: sync-batch (normalise over all ranks' samples, as one process
+    on the global batch would; one all-reduce per BN layer), error, or warn (keep plain batch norm)."""
+    sections = {"generator": cfg.generator, "discriminator": cfg.discriminator}
+    plain = [name for name, section in sections.items() if section.norm == "batch"]
+    if not plain or world == 1 or batch.local_batch >= MIN_BN_SAMPLES:
+        return cfg.generator, cfg.discriminator
+    keys = " and ".join(f"{name}.norm=batch" for name in plain)
+    why = (f"{keys} on a per-rank batch of {batch.local_batch} (global batch {batch.global_batch} over {world} "
+           f"processes): batch statistics of fewer than {MIN_BN_SAMPLES} samples are noisy")
+    fixes = (f"raise train.batch_size to at least {MIN_BN_SAMPLES * world}, set train.batch_per_process="
+             f"{MIN_BN_SAMPLES} (with train.lr_batch_scaling, see the README) or norm=sync-batch")
+    rule = cfg.train.small_bn_batch
+    if rule == "error":
+        raise ConfigError(f"{why} (train.small_bn_batch=error): {fixes}, or train.small_bn_batch=sync-batch")
+    if rule == "warn":
+        if announce:
+            log.warning("%s; kept as plain batch norm (train.small_bn_batch=warn). To fix: %s", why, fixes)
+        return cfg.generator, cfg.discriminator
+    if announce:
+        log.info("%s: sync-batch instead for this run, so each BN layer normalises over all ranks' samples as one "
+                 "process on the global batch would (train.small_bn_batch=sync-batch; train.small_bn_batch=warn "
+                 "keeps plain batch norm)", why)
+    switched = {name: replace(section, norm="sync-batch") if name in plain else section
+                for name, section in sections.items()}
+    return switched["generator"], switched["discriminator"]
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -119,15 +138,15 @@ def build(cfg: Config, accelerator: Optional[Accelerator] = None, source: Option
         log.info("global batch %d (%d per process x %d), lr_g %.4g, lr_d %.4g (train.lr_batch_scaling=%s)",
                  batch.global_batch, batch.local_batch, world, cfg.g_optim.lr * batch.lr_factor,
                  cfg.d_optim.lr * batch.lr_factor, cfg.train.lr_batch_scaling)
-        warn_small_bn_batch(cfg, batch.local_batch, world, batch.global_batch)
     source = source if source is not None else build_source(cfg, acc)
     # G and D work at the padded resolution; what is scored or shown is cropped back (Trainer.shown)
     resolution = padded_resolution(source.resolution, cfg.data.pad, cfg.generator, cfg.discriminator)
     num_classes = len(source.classes) if cfg.generator.conditional and source.classes else None
     check_training(cfg, resolution, source.channels, batch.local_batch, num_classes)  # before G and D are allocated
+    g_cfg, d_cfg = norms_for_ranks(cfg, batch, world, announce=acc.is_main_process)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    G = build_generator(cfg.generator, resolution, source.channels, num_classes)
-    D = build_discriminator(cfg.discriminator, resolution, source.channels, num_classes)
+    G = build_generator(g_cfg, resolution, source.channels, num_classes)
+    D = build_discriminator(d_cfg, resolution, source.channels, num_classes)
     augment = None
     if cfg.augment.policy:  # every D forward of both phases sees augmented images (distgan.augment)
         D = augment = Augmented(D, cfg.augment)

@@ -121,6 +121,7 @@ class TrainConfig:
     batch_size: int = 64  # GLOBAL batch; each of N processes takes batch_size / N. With batch_per_process: the reference batch the lrs were tuned for
     batch_per_process: int = 0  # 0: off (batch_size is the global batch); N > 0: the global batch is N x the number of processes
     lr_batch_scaling: Literal["none", "sqrt", "linear"] = "none"  # both lrs x (global batch / batch_size) ** (0, 0.5, 1); needs batch_per_process
+    small_bn_batch: Literal["sync-batch", "error", "warn"] = "sync-batch"  # plain batch norm on < 32 samples per rank (several processes): switched to sync-batch, refused, or kept with a warning
     d_steps: int = 1  # discriminator steps per generator step (each on a fresh real batch)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: what the launcher asks, else no; fp16/bf16 need a GPU
     on_nonfinite: Literal["stop", "skip"] = "stop"  # what a NaN/Inf loss does

@@ -12,7 +12,8 @@ import torch
 
 from distgan.config import ConfigError, DataConfig, load_config
 from distgan.data.stream import make_batch_iterator, normalize_images
-from distgan.build import warn_small_bn_batch
+from distgan.build import norms_for_ranks
+from distgan.distributed import batch_plan
 from distgan.trainer import Trainer
 from tests.distributed.support import MemorySource
 from tests.test_data_pipeline import make_dataset, take
@@ -24,21 +25,37 @@ def test_compile_with_a_penalty_is_refused():
     assert load_config("smoke", ["train.compile=true"]).train.compile
 
 
-@pytest.mark.parametrize("norms,batch,world,warned", [
-    (("batch", "batch"), 128, 8, True),  # 16 per rank
-    (("sync-batch", "none"), 128, 8, False),  # synchronized: the global batch
-    (("batch", "batch"), 16, 1, False),  # one process: the batch the user chose
-    (("batch", "none"), 128, 2, False),  # 64 per rank
+@pytest.mark.parametrize("norms,batch,world,switched", [
+    (("batch", "batch"), 128, 8, ("sync-batch", "sync-batch")),  # 16 per rank: both switched
+    (("batch", "spectral"), 64, 8, ("sync-batch", "spectral")),  # cifar10.yaml on 8 GPUs: G's 8 per rank
+    (("sync-batch", "none"), 128, 8, None),  # synchronized already
+    (("batch", "batch"), 16, 1, None),  # one process: the batch the user chose
+    (("batch", "none"), 128, 2, None),  # 64 per rank
+    (("batch", "none"), 64, 2, None),  # exactly 32 per rank
 ])
-def test_plain_bn_on_a_small_per_rank_batch_warns(caplog, norms, batch, world, warned):
+def test_plain_bn_on_a_small_per_rank_batch_becomes_sync_batch(caplog, norms, batch, world, switched):
     cfg = load_config("cifar10", [f"generator.norm={norms[0]}", f"discriminator.norm={norms[1]}",
                                   f"train.batch_size={batch}"])
-    with caplog.at_level(logging.WARNING, logger="distgan.build"):
-        warn_small_bn_batch(cfg, batch // world, world, batch)
-    assert ("plain batch norm" in caplog.text) == warned
-    if warned:
-        assert "per-rank batch 16 (global batch 128 over 8 processes)" in caplog.text
-        assert "at least 256" in caplog.text and "sync-batch" in caplog.text
+    with caplog.at_level(logging.INFO, logger="distgan.build"):
+        g, d = norms_for_ranks(cfg, batch_plan(cfg.train, world), world)
+    assert (g.norm, d.norm) == (switched or norms)
+    assert (g, d) == ((cfg.generator, cfg.discriminator) if switched is None else (g, d))
+    assert ("sync-batch instead for this run" in caplog.text) == (switched is not None)
+    if switched:
+        assert f"per-rank batch of {batch // world} (global batch {batch} over {world} processes)" in caplog.text
+        assert "train.small_bn_batch=warn" in caplog.text
+
+
+def test_small_bn_batch_error_refuses_and_warn_keeps_plain_batch_norm(caplog):
+    cfg = load_config("cifar10", ["train.small_bn_batch=error"])  # G: plain BN; 64 over 8 processes
+    with pytest.raises(ConfigError, match=r"generator.norm=batch on a per-rank batch of 8 .* at least 256, .*"
+                                          r"train.batch_per_process=32"):
+        norms_for_ranks(cfg, batch_plan(cfg.train, 8), 8)
+    cfg = load_config("cifar10", ["train.small_bn_batch=warn"])
+    with caplog.at_level(logging.INFO, logger="distgan.build"):
+        g, _ = norms_for_ranks(cfg, batch_plan(cfg.train, 8), 8)
+        norms_for_ranks(cfg, batch_plan(cfg.train, 8), 8, announce=False)  # the other ranks: silent
+    assert g.norm == "batch" and caplog.text.count("kept as plain batch norm") == 1
 
 
 def first_losses(tmp_path, *overrides: str) -> tuple[Trainer, dict]:

@@ -25,7 +25,7 @@ from distgan.trainer import Trainer  # noqa: E402
 from tests.distributed.support import MemorySource  # noqa: E402
 
 NORMS = {
-    "bn-g": ["generator.norm=batch", "discriminator.norm=none"],
+    "bn-g": ["generator.norm=batch", "discriminator.norm=none", "train.small_bn_batch=warn"],  # kept per rank
     "syncbn-g": ["generator.norm=sync-batch", "discriminator.norm=none"],
     "syncbn-d": ["generator.norm=none", "discriminator.norm=sync-batch"],
 }
@@ -40,6 +40,8 @@ CASES = {f"{p}.{n}": PENALTIES[p] + NORMS[n] for p in PENALTIES for n in NORMS i
 CONDITIONAL = ["generator.conditional=true", "discriminator.conditional=true"]  # labels drawn for the global batch
 # the class-conditional case: per-class gains and shifts on sync-BN layers in G (generator.conditioning=norm)
 CASES["r1.syncbn-gd-cond"] = PENALTIES["r1"] + ["generator.norm=sync-batch", "discriminator.norm=sync-batch"] + CONDITIONAL
+# plain BN in G on 6 samples per rank, as configured: build.norms_for_ranks makes it sync-batch (the default rule)
+CASES["none.bn-g-switched"] = PENALTIES["none"] + ["generator.norm=batch", "discriminator.norm=none"]
 STEPS = 20
 
 

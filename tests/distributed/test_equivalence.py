@@ -2,7 +2,8 @@
 
 Logic is proven in float64, where rounding (~1e-16) is far below anything a bug changes: the matrix
 {no penalty, R1, WGAN-GP, lazy R1} x {BN in G, sync-BN in G, sync-BN in D}, plus a class-conditional R1 case
-(labels drawn for the global batch like the latents), trains 20 steps with 2 gloo
+(labels drawn for the global batch like the latents) and plain BN in G on 6 samples per rank left to the default
+train.small_bn_batch (switched to sync-batch, so it must equal one process), trains 20 steps with 2 gloo
 processes through the real launcher and with 1 process; the synchronized cases agree to 1e-10, and a run
 resumed on another process count agrees with the straight run to 1e-10. WGAN-GP through a batch-norm D
 is refused by config.
