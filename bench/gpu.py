@@ -1,9 +1,10 @@
 """GPU throughput of distgan against a plain PyTorch loop doing the same math, in one run, as a Markdown table.
 
-    python bench/gpu.py [--config cifar10] [--batches 128 512 2048] [--precisions no bf16 fp16] [--compile off on]
+    python bench/gpu.py [--config cifar10] [--batches 128 512 2048] [--precisions no bf16 fp16] [--compile off on graphs]
     python bench/gpu.py --dry-run      # on CPU: the same code, a few steps, fp32, small batches (CI runs it)
 
-For each per-GPU batch x precision x compile setting, the real Trainer (one process, the config's models,
+For each per-GPU batch x precision x compile setting (off: eager; on: train.compile; graphs: train.compile with
+train.compile_mode=reduce-overhead, CUDA graphs), the real Trainer (one process, the config's models,
 losses, optimizers, EMA, checks) alternates with a hand-written loop (same models, losses, fused Adam, autocast,
 GradScaler, foreach EMA). Both take their real batches as a CUDA run's shard stream hands them over: uint8 in
 pinned host memory, copied with non_blocking=True and normalised on the device (a pool of 4 batches pinned
@@ -50,7 +51,11 @@ DRY_RUN_MODEL = ["generator.width=8", "generator.max_width=32", "discriminator.w
 class Setting:
     batch: int
     precision: str  # "no", "bf16", "fp16"
-    compile: bool
+    compile: str  # "off", "on" (torch.compile, mode default) or "graphs" (mode reduce-overhead: CUDA graphs)
+
+    @property
+    def mode(self) -> str:
+        return "reduce-overhead" if self.compile == "graphs" else "default"
 
 
 @dataclass
@@ -84,7 +89,7 @@ class MemoryBatches:
 def configure(base: Config, s: Setting, steps: int, run_dir: str) -> Config:
     cfg = copy.deepcopy(base)
     cfg.run.dir, cfg.train.steps, cfg.train.batch_size = run_dir, steps, s.batch
-    cfg.train.mixed_precision, cfg.train.compile = s.precision, s.compile
+    cfg.train.mixed_precision, cfg.train.compile, cfg.train.compile_mode = s.precision, s.compile != "off", s.mode
     cfg.train.batch_per_process, cfg.train.lr_batch_scaling = 0, "none"  # s.batch is the one process's batch
     cfg.log.wandb, cfg.log.progress_bar, cfg.log.gif = False, False, False
     cfg.log.sample_every = cfg.checkpoint.every = 10**9
@@ -169,9 +174,9 @@ def plain_run(base: Config, s: Setting, warmup: int, steps: int) -> Figures:
     G = build_generator(cfg.generator, RESOLUTION, CHANNELS).to(device, memory_format=fmt)
     D = build_discriminator(cfg.discriminator, RESOLUTION, CHANNELS).to(device, memory_format=fmt)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    if s.compile:
-        G.compile()
-        D.compile()
+    if s.compile != "off":
+        G.compile(mode=s.mode)
+        D.compile(mode=s.mode)
     fused = device.type in ("cpu", "cuda")
     opt_g = make_optimizer(cfg.g_optim, G.parameters(), fused=fused)
     opt_d = make_optimizer(cfg.d_optim, D.parameters(), fused=fused)
@@ -193,6 +198,8 @@ def plain_run(base: Config, s: Setting, warmup: int, steps: int) -> Figures:
         scaler.update()
 
     def step(i: int) -> None:
+        if s.compile == "graphs":
+            torch.compiler.cudagraph_mark_step_begin()
         for k in range(cfg.train.d_steps):
             z = sample_latent(batch, z_dim, cfg.generator.z_dist, device=device)
             with torch.no_grad(), autocast():
@@ -231,7 +238,7 @@ def plain_run(base: Config, s: Setting, warmup: int, steps: int) -> Figures:
 
 def row(s: Setting, ours: Figures, plain: Figures) -> str:
     busy = lambda f: "n/a" if f.busy is None else f"{100 * f.busy:.0f}%"  # noqa: E731
-    return (f"| {s.batch} | {s.precision} | {'on' if s.compile else 'off'} | {ours.images_per_s:,.0f} | "
+    return (f"| {s.batch} | {s.precision} | {s.compile} | {ours.images_per_s:,.0f} | "
             f"{plain.images_per_s:,.0f} | {ours.images_per_s / plain.images_per_s:.2f} | {ours.peak_mib:,.0f} | "
             f"{plain.peak_mib:,.0f} | {busy(ours)} | {busy(plain)} |")
 
@@ -253,7 +260,7 @@ def main() -> None:
     parser.add_argument("--config", default="cifar10")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024])  # 64: the recipe's per-GPU batch
     parser.add_argument("--precisions", nargs="+", choices=sorted(AUTOCAST), default=["no", "bf16", "fp16"])
-    parser.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off", "on"])
+    parser.add_argument("--compile", nargs="+", choices=["off", "on", "graphs"], default=["off", "on", "graphs"])
     parser.add_argument("--warmup", type=int, default=20, help="steps before timing (compilation happens here)")
     parser.add_argument("--steps", type=int, default=100, help="timed steps")
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu.md"))
@@ -273,7 +280,7 @@ def main() -> None:
     for batch in args.batches:
         for precision in args.precisions:
             for compiled in args.compile:
-                s = Setting(batch, precision, compiled == "on")
+                s = Setting(batch, precision, compiled)
                 torch._dynamo.reset()  # no setting inherits another's compiled graphs, guards or recompile budget
                 ours = distgan_run(base, s, args.warmup, args.steps)
                 torch._dynamo.reset()

@@ -5,9 +5,9 @@
 #
 # Steps, each under its own timeout (a step that fails or times out is reported and the next one runs):
 # environment; synthetic CIFAR-shaped shards; loader speed; 20 training steps under
-# torch.cuda.set_sync_debug_mode("error") for fp32, bf16, fp16 and fp16 + R1; the throughput table of
-# bench/gpu.py (distgan against a plain loop, batch 64/256/1024, eager and compiled); an end-to-end
-# train and resume through `accelerate launch`. --dry-run runs the same steps on the CPU with tiny sizes
+# torch.cuda.set_sync_debug_mode("error") for fp32, bf16, fp16 and fp16 + R1; the throughput tables of
+# bench/gpu.py (distgan against a plain loop, batch 64/256/1024, eager and compiled; CUDA graphs at batch 64 and
+# 256 in bf16, with what they skip); an end-to-end train and resume through `accelerate launch`. --dry-run runs the same steps on the CPU with tiny sizes
 # (it checks the code, it measures nothing); CI runs it.
 set -uo pipefail
 
@@ -33,11 +33,12 @@ DATA=$OUT/data
 rm -rf "$DATA" "$OUT/run"
 if (( DRY_RUN )); then
     COUNT=2000 LOADER=(--batch 16 --workers 1 --seconds 2) STEPS=3
-    GPU_ARGS=(--dry-run) TRAIN_STEPS=4 LIMIT=120 LAUNCH=(--cpu --num_processes 1)
+    GPU_ARGS=(--dry-run) GRAPH_ARGS=() TRAIN_STEPS=4 LIMIT=120 LAUNCH=(--cpu --num_processes 1)
     MODEL=(generator.width=8 generator.max_width=32 discriminator.width=8 discriminator.max_width=32 train.batch_size=8)
 else
     COUNT=50000 LOADER=(--batch 256 --workers 8 --seconds 20) STEPS=20
     GPU_ARGS=(--batches 64 256 1024 --precisions no bf16 --compile off on --warmup 20 --steps 50) TRAIN_STEPS=200
+    GRAPH_ARGS=(--batches 64 256 --precisions bf16 --compile graphs --warmup 20 --steps 50)  # the launch-bound sizes
     LIMIT=300 LAUNCH=(--num_processes 1 --mixed_precision bf16)
     MODEL=()
 fi
@@ -76,6 +77,11 @@ for precision in "no none" "bf16 none" "fp16 none" "fp16 r1"; do
 done
 step "Throughput: distgan against a plain loop" $(( LIMIT * 2 )) \
     python3 bench/gpu.py "${GPU_ARGS[@]}" --out "$OUT/throughput.md"
+if (( ${#GRAPH_ARGS[@]} )); then  # CUDA graphs (train.compile_mode=reduce-overhead); TORCH_LOGS names what it skips
+    step "Throughput with CUDA graphs (train.compile_mode=reduce-overhead)" "$LIMIT" \
+        env TORCH_LOGS=cudagraphs python3 bench/gpu.py "${GRAPH_ARGS[@]}" --out "$OUT/throughput_graphs.md"
+    grep -h -i "skipping cudagraphs" "$OUT/step.err" | sort | uniq -c | head -n 5 | sed 's/^/    /' >> "$REPORT" || true
+fi
 TRAIN=(-m distgan.train --config cifar10 "data.path=$DATA" data.prepare=none "run.dir=$OUT/run" log.wandb=false
        log.progress_bar=false log.gif=false data.num_workers=1 "checkpoint.every=$(( TRAIN_STEPS / 2 ))" "${MODEL[@]}")
 step "End to end: train through accelerate launch" "$LIMIT" \

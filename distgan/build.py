@@ -30,6 +30,7 @@ from distgan.objective import GANObjective
 log = logging.getLogger(__name__)
 
 MIN_BN_SAMPLES = 32  # plain batch norm on fewer samples per rank: train.small_bn_batch decides
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
 @dataclass
@@ -91,6 +92,27 @@ def norms_for_ranks(cfg: Config, batch: BatchPlan, world: int,
     switched = {name: replace(section, norm="sync-batch") if name in plain else section
                 for name, section in sections.items()}
     return switched["generator"], switched["discriminator"]
+
+
+def uses_cuda_graphs(cfg: Config) -> bool:
+    """train.compile_mode replays the compiled forwards and backwards as CUDA graphs (torch.compile's cudagraph
+    trees; the trainer marks each step's start for them)."""
+    return cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES
+
+
+def check_cuda_graphs(cfg: Config, acc: Accelerator, norms: tuple[str, str]) -> None:
+    """The cases CUDA graphs cannot capture, refused by name before anything is compiled."""
+    if not uses_cuda_graphs(cfg):
+        return
+    mode = f"train.compile_mode={cfg.train.compile_mode}"
+    if acc.num_processes > 1 and "sync-batch" in norms:
+        raise ConfigError(
+            f"{mode} with sync-batch norm on {acc.num_processes} processes: sync-batch all-reduces inside every "
+            "forward, and a CUDA graph replays kernels, not collectives between ranks. Use train.compile_mode=default, "
+            "or plain batch norm with at least 32 samples per rank (train.batch_per_process; train.small_bn_batch)")
+    if acc.device.type != "cuda" and acc.is_main_process:
+        log.info("%s on %s: CUDA graphs need a CUDA device, so this run compiles as train.compile_mode=default "
+                 "would", mode, acc.device.type)
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -160,8 +182,9 @@ def build(cfg: Config, accelerator: Optional[Accelerator] = None, source: Option
     opt_d = make_optimizer(cfg.d_optim, D.parameters(), fused=fused, lr_factor=batch.lr_factor)
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
     if cfg.train.compile:  # in place: DDP, the G phase's unwrapped D and the state_dict keys stay as they are
-        acc.unwrap_model(G).compile()
-        acc.unwrap_model(D).compile()
+        check_cuda_graphs(cfg, acc, (g_cfg.norm, d_cfg.norm))
+        acc.unwrap_model(G).compile(mode=cfg.train.compile_mode)
+        acc.unwrap_model(D).compile(mode=cfg.train.compile_mode)
     if ema is not None:
         ema.model.to(acc.device)
     return Parts(acc, batch, source, resolution, num_classes, G, D, opt_g, opt_d, ema, augment,

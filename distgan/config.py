@@ -130,6 +130,7 @@ class TrainConfig:
     stop_check_every: int = 10  # steps between checks of the stop request (signal or STOP file): one small all-reduce each
     channels_last: bool = False  # G and D and the real batches in NHWC memory format (faster convolutions on tensor-core GPUs)
     compile: bool = False  # torch.compile G and D (not with gradient penalties: compiled graphs have no double backward)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"  # torch.compile's mode; reduce-overhead and max-autotune replay each compiled forward and backward as a CUDA graph (CUDA only)
     cpu_threads: int = 0  # CPU threads per process; 0 = the cores available divided by the processes on this node (launchers' OMP_NUM_THREADS is ignored: they set 1 by default)
 
 
@@ -505,6 +506,9 @@ def validate(cfg: Config) -> None:
             f"generator.conditional={cfg.generator.conditional} but discriminator.conditional={d.conditional}: a "
             "class-conditional GAN conditions both networks; set both to true (or both to false)"
         )
+    if t.compile_mode != "default" and not t.compile:
+        raise ConfigError(f"train.compile_mode={t.compile_mode} without train.compile=true: the mode is torch.compile's; "
+                          "set train.compile=true, or leave train.compile_mode at default")
     if t.compile and loss.penalty != "none":
         raise ConfigError(
             f"train.compile=true with loss.penalty={loss.penalty}: a compiled D has no double backward, which the "

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from distgan.checkpoint import TrainState, list_checkpoints, load_checkpoint, read_best, save_best, save_checkpoint
-from distgan.build import Parts, build
+from distgan.build import Parts, build, uses_cuda_graphs
 from distgan.config import Config, ConfigError, dump_yaml
 from distgan.console import say
 from distgan.data.stream import DataSource, normalize_images, pad_images
@@ -121,6 +121,7 @@ class Trainer:
                              reg_interval=self.objective.reg_interval)
         self.g_phase = Phase("g", self.G, self.opt_g, frozen=self.D_plain)
         self.health = StepHealth(acc.device, fp16=acc.scaler is not None)
+        self.cuda_graphs = uses_cuda_graphs(cfg)
 
         self.state = TrainState(world_size=self.world)
         self.lock = RunDirLock(self.run_dir)
@@ -209,6 +210,8 @@ class Trainer:
         cfg, st = self.cfg, self.state
         step, images_per_step = st.step, self.global_batch * cfg.train.d_steps
         torch.manual_seed(derive_seed(cfg.run.seed, step, 1000 + self.rank))  # dropout etc.
+        if self.cuda_graphs:  # a new step: graph outputs of the last one may be overwritten (G's no-grad forward
+            torch.compiler.cudagraph_mark_step_begin()  # runs with no backward, so the trees cannot tell by themselves)
         # --- D phase(s), each on a fresh real batch
         for sub in range(self.d_phase.repeats):
             real, labels = self._next_real(data)

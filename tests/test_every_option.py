@@ -146,6 +146,13 @@ COVERED_ELSEWHERE: dict[tuple[str, str], str] = {
     # a conditioning applies to a class-conditional G only, which needs labeled shards and both conditional keys
     ("generator.conditioning", "norm"): "tests/test_conditional.py::test_conditional_trains_with_losses_penalties_and_archs",
     ("generator.conditioning", "concat"): "tests/test_conditional.py::test_conditional_trains_with_losses_penalties_and_archs",
+    # small_bn_batch acts on several processes only (one process: the batch the user chose)
+    ("train.small_bn_batch", "error"): "tests/test_gpu_options.py::test_small_bn_batch_error_refuses_and_warn_keeps_plain_batch_norm",
+    ("train.small_bn_batch", "warn"): "tests/distributed/test_equivalence.py::test_ranks_identical_and_equal_to_one_process",
+    # compiling takes a minute of CPU per mode; the CUDA-graph modes compile as default does on a CPU
+    ("train.compile_mode", "reduce-overhead"): "tests/test_compile.py::test_trainer_with_a_cuda_graph_mode_trains_eager_numbers",
+    ("train.compile_mode", "max-autotune"): "tests/test_compile.py::test_compile_mode_refusals_are_named",
+    ("train.compile_mode", "max-autotune-no-cudagraphs"): "tests/test_compile.py::test_compile_mode_refusals_are_named",
 }
 
 
