@@ -4,7 +4,7 @@
 # of the repository (Slurm does not create the --output folder: a job fails at launch without it).
 #
 #   sbatch slurm/train.sh                                        # fashion_mnist, 1 node, CPU or its GPUs
-#   CONFIG=cifar10.yaml sbatch --nodes 4 --gpus-per-node 8 --cpus-per-task 72 slurm/train.sh train.steps=100000
+#   CONFIG=cifar10_8gpu.yaml sbatch --nodes 4 --gpus-per-node 8 --cpus-per-task 72 slurm/train.sh train.steps=10000
 #
 # Arguments after the script are config overrides (section.key=value). CPUs: a node's training
 # processes each need one, plus one per data worker (data.num_workers): 8 GPUs x (1 + 8 workers in
