@@ -333,10 +333,17 @@ def plan_steps(name: str, ctx: Search, probes: dict[str, dict], default_seconds:
     return plan
 
 
+def run_dir_of(name: str, seed: int, plan: dict, ctx: Search) -> Path:
+    """A run's dir: new overrides, a new dir; a run capped by --max-steps has its own, so that a later uncapped run
+    of the same budget does not resume its plan (plan.json) and stop at the cap."""
+    digest = hashlib.sha1(" ".join((*ctx.extra, *ctx.points[name])).encode()).hexdigest()[:8]
+    cap = f"-max{plan['steps']}" if plan.get("capped_by_max_steps") else ""
+    return ctx.work / "runs" / Path(ctx.base).stem / ctx.budget.label / f"{name}-{digest}{cap}-seed{seed}"
+
+
 def run_one(name: str, seed: int, plan: dict, ctx: Search) -> dict:
     """Train (resumed when interrupted), evaluate, and return the result line."""
-    digest = hashlib.sha1(" ".join((*ctx.extra, *ctx.points[name])).encode()).hexdigest()[:8]  # new overrides: new dir
-    run_dir = ctx.work / "runs" / Path(ctx.base).stem / ctx.budget.label / f"{name}-{digest}-seed{seed}"
+    run_dir = run_dir_of(name, seed, plan, ctx)
     plan_file = run_dir / "plan.json"
     if plan_file.is_file():  # a resumed run trains to the step it was planned for
         plan = json.loads(plan_file.read_text())

@@ -1,6 +1,7 @@
 """bench/search.py: the dry run end to end (both budget kinds, resumed), the table's figures, the BENCHMARKS.md block."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -210,3 +211,14 @@ def test_images_budget_counts_the_global_batch_of_batch_per_process():
         bench.DEFAULT_POINT, "shipped_batch_512_lr_sqrt")}, ())
     assert bench.images_per_step(configs[bench.DEFAULT_POINT]) == 32
     assert bench.images_per_step(configs["shipped_batch_512_lr_sqrt"]) == 512
+
+
+def test_a_run_capped_by_max_steps_has_its_own_dir(tmp_path):
+    """A --max-steps run's plan.json must not be resumed by a later uncapped run of the same budget (it stopped
+    an uncapped search at the cap's 1 step once)."""
+    bench = load_bench()
+    ctx = argparse.Namespace(work=tmp_path, base="fashion_mnist_baseline", budget=bench.parse_budget("seconds=248"),
+                             extra=(), points={"p": ("train.d_steps=2",)})
+    capped = bench.run_dir_of("p", 0, {"steps": 1, "capped_by_max_steps": True}, ctx)
+    full = bench.run_dir_of("p", 0, {"steps": 15000}, ctx)
+    assert capped != full and capped.parent == full.parent and capped.name.endswith("-max1-seed0")
