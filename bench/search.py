@@ -58,7 +58,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this working tree's distgan, not an installed one
 
 from bench import blocks  # noqa: E402
-from bench.search_points import DEFAULT_POINT, POINTS, RECIPE_POINT  # noqa: E402,F401 - the points, for callers
+from bench.search_points import (  # noqa: E402,F401 - the points, for callers
+    DEFAULT_POINT, POINTS, RECIPE_POINT, SHIPPED_POINT)
 from bench.search_table import (TABLE_COMMAND, budget_label, budget_text, mean_std, read_block,  # noqa: E402,F401
                                 render_table, write_block)
 from distgan.cli import one_line  # noqa: E402

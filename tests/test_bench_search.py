@@ -9,6 +9,7 @@ import pytest
 
 from conftest import load_bench_script, require_fashion_mnist
 from distgan.config import load_config
+from distgan.distributed import batch_plan
 from test_configs import flatten
 
 FIELDS = {"point", "overrides", "seed", "budget", "steps", "images", "train_wall_seconds", "probe", "loadavg_before",
@@ -150,17 +151,29 @@ def test_one_seed_is_not_a_win_and_recipe_points_face_the_recipe():
 
 
 def test_the_shipped_default_is_the_search_winner():
-    """fashion_mnist.yaml (and mnist.yaml) train what the search measured: its base plus DEFAULT_POINT's overrides,
-    every key that shapes G, D, their losses and optimizers, the batch and the EMA."""
+    """fashion_mnist.yaml (and mnist.yaml) train what the search measured: its base plus SHIPPED_POINT's overrides,
+    every key that shapes G, D, their losses and optimizers, the batch and the EMA. The batch and the lrs compare as
+    one process trains them (the point sets them through batch_per_process and lr_batch_scaling)."""
     bench = load_bench()
-    searched = flatten(bench.point_configs("fashion_mnist_baseline", {"p": bench.POINTS[bench.DEFAULT_POINT]}, ())["p"])
-    trained = ("generator.", "discriminator.", "loss.", "g_optim.", "d_optim.", "ema.", "augment.", "train.batch_size",
-               "train.d_steps", "data.pad")
+    searched_cfg = bench.point_configs("fashion_mnist_baseline", {"p": bench.POINTS[bench.SHIPPED_POINT]}, ())["p"]
+    searched = flatten(searched_cfg)
+    trained = ("generator.", "discriminator.", "loss.", "g_optim.", "d_optim.", "ema.", "augment.", "train.d_steps",
+               "data.pad")
+    as_trained = ("train.batch_size", "train.batch_per_process", "train.lr_batch_scaling", "g_optim.lr", "d_optim.lr")
+
+    def one_process(cfg) -> tuple[int, float, float]:
+        plan = batch_plan(cfg.train, 1)
+        return plan.global_batch, cfg.g_optim.lr * plan.lr_factor, cfg.d_optim.lr * plan.lr_factor
+
     for name in ("fashion_mnist", "mnist"):
-        shipped = flatten(load_config(name))
-        differ = {k: (shipped[k], searched[k]) for k in searched if k.startswith(trained) and shipped[k] != searched[k]}
-        assert not differ, f"{name}.yaml is not the search's {bench.DEFAULT_POINT}: {differ}"
-    assert bench.DEFAULT_POINT in bench.POINTS
+        cfg = load_config(name)
+        shipped = flatten(cfg)
+        differ = {k: (shipped[k], searched[k]) for k in searched
+                  if k.startswith(trained) and k not in as_trained and shipped[k] != searched[k]}
+        assert not differ, f"{name}.yaml is not the search's {bench.SHIPPED_POINT}: {differ}"
+        assert one_process(cfg) == pytest.approx(one_process(searched_cfg), rel=1e-12), name
+    assert one_process(searched_cfg) == pytest.approx((128, 1.6e-3, 1.6e-3), rel=1e-12)
+    assert bench.DEFAULT_POINT in bench.POINTS and bench.SHIPPED_POINT in bench.POINTS
 
 
 def test_benchmarks_md_block_is_the_generated_one():
