@@ -36,7 +36,8 @@ from distgan.build import Parts, build, uses_cuda_graphs
 from distgan.config import Config, ConfigError, dump_yaml
 from distgan.console import say
 from distgan.data.stream import DataSource, normalize_images, pad_images
-from distgan.distributed import average_buffers, main_process_work, on_main_process
+from distgan.errors import UserError
+from distgan.distributed import average_buffers, broadcast_from_main, on_main_process
 from distgan.export import EXPORT_FILE, export_generator, generator_metadata
 from distgan.metrics.registry import is_better
 from distgan.nn import cropped, sample_labels, sample_latent
@@ -484,8 +485,10 @@ class Trainer:
         saved_at_stop = stopped and st.step % self.cfg.checkpoint.every == 0
         path = self._last_checkpoint() if saved_at_stop else self.save()
         failure: Optional[Exception] = None
+        exported = False
         if not stopped:
             failure = self._on_main_process_alone(self._export)
+            exported = failure is None
             if failure is None:
                 try:
                     if self.evaluator is not None:
@@ -500,8 +503,9 @@ class Trainer:
                              "continue with --resume auto")
                 self.stop.clear()
             elif failure is not None:
-                lines.append(f"trained {st.step} steps; checkpoint {path} and export {self.run_dir / EXPORT_FILE} "
-                             "written; the end of the run failed: "
+                written = f"checkpoint {path}" + (f" and export {self.run_dir / EXPORT_FILE}" if exported else "")
+                lines.append(f"trained {st.step} steps; {written} written; "
+                             f"{'the end of the run' if exported else 'the export'} failed: "
                              f"{(str(failure).strip().splitlines() or [type(failure).__name__])[-1]}")
             else:
                 lines.append(f"done: {st.step} steps, {st.images_seen} images in {seconds:.0f} s; "
@@ -525,15 +529,25 @@ class Trainer:
 
     def _on_main_process_alone(self, work: Callable[[], object]) -> Optional[Exception]:
         """WORK (export, plots, GIF) on the main process while the others wait on gloo up to data.prepare_timeout_s
-        (distributed.main_process_work); its error is returned, not raised, so every rank leaves the wait together."""
-        error: Optional[Exception] = None
-        with main_process_work(self.accelerator, self.cfg.data.prepare_timeout_s):
-            if self.accelerator.is_main_process:
-                try:
-                    work()
-                except Exception as err:
-                    error = err
-        return error
+        (distributed.main_process_work). Its error is returned, not raised, on every rank: the main process's own,
+        the others one of the same kind (the user's to fix, or not) naming it, so that all ranks take the same path
+        after it (a rank that went on to the last evaluation's collectives alone would wait for the others until
+        train.collective_timeout_s)."""
+        error: list[Optional[Exception]] = [None]
+
+        def attempt() -> Optional[tuple[str, bool]]:
+            try:
+                work()
+            except Exception as err:
+                error[0] = err
+                return (str(err).strip().splitlines() or [type(err).__name__])[-1], isinstance(err, UserError)
+            return None
+
+        failed = broadcast_from_main(self.accelerator, attempt, self.cfg.data.prepare_timeout_s)
+        if failed is None:
+            return None
+        message, users = failed
+        return error[0] or (UserError if users else RuntimeError)(f"the main process failed: {message}")
 
     def _plots(self) -> None:
         from distgan.plots import plot_run  # matplotlib loads only at the end of a run
