@@ -36,8 +36,8 @@ from distgan.build import Parts, build, uses_cuda_graphs
 from distgan.config import Config, ConfigError, dump_yaml
 from distgan.console import say
 from distgan.data.stream import DataSource, normalize_images, pad_images
-from distgan.errors import UserError
 from distgan.distributed import average_buffers, broadcast_from_main, on_main_process
+from distgan.errors import UserError
 from distgan.export import EXPORT_FILE, export_generator, generator_metadata
 from distgan.metrics.registry import is_better
 from distgan.nn import cropped, sample_labels, sample_latent
