@@ -56,6 +56,16 @@ def require_fashion_mnist() -> None:
                    ".ci/run must install the Debian package dataset-fashion-mnist (launch/setup.sh does)")
 
 
+def prepare_fashion_mnist(root: Path, train: int, test: int) -> Path:
+    """ROOT/fm: TRAIN Fashion-MNIST training images in shards of 500, and TEST test images beside it as
+    ROOT/fm_test (where the evaluation looks for held-out images); returns ROOT/fm."""
+    require_fashion_mnist()
+    for split, limit, out in (("train", train, root / "fm"), ("test", test, root / "fm_test")):
+        run_cli("distgan.prepare", "fashion-mnist", "--split", split, "--limit", str(limit), "--shard-size", "500",
+                "--out", str(out), "--no-progress")
+    return root / "fm"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def distgan_cache(tmp_path_factory) -> Path:
     """distgan's cache folder (feature classifiers, real statistics) for this session: a temporary one, never the

@@ -38,17 +38,14 @@ class Mutation:
 
 
 OBJ, E2E, EVERY = "tests/test_objective.py", "tests/test_train_e2e.py", "tests/test_every_option.py"
+PENALTY_TIMES_ZERO = ("distgan/objective.py", "return loss + self.penalty_weight * value, figures",
+                      "return loss + 0 * self.penalty_weight * value, figures")
 MUTATIONS = [
-    Mutation("penalty-times-zero", "distgan/objective.py", "return loss + self.penalty_weight * value, figures",
-             "return loss + 0 * self.penalty_weight * value, figures",
-             (f"{OBJ}::test_d_loss_and_gradient_carry_the_weighted_penalty",)),
-    Mutation("penalty-times-zero-trainer", "distgan/objective.py", "return loss + self.penalty_weight * value, figures",
-             "return loss + 0 * self.penalty_weight * value, figures",
-             (f"{OBJ}::test_one_trainer_step_moves_d_by_the_weighted_penalty_gradient",)),
-    Mutation("penalty-times-zero-every-option", "distgan/objective.py",
-             "return loss + self.penalty_weight * value, figures",
-             "return loss + 0 * self.penalty_weight * value, figures",
-             (f"{EVERY}::test_option_trains[hinge-r1]",)),
+    # one mutation per guarding test: pytest -x stops at the first failure, so each test must catch it on its own
+    *(Mutation(name, *PENALTY_TIMES_ZERO, (test,)) for name, test in (
+        ("penalty-times-zero", f"{OBJ}::test_d_loss_and_gradient_carry_the_weighted_penalty"),
+        ("penalty-times-zero-trainer", f"{OBJ}::test_one_trainer_step_moves_d_by_the_weighted_penalty_gradient"),
+        ("penalty-times-zero-every-option", f"{EVERY}::test_option_trains[hinge-r1]"))),
     Mutation("lazy-interval-factor-dropped", "distgan/losses.py", "return weight * PENALTIES[kind].factor * interval",
              "return weight * PENALTIES[kind].factor",
              (f"{OBJ}::test_one_trainer_step_moves_d_by_the_weighted_penalty_gradient[r1-4]",)),

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import require_fashion_mnist, run_cli
+from conftest import prepare_fashion_mnist, run_cli
 from distgan.export import load_generator_export
 from distgan.config import ConfigError, DataConfig, EvalConfig
 from distgan.data.shards import read_dataset_info, read_images, to_float, write_shards
@@ -32,13 +32,7 @@ FIGURES = {"fd", "kid_x1e3", "kid_std_x1e3", "precision", "recall", "modes_cover
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """2,000 train images (4 shards), 500 test images beside them as DIR_test, and a classifier (CLI)."""
-    require_fashion_mnist()
-    root = tmp_path_factory.mktemp("eval_data")
-    run_cli("distgan.prepare", "fashion-mnist", "--limit", "2000", "--shard-size", "500", "--out", str(root / "fm"),
-            "--no-progress")
-    run_cli("distgan.prepare", "fashion-mnist", "--split", "test", "--limit", "500", "--out", str(root / "fm_test"),
-            "--no-progress")
-    return root / "fm"
+    return prepare_fashion_mnist(tmp_path_factory.mktemp("eval_data"), train=2000, test=500)
 
 
 @pytest.fixture(scope="module")

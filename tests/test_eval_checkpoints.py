@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import require_fashion_mnist, run_cli
+from conftest import prepare_fashion_mnist, run_cli
 from distgan.checkpoint_scores import PLOT_FILE, RESULTS_DIR, RESULTS_FILE, TABLE_FILE
 from distgan.eval import main as eval_main
 from distgan.metrics.feature_net import train_feature_classifier
@@ -21,14 +21,9 @@ SCORE = ("--n", "200", "--metrics", "fd", "kid", "dc", "classes_covered")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """1,000 train images in 2 shards, 300 test images beside them, and their feature classifier."""
-    require_fashion_mnist()
-    root = tmp_path_factory.mktemp("ckpt_data")
-    run_cli("distgan.prepare", "fashion-mnist", "--limit", "1000", "--shard-size", "500", "--out", str(root / "fm"),
-            "--no-progress")
-    run_cli("distgan.prepare", "fashion-mnist", "--split", "test", "--limit", "300", "--out", str(root / "fm_test"),
-            "--no-progress")
-    train_feature_classifier(str(root / "fm"), steps=100)
-    return root / "fm"
+    fm = prepare_fashion_mnist(tmp_path_factory.mktemp("ckpt_data"), train=1000, test=300)
+    train_feature_classifier(str(fm), steps=100)
+    return fm
 
 
 def train(data: Path, run: Path, steps: int, *extra: str) -> None:
