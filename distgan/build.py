@@ -89,9 +89,9 @@ def norms_for_ranks(cfg: Config, batch: BatchPlan, world: int,
         log.info("%s: sync-batch instead for this run, so each BN layer normalises over all ranks' samples as one "
                  "process on the global batch would (train.small_bn_batch=sync-batch; train.small_bn_batch=warn "
                  "keeps plain batch norm)", why)
-    switched = {name: replace(section, norm="sync-batch") if name in plain else section
-                for name, section in sections.items()}
-    return switched["generator"], switched["discriminator"]
+    g, d = cfg.generator, cfg.discriminator
+    return (replace(g, norm="sync-batch") if g.norm == "batch" else g,
+            replace(d, norm="sync-batch") if d.norm == "batch" else d)
 
 
 def uses_cuda_graphs(cfg: Config) -> bool:
